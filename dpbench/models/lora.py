@@ -1,0 +1,108 @@
+"""LoRA (Hu et al. 2021) as a drop-in Dense layer, shared by the encoder and Gemma 3.
+
+A LoRA layer computes ``x @ W + b + (alpha / r) * (x @ A) @ B`` with ``A`` drawn from a
+Gaussian and ``B`` zero at init, so a fresh LoRA model equals its base model. Which Dense layers
+get LoRA is chosen by name pattern (``targets``, regular expressions matched against the
+layer's path such as ``layer_3/attention/query``). The DP method decides only which of
+``lora_a`` / ``lora_b`` train (FFA freezes ``lora_a``); it never looks inside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+LORA_A = "lora_a"
+LORA_B = "lora_b"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Rank 0 means no LoRA anywhere."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: Sequence[str] = ("query", "value")
+
+    def applies_to(self, layer_path: str) -> bool:
+        return self.rank > 0 and any(re.search(t, layer_path) for t in self.targets)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+class LoRADense(nn.Module):
+    """``nn.Dense`` with an optional low-rank update; same parameter names as ``nn.Dense``."""
+
+    features: int
+    use_bias: bool = True
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features))
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        if self.lora_rank > 0:
+            # A ~ N(0, 1/r) as in the dp-lora / loralib setting; B = 0 so training starts at the base.
+            a = self.param(
+                LORA_A, nn.initializers.normal(stddev=1.0 / self.lora_rank), (in_features, self.lora_rank)
+            )
+            b = self.param(LORA_B, nn.initializers.zeros, (self.lora_rank, self.features))
+            scale = self.lora_alpha / self.lora_rank
+            y = y + scale * jnp.dot(jnp.dot(x.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
+        return y
+
+
+def dense(spec: LoraSpec | None, layer_path: str, features: int, **kwargs) -> LoRADense:
+    """The Dense layer called ``layer_path``; it carries LoRA when ``spec`` targets that path."""
+    name = layer_path.rsplit("/", 1)[-1]
+    rank = spec.rank if spec is not None and spec.applies_to(layer_path) else 0
+    alpha = spec.alpha if spec is not None else 16.0
+    return LoRADense(features=features, lora_rank=rank, lora_alpha=alpha, name=name, **kwargs)
+
+
+def is_lora_param(path: tuple[str, ...]) -> bool:
+    return path[-1] in (LORA_A, LORA_B)
+
+
+def lora_trainable(path: tuple[str, ...], freeze_a: bool, head_pattern: str | None = None) -> bool:
+    """Trainable set of LoRA fine-tuning: ``lora_b`` always, ``lora_a`` unless frozen (FFA),
+    and any parameter whose path matches ``head_pattern`` (e.g. the classification head)."""
+    if path[-1] == LORA_B:
+        return True
+    if path[-1] == LORA_A:
+        return not freeze_a
+    return head_pattern is not None and re.search(head_pattern, "/".join(path)) is not None
+
+
+def merge_lora(params: Any, scale: float) -> Any:
+    """Fold every ``(A, B)`` pair into its kernel, ``W + scale * A B`` (``scale = alpha / r``),
+    and drop A and B: the merged tree runs in the same model built without LoRA."""
+    flat = flatten_dict(params)
+    merged = {}
+    for path, value in flat.items():
+        if is_lora_param(path):
+            continue
+        if path[-1] == "kernel" and path[:-1] + (LORA_A,) in flat:
+            a = flat[path[:-1] + (LORA_A,)]
+            b = flat[path[:-1] + (LORA_B,)]
+            value = value + scale * jnp.dot(a, b)
+        merged[path] = value
+    return unflatten_dict(merged)
+
+
+def count_params(params: Any) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

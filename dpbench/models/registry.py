@@ -1,0 +1,22 @@
+"""Model builders by ``model.arch``; imports of heavy model code happen only when chosen."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+
+from dpbench.models.base import ModelBundle
+
+_BUILDERS = {
+    "cnn": ("dpbench.models.cnn", "build_cnn"),
+    "encoder": ("dpbench.models.encoder", "build_encoder"),
+    "gemma3": ("dpbench.models.gemma3", "build_gemma3"),
+}
+
+
+def build_model(cfg, rng: jax.Array, freeze_lora_a: bool) -> ModelBundle:
+    if cfg.arch not in _BUILDERS:
+        raise ValueError(f"model.arch={cfg.arch!r} is not known; choose one of {', '.join(_BUILDERS)}")
+    module_name, fn_name = _BUILDERS[cfg.arch]
+    return getattr(importlib.import_module(module_name), fn_name)(cfg, rng, freeze_lora_a=freeze_lora_a)

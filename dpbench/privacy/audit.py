@@ -1,0 +1,165 @@
+"""Empirical privacy lower bounds from one training run (Steinke, Nasr & Jagielski 2023).
+
+Protocol (arXiv:2305.08846, "Privacy auditing with one (1) training run"):
+
+1. Take m canaries; include each in the training set independently with probability 1/2
+   (:func:`draw_canary_inclusion`). Everything else about the run is fixed.
+2. Train once. Score every canary, higher meaning "more likely trained on" (e.g. minus its loss).
+3. Guess "in" for the k+ highest scores, "out" for the k- lowest, abstain on the rest.
+4. Under (ε, δ)-DP, the number of correct guesses among r = k+ + k- is stochastically dominated by
+   Binomial(r, e^ε / (1 + e^ε)) up to a δ term (their Theorem 3.1 / Algorithm 2, p-value below).
+   The reported bound is the largest ε whose p-value is still at most the significance level:
+   with probability >= ``confidence``, the mechanism is not (ε', δ)-DP for any ε' below it.
+
+Trying several (k+, k-) and keeping the best is multiple testing, so each of the G tested pairs
+uses significance (1 - confidence) / G (Bonferroni); the maximum is then a valid bound.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.optimize
+import scipy.special
+import scipy.stats
+
+# Fractions of the m canaries guessed in total (half "in", half "out") for the default grid.
+_DEFAULT_GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+_CANARY_STREAM = 2  # keeps canary coin flips apart from the samplers' streams for the same seed
+
+
+def draw_canary_inclusion(m: int, seed: int) -> np.ndarray:
+    """Independent fair coins: which of the m canaries join the training set.
+
+    >>> included = draw_canary_inclusion(8, seed=0)
+    >>> included.dtype.name, bool(np.array_equal(included, draw_canary_inclusion(8, seed=0)))
+    ('bool', True)
+    """
+    if m <= 0:
+        raise ValueError(f"number of canaries m must be positive, got {m}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, _CANARY_STREAM]))
+    return rng.random(m) < 0.5
+
+
+def p_value(m: int, num_guesses: int, num_correct: int, epsilon: float, delta: float) -> float:
+    """Probability of >= ``num_correct`` correct out of ``num_guesses`` under an (ε, δ)-DP mechanism.
+
+    beta = P[Binomial(r, q) >= v] with q = e^ε / (1 + e^ε) (the accuracy of ε-randomized response),
+    plus the δ term 2 m δ max_{1<=i<=v} P[v - i <= Binomial(r, q) < v] / i.
+
+    >>> round(p_value(m=10, num_guesses=10, num_correct=10, epsilon=0.0, delta=0.0), 6)  # 2**-10
+    0.000977
+    """
+    if not 0 <= num_correct <= num_guesses <= m:
+        raise ValueError(f"need 0 <= num_correct <= num_guesses <= m, got {num_correct}, {num_guesses}, {m}")
+    q = scipy.special.expit(epsilon)
+    beta = scipy.stats.binom.sf(num_correct - 1, num_guesses, q)
+    if delta == 0 or num_correct == 0:
+        return float(beta)
+    shortfalls = np.arange(1, num_correct + 1)
+    within = scipy.stats.binom.sf(num_correct - shortfalls - 1, num_guesses, q) - beta
+    alpha = float(np.max(within / shortfalls))
+    return float(min(beta + alpha * delta * 2 * m, 1.0))
+
+
+def epsilon_for_guesses(
+    m: int, num_guesses: int, num_correct: int, delta: float, significance: float
+) -> float:
+    """Largest ε whose p-value for the observed guesses is <= ``significance`` (0 if none).
+
+    >>> epsilon_for_guesses(m=100, num_guesses=100, num_correct=50, delta=0.0, significance=0.05)
+    0.0
+    >>> round(epsilon_for_guesses(m=100, num_guesses=100, num_correct=100, delta=0.0, significance=0.05), 2)
+    3.49
+    """
+    if not 0 < significance < 1:
+        raise ValueError(f"significance must be in (0, 1), got {significance}")
+
+    def margin(epsilon: float) -> float:  # > 0 while the (ε, δ) claim is still rejected
+        return significance - p_value(m, num_guesses, num_correct, epsilon, delta)
+
+    if margin(0.0) <= 0:
+        return 0.0
+    low, high = 0.0, 1.0
+    while margin(high) > 0:  # p-value -> 1 as ε grows, so this ends
+        low, high = high, 2 * high
+    return float(scipy.optimize.brentq(margin, low, high, xtol=1e-6))
+
+
+def default_guess_grid(m: int) -> list[tuple[int, int]]:
+    """(k+, k-) pairs guessing 1% .. 100% of the canaries, half "in" and half "out".
+
+    >>> default_guess_grid(1000)
+    [(5, 5), (10, 10), (25, 25), (50, 50), (100, 100), (250, 250), (500, 500)]
+    """
+    halves = sorted({max(1, round(fraction * m / 2)) for fraction in _DEFAULT_GUESS_FRACTIONS})
+    return [(k, min(k, m - k)) for k in halves if k <= m]
+
+
+def epsilon_lower_bound(
+    scores: np.ndarray,
+    included: np.ndarray,
+    delta: float,
+    confidence: float = 0.95,
+    k_values: Sequence[tuple[int, int]] | None = None,
+) -> dict:
+    """Best ε lower bound over a grid of (k+, k-) guess counts, Bonferroni-corrected over the grid.
+
+    ``scores[i]`` is canary i's membership score (higher = more likely trained on) and
+    ``included[i]`` whether it was. ``k_values`` lists (k+, k-) pairs; None -> :func:`default_guess_grid`.
+
+    >>> included = draw_canary_inclusion(200, seed=1)  # 103 of 200 included
+    >>> result = epsilon_lower_bound(included.astype(float), included, delta=0.0)  # perfect scores
+    >>> result["k_plus"], result["k_minus"], result["num_correct"], round(result["epsilon_lower_bound"], 2)
+    (50, 50, 100, 2.98)
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    included = np.asarray(included)
+    if scores.ndim != 1 or scores.shape != included.shape:
+        raise ValueError(
+            f"scores and included must be 1-D and equally long, got {scores.shape}, {included.shape}"
+        )
+    if included.dtype != bool:
+        raise ValueError(f"included must be a bool array, got dtype {included.dtype}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    if not 0 <= delta < 1:
+        raise ValueError(f"delta must be in [0, 1), got {delta}")
+    m = len(scores)
+    grid = default_guess_grid(m) if k_values is None else [(int(kp), int(km)) for kp, km in k_values]
+    for k_plus, k_minus in grid:
+        if k_plus < 0 or k_minus < 0 or k_plus + k_minus == 0 or k_plus + k_minus > m:
+            raise ValueError(
+                f"each (k+, k-) needs k+, k- >= 0 and 0 < k+ + k- <= m={m}, got {(k_plus, k_minus)}"
+            )
+    significance = (1 - confidence) / len(grid)
+
+    order = np.argsort(-scores, kind="stable")  # highest score first
+    best = None
+    for k_plus, k_minus in grid:
+        correct_in = int(included[order[:k_plus]].sum())
+        correct_out = int((~included[order[m - k_minus :]]).sum()) if k_minus else 0
+        num_correct, num_guesses = correct_in + correct_out, k_plus + k_minus
+        epsilon = epsilon_for_guesses(m, num_guesses, num_correct, delta, significance)
+        if best is None or epsilon > best["epsilon_lower_bound"]:
+            best = {
+                "epsilon_lower_bound": epsilon,
+                "k_plus": k_plus,
+                "k_minus": k_minus,
+                "num_guesses": num_guesses,
+                "num_correct": num_correct,
+                "accuracy": num_correct / num_guesses,
+            }
+    return {
+        **best,
+        "m": m,
+        "num_included": int(included.sum()),
+        "delta": delta,
+        "confidence": confidence,
+        "grid_size": len(grid),
+        "significance_per_test": significance,
+        "method": "one-run audit, Steinke, Nasr & Jagielski 2023; Bonferroni over (k+, k-) grid",
+    }

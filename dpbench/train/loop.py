@@ -1,0 +1,205 @@
+"""The training step and loop: one logical batch = several physical batches + one noise draw.
+
+Shapes stay fixed for jit: every physical batch has ``physical_batch_size`` rows (the last one
+padded, with a mask), so a large Poisson draw simply takes more physical batches; nothing is
+truncated. The clipped sums of all physical batches are accumulated, then ``finalize`` adds the
+noise once and the optimizer takes one logical step. The accountant counts these logical steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.traverse_util import flatten_dict, unflatten_dict
+from jax.sharding import PartitionSpec
+
+from dpbench.data.sampling import physical_batches
+from dpbench.privacy.methods import GradientMethod
+from dpbench.train import sharding
+
+PyTree = Any
+
+
+def split_params(params: PyTree, is_trainable: Callable[[tuple[str, ...]], bool]) -> tuple[dict, dict]:
+    """Flat ``{path: array}`` dicts of trainable and frozen parameters."""
+    flat = flatten_dict(params)
+    trainable = {p: v for p, v in flat.items() if is_trainable(p)}
+    frozen = {p: v for p, v in flat.items() if not is_trainable(p)}
+    if not trainable:
+        raise ValueError("the model has no trainable parameters for this method")
+    return trainable, frozen
+
+
+def merge_params(trainable: dict, frozen: dict) -> PyTree:
+    return unflatten_dict({**frozen, **trainable})
+
+
+@dataclasses.dataclass
+class TrainState:
+    step: int
+    trainable: dict
+    opt_state: Any
+
+
+class Trainer:
+    """Jit-compiled accumulation over physical batches and the per-logical-step update."""
+
+    def __init__(
+        self,
+        losses_fn: Callable,
+        method: GradientMethod,
+        optimizer: optax.GradientTransformation,
+        mesh: jax.sharding.Mesh,
+        noise_multiplier: float,
+        expected_batch_size: float,
+    ):
+        self.losses_fn = losses_fn
+        self.method = method
+        self.optimizer = optimizer
+        self.mesh = mesh
+        self.noise_multiplier = float(noise_multiplier)
+        self.expected_batch_size = float(expected_batch_size)
+        self.accumulate = jax.jit(self._accumulate, donate_argnums=(0,))
+        self.update = jax.jit(self._update, donate_argnums=(0, 1))
+        self._acc_shapes = None
+
+    def init(self, trainable: dict) -> TrainState:
+        # A fresh copy: the update donates its buffers, and the caller may still hold ``trainable``.
+        copy = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=sharding.replicated(self.mesh))
+        trainable = copy(trainable)
+        opt_state = jax.jit(self.optimizer.init)(trainable)
+        return TrainState(step=0, trainable=trainable, opt_state=opt_state)
+
+    def zero_accumulator(self, trainable: dict, frozen: dict, batch: dict, mask: jax.Array) -> tuple:
+        """Zeros shaped like one physical batch's (gradient sum, statistics)."""
+        if self._acc_shapes is None:
+            self._acc_shapes = jax.eval_shape(self._global_grad_sum, trainable, frozen, batch, mask)
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self._acc_shapes)
+
+    def _global_grad_sum(self, trainable, frozen, batch, mask):
+        """Each device sums its shard of the physical batch; one psum makes the global sum.
+
+        Two traps, both caught by tests/test_multidevice.py:
+        - inside shard_map, the gradient with respect to a *replicated* input is implicitly
+          psummed over the mesh, so each "per-example" gradient would really be a sum over devices
+          (clipped as one, then summed again). Casting the trainable parameters to device-varying
+          first keeps every gradient local, and the psum below is the only cross-device sum.
+        - without shard_map, XLA's SPMD partitioner computed wrong per-example convolution-kernel
+          gradients for a batch-sharded vmap (jax 0.10.2, CPU).
+        """
+
+        def local(trainable, frozen, batch, mask):
+            trainable = jax.lax.pcast(trainable, sharding.DATA_AXIS, to="varying")
+            grad_sum, stats = self.method.grad_sum(self.losses_fn, trainable, batch, mask, frozen)
+            return jax.lax.psum((grad_sum, stats), sharding.DATA_AXIS)
+
+        data, rep = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(rep, rep, data, data), out_specs=rep)(
+            trainable, frozen, batch, mask
+        )
+
+    def _accumulate(self, acc, trainable, frozen, batch, mask):
+        return jax.tree_util.tree_map(jnp.add, acc, self._global_grad_sum(trainable, frozen, batch, mask))
+
+    def _update(self, trainable, opt_state, acc, key):
+        grad_sum, stats = acc
+        grads = self.method.finalize(grad_sum, stats["count"], key, self.noise_multiplier, self.expected_batch_size)
+        updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, stats
+
+    def logical_step(self, state: TrainState, frozen: dict, chunks: list[tuple[dict, np.ndarray]], key) -> dict:
+        """Run one logical batch given as (host batch, mask) chunks; returns summed statistics."""
+        acc = None
+        for batch, mask in chunks:
+            batch = sharding.put_batch(batch, self.mesh)
+            mask = jax.device_put(mask, sharding.batch_sharding(self.mesh))
+            if acc is None:
+                acc = self.zero_accumulator(state.trainable, frozen, batch, mask)
+            acc = self.accumulate(acc, state.trainable, frozen, batch, mask)
+        state.trainable, state.opt_state, stats = self.update(state.trainable, state.opt_state, acc, key)
+        state.step += 1
+        return stats
+
+
+def gather_chunks(arrays: dict[str, np.ndarray], indices: np.ndarray, physical_batch_size: int):
+    """Host-side: the physical batches (arrays, mask) of one logical batch of example indices."""
+    return [({k: v[idx] for k, v in arrays.items()}, mask) for idx, mask in physical_batches(indices, physical_batch_size)]
+
+
+@dataclasses.dataclass
+class LoopCallbacks:
+    """What the loop reports to: evaluation, ε so far, metrics sink, a budget check."""
+
+    evaluate: Callable[[int], dict]
+    epsilon_at: Callable[[int], float | None]
+    log: Callable[[dict, int], None]
+    check_budget: Callable[[int], None]
+
+
+def train_loop(
+    trainer: Trainer,
+    state: TrainState,
+    frozen: dict,
+    train_arrays: dict[str, np.ndarray],
+    sampler,
+    num_steps: int,
+    physical_batch_size: int,
+    noise_key: jax.Array,
+    eval_every: int,
+    callbacks: LoopCallbacks,
+    progress_bar: bool = True,
+) -> list[dict]:
+    """Train for ``num_steps`` logical steps; returns the list of evaluation records."""
+    from tqdm.auto import tqdm
+
+    history = []
+    epsilon = callbacks.epsilon_at(0)
+    bar = tqdm(total=num_steps, disable=not progress_bar, desc="train", dynamic_ncols=True)
+    window_examples, window_start = 0, time.perf_counter()
+    for _ in range(num_steps):
+        step = state.step + 1
+        callbacks.check_budget(step)
+        indices = sampler.batch_indices(state.step)
+        chunks = gather_chunks(train_arrays, indices, physical_batch_size)
+        stats = trainer.logical_step(state, frozen, chunks, jax.random.fold_in(noise_key, state.step))
+        window_examples += len(indices)
+        is_eval = eval_every and step % eval_every == 0
+        if is_eval or step == num_steps or step % 10 == 0 or step == 1:
+            stats = jax.device_get(stats)
+            count = max(float(stats["count"]), 1.0)
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "train/loss": float(stats["loss_sum"]) / count,
+                "train/examples_per_s": window_examples / max(elapsed, 1e-9),
+                "train/logical_batch_size": float(stats["count"]),
+            }
+            if "correct_sum" in stats:
+                record["train/accuracy"] = float(stats["correct_sum"]) / count
+            if "clipped_fraction_sum" in stats:
+                record["train/clipped_fraction"] = float(stats["clipped_fraction_sum"]) / count
+                record["train/grad_norm"] = float(stats["grad_norm_sum"]) / count
+            if is_eval or step == num_steps:
+                epsilon = callbacks.epsilon_at(step)
+                if epsilon is not None:
+                    record["privacy/epsilon"] = epsilon
+            callbacks.log(record, step)
+            bar.set_postfix(
+                step=step,
+                loss=f"{record['train/loss']:.3f}",
+                eps="-" if epsilon is None else f"{epsilon:.3f}",
+                ex_s=f"{record['train/examples_per_s']:.0f}",
+            )
+            window_examples, window_start = 0, time.perf_counter()
+        if is_eval and step != num_steps:
+            history.append({"step": step, **callbacks.evaluate(step)})
+        bar.update(1)
+    bar.close()
+    history.append({"step": state.step, **callbacks.evaluate(state.step)})
+    return history

@@ -1,0 +1,72 @@
+"""Run in a subprocess with 4 fake CPU devices (see test_multidevice.py); prints JSON."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from dpbench.data.sampling import PoissonSampler  # noqa: E402
+from dpbench.models.cnn import CNN  # noqa: E402
+from dpbench.privacy.methods import GradientMethod  # noqa: E402
+from dpbench.train import sharding  # noqa: E402
+from dpbench.train.loop import Trainer, gather_chunks, merge_params, split_params  # noqa: E402
+
+SIGMA, CLIP, BATCH, PHYSICAL = 1.1, 0.5, 16, 8
+
+
+def main():
+    assert len(jax.devices()) == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    data = {"image": rng.uniform(size=(64, 8, 8, 1)).astype(np.float32),
+            "label": rng.integers(0, 10, 64).astype(np.int32)}
+    module = CNN(num_classes=10)
+    params = module.init(jax.random.PRNGKey(0), data["image"][:1])["params"]
+
+    def losses_fn(trainable, batch, frozen):
+        logits = module.apply({"params": merge_params(trainable, frozen)}, batch["image"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}
+
+    method = GradientMethod("vanilla", clip_norm=CLIP)
+    sampler = PoissonSampler(64, BATCH, seed=0)
+    out = {}
+    for devices in (1, 4):
+        mesh = sharding.make_mesh(devices)
+        trainer = Trainer(losses_fn, method, optax.sgd(0.1), mesh, SIGMA, BATCH)
+        trainable, frozen = split_params(params, lambda p: True)
+        frozen = sharding.put_replicated(frozen, mesh)
+        # The clipped sum of one logical batch, noise off.
+        chunks = gather_chunks(data, sampler.batch_indices(0), PHYSICAL)
+        state = trainer.init(trainable)
+        acc = None
+        for batch, mask in chunks:
+            batch = sharding.put_batch(batch, mesh)
+            mask = jax.device_put(mask, sharding.batch_sharding(mesh))
+            acc = acc if acc is not None else trainer.zero_accumulator(state.trainable, frozen, batch, mask)
+            acc = trainer.accumulate(acc, state.trainable, frozen, batch, mask)
+        grad_sum = acc[0]
+        out[f"sum_{devices}"] = [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(grad_sum)]
+        out[f"sum_sharding_{devices}"] = str(jax.tree_util.tree_leaves(grad_sum)[0].sharding)
+        # Noise: finalize on a zero sum under this mesh, times the expected batch, has std σC.
+        zeros = sharding.put_replicated(jax.tree_util.tree_map(jnp.zeros_like, grad_sum), mesh)
+        noisy = jax.jit(lambda z, k: method.finalize(z, 1.0, k, SIGMA, BATCH))(zeros, jax.random.PRNGKey(7))
+        noise = np.concatenate([np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(noisy)]) * BATCH
+        out[f"noise_std_{devices}"] = float(noise.std())
+        out[f"noise_size_{devices}"] = int(noise.size)
+        # Parameters after a few noisy logical steps, same seed.
+        state = trainer.init(trainable)
+        for step in range(3):
+            chunks = gather_chunks(data, sampler.batch_indices(step), PHYSICAL)
+            trainer.logical_step(state, frozen, chunks, jax.random.fold_in(jax.random.PRNGKey(1), step))
+        out[f"params_{devices}"] = [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(state.trainable)]
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

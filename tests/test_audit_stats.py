@@ -1,0 +1,89 @@
+"""One-run audit statistics: informative when membership leaks, valid (rarely above the truth) otherwise."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dpbench.privacy.audit import (
+    draw_canary_inclusion,
+    epsilon_for_guesses,
+    epsilon_lower_bound,
+    p_value,
+)
+
+M = 1000
+DELTA = 1e-5
+
+
+def _randomized_response_scores(included: np.ndarray, epsilon: float, seed: int) -> np.ndarray:
+    # ε-DP randomized response on each canary's bit; tiny noise only breaks ties in the ranking.
+    rng = np.random.default_rng(seed)
+    flip = rng.random(len(included)) < 1 / (1 + math.exp(epsilon))
+    return (included ^ flip).astype(float) + 1e-3 * rng.random(len(included))
+
+
+def test_inclusion_is_fair_and_seeded():
+    included = draw_canary_inclusion(10_000, seed=0)
+    # Binomial(10000, 1/2): standard deviation 50, so 4 sigma = 200.
+    assert abs(int(included.sum()) - 5000) < 200
+    assert np.array_equal(included, draw_canary_inclusion(10_000, seed=0))
+    assert not np.array_equal(included, draw_canary_inclusion(10_000, seed=1))
+
+
+def test_p_value_at_zero_epsilon_is_the_fair_coin_tail():
+    r, v = 40, 28
+    tail = sum(math.comb(r, j) for j in range(v, r + 1)) / 2**r
+    assert p_value(M, r, v, epsilon=0.0, delta=0.0) == pytest.approx(tail, rel=1e-9)
+    assert p_value(M, r, v, epsilon=0.0, delta=DELTA) > tail  # the δ term only adds
+
+
+def test_perfectly_separated_scores_give_a_large_bound():
+    included = draw_canary_inclusion(M, seed=0)
+    result = epsilon_lower_bound(included.astype(float), included, delta=DELTA)
+    assert result["accuracy"] == 1.0
+    assert result["epsilon_lower_bound"] > 2
+
+
+def test_random_scores_give_no_bound():
+    # Scores independent of membership: the run is 0-DP, so a positive bound is a false claim. With
+    # a 95% confidence level it may happen in at most ~5% of runs; P[>= 7 of 40] < 0.002 at 5%.
+    positives = []
+    for seed in range(40):
+        included = draw_canary_inclusion(M, seed=seed)
+        scores = np.random.default_rng(1000 + seed).random(M)
+        positives.append(epsilon_lower_bound(scores, included, delta=DELTA)["epsilon_lower_bound"])
+    assert sum(bound > 0 for bound in positives) <= 6
+    assert max(positives) < 0.5
+
+
+def test_randomized_response_bound_is_valid_and_informative():
+    true_epsilon = 1.0
+    bounds = []
+    for seed in range(20):
+        included = draw_canary_inclusion(M, seed=seed)
+        scores = _randomized_response_scores(included, true_epsilon, seed=500 + seed)
+        bounds.append(epsilon_lower_bound(scores, included, delta=0.0)["epsilon_lower_bound"])
+    # Valid: above the true ε in at most ~5% of runs (P[>= 4 of 20] < 0.02 at 5%).
+    assert sum(bound > true_epsilon for bound in bounds) <= 3
+    # Informative: with 1000 canaries most of the true ε is recovered.
+    assert np.median(bounds) > 0.5 * true_epsilon
+
+
+def test_bound_is_monotone_in_correct_guesses():
+    correct_counts = range(250, 501, 10)
+    bounds = [epsilon_for_guesses(M, 500, correct, DELTA, significance=0.05) for correct in correct_counts]
+    assert all(later >= earlier for earlier, later in zip(bounds, bounds[1:], strict=False))
+    assert bounds[0] == 0.0 and bounds[-1] > bounds[len(bounds) // 2] > 0
+
+
+def test_bad_inputs_fail_early():
+    included = draw_canary_inclusion(10, seed=0)
+    with pytest.raises(ValueError, match="equally long"):
+        epsilon_lower_bound(np.zeros(9), included, delta=DELTA)
+    with pytest.raises(ValueError, match="bool"):
+        epsilon_lower_bound(np.zeros(10), included.astype(int), delta=DELTA)
+    with pytest.raises(ValueError, match=r"k\+"):
+        epsilon_lower_bound(np.zeros(10), included, delta=DELTA, k_values=[(6, 6)])
+    with pytest.raises(ValueError, match="confidence"):
+        epsilon_lower_bound(np.zeros(10), included, delta=DELTA, confidence=1.0)

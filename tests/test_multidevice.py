@@ -1,0 +1,39 @@
+"""Data parallelism over 4 fake CPU devices gives the single-device result, noise included."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIGMA, CLIP = 1.1, 0.5
+
+
+@pytest.fixture(scope="module")
+def result():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).with_name("multidevice_check.py")
+    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_clipped_sum_is_the_same_on_one_and_four_devices(result):
+    for a, b in zip(result["sum_1"], result["sum_4"]):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert np.abs(np.concatenate(result["sum_1"])).max() > 0
+
+
+def test_noise_std_is_sigma_c_not_scaled_by_device_count(result):
+    for devices in (1, 4):
+        # ~100k draws: the sample std is within 1% of σC with overwhelming probability.
+        assert result[f"noise_size_{devices}"] > 50_000
+        assert result[f"noise_std_{devices}"] == pytest.approx(SIGMA * CLIP, rel=0.01)
+
+
+def test_parameters_after_noisy_steps_match(result):
+    for a, b in zip(result["params_1"], result["params_4"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
