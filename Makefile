@@ -36,7 +36,7 @@ format:  ## apply ruff fixes and formatting
 run:  ## the default job (MNIST + CNN + DP-SGD, ε=1); pass overrides as ARGS="..."
 	$(PY) -m dpbench $(ARGS)
 
-bench:  ## throughput/memory of DP vs non-private steps (writes results/bench.md)
+bench:  ## time of a DP-SGD step vs a non-private one (MNIST CNN), as a Markdown table
 	$(PY) -m dpbench.bench
 
 clean:

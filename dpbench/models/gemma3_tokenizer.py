@@ -71,13 +71,16 @@ class _SentencePieceBackend:
 
 
 class Gemma3Tokenizer:
-    """``pad_id`` 0, ``eos_id`` 1, ``bos_id`` 2, ``end_of_turn_id`` 106 in Gemma 3 (read from the vocabulary)."""
+    """Gemma 3 has ``pad_id`` 0, ``eos_id`` 1, ``bos_id`` 2, ``end_of_turn_id`` 106 (read from its pieces)."""
 
     def __init__(self, backend: Any, source: str, add_bos: bool = True):
         self._backend = backend
         self.source = source
         self.add_bos = add_bos
-        ids = {name: backend.piece_id(name) for name in ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")}
+        ids = {
+            name: backend.piece_id(name)
+            for name in ("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>")
+        }
         missing = [name for name in ("<pad>", "<eos>", "<bos>") if ids[name] is None]
         if missing:
             raise ValueError(f"{source}: the vocabulary has no {missing} piece; is it a Gemma tokenizer?")
@@ -115,17 +118,23 @@ class Gemma3Tokenizer:
         """The SentencePiece-equivalent tokenizer of a GGUF file's ``tokenizer.ggml.*`` metadata."""
         model = metadata.get("tokenizer.ggml.model")
         if model != "llama":
-            raise ValueError(f"{source}: tokenizer.ggml.model is {model!r}; only SentencePiece ('llama') is supported")
+            raise ValueError(
+                f"{source}: tokenizer.ggml.model is {model!r}; only SentencePiece ('llama') is supported"
+            )
         if metadata.get("tokenizer.ggml.add_space_prefix", False):
             raise ValueError(f"{source}: add_space_prefix=True is not Gemma's tokenizer")
         tok = sentencepiece_bpe(
-            metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.scores"], metadata["tokenizer.ggml.token_type"]
+            metadata["tokenizer.ggml.tokens"],
+            metadata["tokenizer.ggml.scores"],
+            metadata["tokenizer.ggml.token_type"],
         )
         result = cls(_FastBackend(tok), source, bool(metadata.get("tokenizer.ggml.add_bos_token", True)))
         for role, key in (("pad_id", "padding"), ("eos_id", "eos"), ("bos_id", "bos")):
             declared = metadata.get(f"tokenizer.ggml.{key}_token_id")
             if declared is not None and declared != getattr(result, role):
-                raise ValueError(f"{source}: {key} token id {declared} != id of its piece {getattr(result, role)}")
+                raise ValueError(
+                    f"{source}: {key} token id {declared} != id of its piece {getattr(result, role)}"
+                )
         return result
 
 
@@ -141,7 +150,7 @@ def bpe_merges(pieces: list[str], scores: list[float], types: list[int]) -> list
     >>> bpe_merges(["a", "b", "ab", "abb"], [0.0, -1.0, -2.0, -3.0], [1, 1, 1, 1])
     [('a', 'b'), ('ab', 'b')]
     """
-    normal = {p: i for i, (p, t) in enumerate(zip(pieces, types)) if t == NORMAL}
+    normal = {p: i for i, (p, t) in enumerate(zip(pieces, types, strict=True)) if t == NORMAL}
     merges = []
     for piece, i in normal.items():
         for cut in range(1, len(piece)):
@@ -172,7 +181,17 @@ def sentencepiece_bpe(pieces: list[str], scores: list[float], types: list[int]) 
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     # Matched whole in the raw text, before the normalizer (SentencePiece's user-defined symbols).
     tok.add_special_tokens(
-        [AddedToken(p, normalized=False, special=True) for p, t in zip(pieces, types) if t == CONTROL]
+        [
+            AddedToken(p, normalized=False, special=True)
+            for p, t in zip(pieces, types, strict=True)
+            if t == CONTROL
+        ]
     )
-    tok.add_tokens([AddedToken(p, normalized=False, special=False) for p, t in zip(pieces, types) if t == USER_DEFINED])
+    tok.add_tokens(
+        [
+            AddedToken(p, normalized=False, special=False)
+            for p, t in zip(pieces, types, strict=True)
+            if t == USER_DEFINED
+        ]
+    )
     return tok

@@ -10,13 +10,14 @@ should pad prompts to a fixed length (and the last batch to the full batch size)
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpbench.models.gemma3 import Gemma3, init_cache
+from dpbench.models.gemma3 import Gemma3, init_cache, tied_logits
 
 
 def greedy_generate(
@@ -35,7 +36,9 @@ def greedy_generate(
     """
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
-        raise ValueError(f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must be equal [B, P]")
+        raise ValueError(
+            f"prompt_ids {prompt_ids.shape} and prompt_mask {prompt_mask.shape} must be equal [B, P]"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     if not np.all(prompt_mask[:, -1]):
@@ -47,6 +50,7 @@ def greedy_generate(
 @functools.lru_cache(maxsize=16)
 def _compiled(module: Gemma3, max_new_tokens: int, stop_ids: tuple[int, ...], pad_id: int):
     stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)  # -1 never matches a token
+    trunk = module.clone(head=False)  # prefill: only the last position's logits are needed
 
     def step(params, tokens, cache):
         logits, cache = module.apply({"params": params}, tokens, jnp.ones_like(tokens), cache=cache)
@@ -56,8 +60,9 @@ def _compiled(module: Gemma3, max_new_tokens: int, stop_ids: tuple[int, ...], pa
     def run(params, prompt_ids, prompt_mask):
         batch, prompt_len = prompt_ids.shape
         cache = init_cache(module.config, batch, prompt_len + max_new_tokens, module.dtype)
-        logits, cache = module.apply({"params": params}, prompt_ids, prompt_mask, cache=cache)
-        token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        hidden, cache = trunk.apply({"params": params}, prompt_ids, prompt_mask, cache=cache)
+        logits = tied_logits(hidden[:, -1], params["embed_tokens"]["embedding"], module.config, module.dtype)
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
         done = jnp.isin(token, stops)
 

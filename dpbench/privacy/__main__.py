@@ -1,0 +1,81 @@
+"""``python -m dpbench.privacy [overrides]``: the privacy plan of a run, without training it.
+
+Composes the same config as ``python -m dpbench``, loads only the training set (for its size n;
+text is not tokenised), then prints the sampler, sampling rate, logical steps, δ, σ and the ε the
+accountant gives: what ``python -m dpbench`` with the same overrides would train under. No W&B.
+
+    python -m dpbench.privacy +experiment=mnist_cnn
+    python -m dpbench.privacy +experiment=mnist_cnn dp.epsilon=null dp.noise_multiplier=1.1
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from dpbench import config as config_lib
+from dpbench.data.registry import load_dataset
+from dpbench.privacy import accounting
+from dpbench.run import plan_mechanism
+
+config_lib.register_configs()
+
+
+def plan_rows(cfg: DictConfig) -> list[tuple[str, str]]:
+    """(name, value) rows describing the mechanism ``cfg`` would train under."""
+    config_lib.validate_static(cfg)
+    dataset = load_dataset(cfg.dataset)
+    num_examples = dataset.num_train
+    rows = [("dataset", f"{dataset.name} ({dataset.source})")]
+    if cfg.audit.name == "canary":
+        # The runner trains on the real examples plus the included canaries: n (and so q) changes.
+        from dpbench.privacy.audit_run import CanaryAudit
+
+        audit = CanaryAudit(cfg.audit, dataset.train, num_classes=dataset.info.get("num_classes"))
+        num_examples = len(audit.train_arrays["label"])
+        rows.append(("audit", audit.describe()))
+    rows.append(("training examples n", str(num_examples)))
+    mechanism = plan_mechanism(cfg, num_examples)
+    sampler = mechanism.sampler
+    rows += [
+        ("dp.method", cfg.dp.method),
+        ("sampler", f"{sampler.name} ({sampler.neighbouring} neighbours)"),
+        ("batch size", f"{cfg.runner.batch_size} ({'expected' if sampler.name == 'poisson' else 'fixed'})"),
+        ("sampling rate q", f"{sampler.sampling_rate:.6g}"),
+        ("logical steps", str(mechanism.steps)),
+    ]
+    if mechanism.noise_multiplier is None:
+        rows.append(("privacy", "none: dp.method=none adds no noise and claims no (ε, δ)"))
+        return rows
+    sigma = mechanism.noise_multiplier
+    epsilon = accounting.compute_epsilon(sampler, sigma, mechanism.steps, mechanism.delta, cfg.accountant)
+    source = "given (dp.noise_multiplier)" if cfg.dp.noise_multiplier is not None else (
+        f"calibrated to dp.epsilon={cfg.dp.epsilon:g}"
+    )
+    accountant = cfg.accountant.name
+    if cfg.accountant.name == "pld":
+        accountant += f" (value_discretization_interval={cfg.accountant.value_discretization_interval:g})"
+    rows += [
+        ("clip norm C", f"{cfg.dp.clip_norm:g}"),
+        ("δ", f"{mechanism.delta:.6g}"),
+        ("σ (noise multiplier)", f"{sigma:.6f} {source}"),
+        ("noise std on the sum σC", f"{sigma * cfg.dp.clip_norm:.6g}"),
+        ("ε", f"{epsilon:.6f}"),
+        ("accountant", accountant),
+    ]
+    return rows
+
+
+def format_table(rows: list[tuple[str, str]]) -> str:
+    """Two aligned columns: setting, value."""
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    print(format_table(plan_rows(cfg)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""``python -m dpbench.privacy``: the privacy plan of a run, from the same config, without training."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dpbench.data.sampling import PoissonSampler
+from dpbench.privacy import accounting
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DPBENCH_SHARED", REPO.parent / "shared"))
+MNIST_TRAIN = 60_000
+
+
+def _plan(tmp_path, *overrides: str) -> dict[str, str]:
+    """Run the CLI; its table as {setting: value} (Hydra's "[time][logger][LEVEL]" log lines skipped)."""
+    if not (SHARED / "data" / "mnist").is_dir():
+        pytest.skip(f"needs the MNIST IDX files in {SHARED / 'data' / 'mnist'}")
+    command = [sys.executable, "-m", "dpbench.privacy", f"paths.shared={SHARED}",
+               f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null", *overrides]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("  ", 1) for line in done.stdout.strip().splitlines() if not line.startswith("[")]
+    return {name.strip(): value.strip() for name, value in rows}
+
+
+def test_mnist_cnn_plan_calibrates_the_published_sigma(tmp_path):
+    plan = _plan(tmp_path, "+experiment=mnist_cnn")
+    assert plan["training examples n"] == str(MNIST_TRAIN)
+    assert plan["logical steps"] == "5000"
+    assert float(plan["sampling rate q"]) == pytest.approx(256 / MNIST_TRAIN, rel=1e-5)
+    assert float(plan["δ"]) == 1e-5
+    assert float(plan["σ (noise multiplier)"].split()[0]) == pytest.approx(1.337, abs=2e-3)
+    assert 0.99 < float(plan["ε"]) <= 1.0  # calibrated σ spends at most the target
+    assert plan["accountant"].startswith("pld")
+
+
+def test_given_sigma_prints_the_accountants_epsilon(tmp_path):
+    plan = _plan(tmp_path, "+experiment=mnist_cnn", "dp.epsilon=null", "dp.noise_multiplier=1.1")
+    sampler = PoissonSampler(MNIST_TRAIN, expected_batch_size=256, seed=0)
+    expected = accounting.compute_epsilon(sampler, 1.1, 5000, 1e-5, accounting.AccountantConfig(name="pld"))
+    assert float(plan["ε"]) == pytest.approx(expected, abs=2e-6)  # printed with 6 decimals
+    assert plan["σ (noise multiplier)"].startswith("1.100000 given")
+
+
+def test_canary_audit_and_nonprivate_runs_are_planned_honestly(tmp_path):
+    plan = _plan(tmp_path, "+experiment=mnist_cnn_nonprivate", "audit=canary", "audit.num_canaries=100")
+    # The included canaries are training examples too, so n (and q) grow.
+    n = int(plan["training examples n"])
+    assert MNIST_TRAIN < n < MNIST_TRAIN + 100
+    assert float(plan["sampling rate q"]) == pytest.approx(256 / n, rel=1e-5)
+    assert "ε" not in plan and plan["privacy"].startswith("none")
