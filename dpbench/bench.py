@@ -54,10 +54,16 @@ def main() -> None:
     parser.add_argument("--physical-batch-size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    nonprivate = time_steps(GradientMethod("none", None), args.batch_size, args.physical_batch_size, args.repeats)
-    private = time_steps(GradientMethod("vanilla", 0.1), args.batch_size, args.physical_batch_size, args.repeats)
-    print(f"MNIST CNN, logical batch {args.batch_size}, physical {args.physical_batch_size}, "
-          f"{len(jax.devices())} x {jax.devices()[0].platform}")
+    nonprivate = time_steps(
+        GradientMethod("none", None), args.batch_size, args.physical_batch_size, args.repeats
+    )
+    private = time_steps(
+        GradientMethod("vanilla", 0.1), args.batch_size, args.physical_batch_size, args.repeats
+    )
+    print(
+        f"MNIST CNN, logical batch {args.batch_size}, physical {args.physical_batch_size}, "
+        f"{len(jax.devices())} x {jax.devices()[0].platform}"
+    )
     print("| method | s / logical step | examples / s | time vs non-private |")
     print("|---|---|---|---|")
     for name, seconds in (("none", nonprivate), ("vanilla (vmap per-example)", private)):

@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import DictConfig
 
 from dpbench.data.schema import DatasetConfig
 from dpbench.models.cnn import CNNModelConfig
@@ -153,7 +153,9 @@ def validate_static(cfg: DictConfig) -> None:
         if dp.noise_multiplier is not None and not dp.noise_multiplier > 0:
             raise ConfigError(f"dp.noise_multiplier={dp.noise_multiplier} must be > 0")
         if (dp.delta is None) == (dp.delta_exponent is None):
-            raise ConfigError("set exactly one of dp.delta (a number in (0, 1)) and dp.delta_exponent (δ = n^-e)")
+            raise ConfigError(
+                "set exactly one of dp.delta (a number in (0, 1)) and dp.delta_exponent (δ = n^-e)"
+            )
         if dp.delta is not None and not 0 < dp.delta < 1:
             raise ConfigError(f"dp.delta={dp.delta} must lie in (0, 1)")
         if dp.delta_exponent is not None and not dp.delta_exponent > 0:
@@ -161,7 +163,9 @@ def validate_static(cfg: DictConfig) -> None:
         if not dp.clip_norm > 0:
             raise ConfigError(f"dp.clip_norm={dp.clip_norm} must be > 0")
     if dp.method == "ffa" and cfg.model.get("lora_rank", 0) <= 0:
-        raise ConfigError("dp.method=ffa freezes LoRA's A matrices: it needs a model with model.lora_rank > 0")
+        raise ConfigError(
+            "dp.method=ffa freezes LoRA's A matrices: it needs a model with model.lora_rank > 0"
+        )
     runner = cfg.runner
     if (runner.steps is None) == (runner.epochs is None):
         raise ConfigError(
@@ -205,8 +209,10 @@ def validate_with_data(cfg: DictConfig, num_examples: int, num_devices: int) -> 
             f"runner.batch_size={cfg.runner.batch_size} is larger than the training set "
             f"({num_examples} examples of {cfg.dataset.display_name}); choose at most {num_examples}"
         )
-    if cfg.compute.physical_batch_size % num_devices:
+    physical = cfg.compute.physical_batch_size
+    if physical % num_devices:
+        suggestion = num_devices * math.ceil(physical / num_devices)
         raise ConfigError(
-            f"compute.physical_batch_size={cfg.compute.physical_batch_size} must be a multiple of the "
-            f"number of devices ({num_devices}); e.g. {num_devices * math.ceil(cfg.compute.physical_batch_size / num_devices)}"
+            f"compute.physical_batch_size={physical} must be a multiple of the number of devices "
+            f"({num_devices}); e.g. {suggestion}"
         )

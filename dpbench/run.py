@@ -8,7 +8,6 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 import optax
 from omegaconf import DictConfig, OmegaConf
 
@@ -43,7 +42,9 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     if cfg.name == "adam":
         return optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     if cfg.name == "adamw":
-        return optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+        return optax.adamw(
+            cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay
+        )
     raise config_lib.ConfigError(f"optimizer.name={cfg.name!r} is not known; choose one of sgd, adam, adamw")
 
 
@@ -97,8 +98,10 @@ def _model_inputs(dataset: Dataset, bundle, cfg: DictConfig) -> tuple[dict, dict
 def _run_name(cfg: DictConfig, dataset_name: str) -> str:
     if cfg.logger.run_name:
         return cfg.logger.run_name
-    eps = "nonprivate" if cfg.dp.method == "none" else (
-        f"eps{cfg.dp.epsilon:g}" if cfg.dp.epsilon is not None else f"sigma{cfg.dp.noise_multiplier:g}"
+    eps = (
+        "nonprivate"
+        if cfg.dp.method == "none"
+        else (f"eps{cfg.dp.epsilon:g}" if cfg.dp.epsilon is not None else f"sigma{cfg.dp.noise_multiplier:g}")
     )
     return f"{dataset_name} | {cfg.model.arch} | {cfg.dp.method} | {eps} | seed{cfg.runner.seed}"
 
@@ -110,8 +113,14 @@ def run(cfg: DictConfig) -> dict:
     method = make_method(cfg.dp)
 
     dataset = load_dataset(cfg.dataset)
-    log.info("data: %s from %s (%d train / %d %s)", dataset.name, dataset.source, dataset.num_train,
-             dataset.num_eval, dataset.eval_split)
+    log.info(
+        "data: %s from %s (%d train / %d %s)",
+        dataset.name,
+        dataset.source,
+        dataset.num_train,
+        dataset.num_eval,
+        dataset.eval_split,
+    )
     rng = jax.random.PRNGKey(cfg.runner.seed)
     init_rng, noise_rng = jax.random.split(rng)
     bundle = build_model(cfg.model, init_rng, freeze_lora_a=method.freezes_lora_a)
@@ -130,25 +139,47 @@ def run(cfg: DictConfig) -> dict:
     mesh = sharding.make_mesh(cfg.compute.num_devices)
     config_lib.validate_with_data(cfg, num_examples, mesh.size)
     mechanism = plan_mechanism(cfg, num_examples)
-    log.info("devices: %d x %s; logical steps: %d; sampler: %s", mesh.size, jax.devices()[0].platform,
-             mechanism.steps, mechanism.sampler.describe())
+    log.info(
+        "devices: %d x %s; logical steps: %d; sampler: %s",
+        mesh.size,
+        jax.devices()[0].platform,
+        mechanism.steps,
+        mechanism.sampler.describe(),
+    )
     if method.private:
-        log.info("noise multiplier σ=%.4f (noise std on the clipped sum σC=%.4g), δ=%.3g",
-                 mechanism.noise_multiplier, mechanism.noise_multiplier * method.clip_norm, mechanism.delta)
-        tracker = accounting.EpsilonTracker(mechanism.sampler, mechanism.noise_multiplier, mechanism.delta,
-                                            cfg.accountant, budgeted_steps=mechanism.steps)
+        log.info(
+            "noise multiplier σ=%.4f (noise std on the clipped sum σC=%.4g), δ=%.3g",
+            mechanism.noise_multiplier,
+            mechanism.noise_multiplier * method.clip_norm,
+            mechanism.delta,
+        )
+        tracker = accounting.EpsilonTracker(
+            mechanism.sampler,
+            mechanism.noise_multiplier,
+            mechanism.delta,
+            cfg.accountant,
+            budgeted_steps=mechanism.steps,
+        )
         epsilon_at, check_budget = tracker.epsilon_at, tracker.check_step
     else:
         epsilon_at, check_budget = (lambda step: None), (lambda step: None)
 
     task = _task_for(dataset, bundle, cfg)
     trainable, frozen = split_params(bundle.params, bundle.is_trainable)
-    log.info("parameters: %d trainable, %d frozen", sum(x.size for x in trainable.values()),
-             sum(x.size for x in frozen.values()))
+    log.info(
+        "parameters: %d trainable, %d frozen",
+        sum(x.size for x in trainable.values()),
+        sum(x.size for x in frozen.values()),
+    )
     frozen = sharding.put_replicated(frozen, mesh)
-    trainer = Trainer(task.losses_fn, method, make_optimizer(cfg.optimizer), mesh,
-                      noise_multiplier=mechanism.noise_multiplier or 0.0,
-                      expected_batch_size=cfg.runner.batch_size)
+    trainer = Trainer(
+        task.losses_fn,
+        method,
+        make_optimizer(cfg.optimizer),
+        mesh,
+        noise_multiplier=mechanism.noise_multiplier or 0.0,
+        expected_batch_size=cfg.runner.batch_size,
+    )
     state = trainer.init(trainable)
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -157,7 +188,9 @@ def run(cfg: DictConfig) -> dict:
     def evaluate(step: int) -> dict:
         metrics = task.evaluate(state.trainable, frozen, eval_arrays, cfg.compute.eval_batch_size, mesh)
         logger.log(metrics, step)
-        log.info("step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        log.info(
+            "step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+        )
         return metrics
 
     def log_train(record: dict, step: int) -> None:
@@ -168,8 +201,15 @@ def run(cfg: DictConfig) -> dict:
     baseline = evaluate(0) if cfg.runner.eval_before_training else None
     train_start = time.perf_counter()
     history = train_loop(
-        trainer, state, frozen, train_arrays, mechanism.sampler, mechanism.steps,
-        cfg.compute.physical_batch_size, noise_rng, cfg.runner.eval_every,
+        trainer,
+        state,
+        frozen,
+        train_arrays,
+        mechanism.sampler,
+        mechanism.steps,
+        cfg.compute.physical_batch_size,
+        noise_rng,
+        cfg.runner.eval_every,
         LoopCallbacks(evaluate=evaluate, epsilon_at=epsilon_at, log=log_train, check_budget=check_budget),
         progress_bar=cfg.runner.progress_bar,
     )
@@ -202,23 +242,50 @@ def run(cfg: DictConfig) -> dict:
             raise RuntimeError(f"ε spent {epsilon} exceeds the target dp.epsilon={cfg.dp.epsilon}")
         results.update(epsilon=epsilon, delta=mechanism.delta, noise_multiplier=mechanism.noise_multiplier)
         results["privacy"] = accounting.privacy_summary(
-            mechanism.sampler, mechanism.noise_multiplier, mechanism.steps, mechanism.delta,
-            method.clip_norm, cfg.accountant, epsilon,
+            mechanism.sampler,
+            mechanism.noise_multiplier,
+            mechanism.steps,
+            mechanism.delta,
+            method.clip_norm,
+            cfg.accountant,
+            epsilon,
         )
-        log.info("privacy: (ε=%.4f, δ=%.3g) with σ=%.4f over %d logical steps", epsilon, mechanism.delta,
-                 mechanism.noise_multiplier, mechanism.steps)
+        log.info(
+            "privacy: (ε=%.4f, δ=%.3g) with σ=%.4f over %d logical steps",
+            epsilon,
+            mechanism.delta,
+            mechanism.noise_multiplier,
+            mechanism.steps,
+        )
     else:
-        results.update(epsilon=None, delta=None, noise_multiplier=None, privacy={"mechanism": "none (non-private)"})
+        results.update(
+            epsilon=None, delta=None, noise_multiplier=None, privacy={"mechanism": "none (non-private)"}
+        )
     if audit is not None:
-        results["audit"] = audit.evaluate(task, state.trainable, frozen, mesh, cfg.compute.eval_batch_size,
-                                          claimed_epsilon=results["epsilon"], delta=mechanism.delta)
-        log.info("audit: empirical ε lower bound %.3f (claimed ε %s)", results["audit"]["epsilon_lower_bound"],
-                 results["epsilon"])
+        results["audit"] = audit.evaluate(
+            task,
+            state.trainable,
+            frozen,
+            mesh,
+            cfg.compute.eval_batch_size,
+            claimed_epsilon=results["epsilon"],
+            delta=mechanism.delta,
+        )
+        log.info(
+            "audit: empirical ε lower bound %.3f (claimed ε %s)",
+            results["audit"]["epsilon_lower_bound"],
+            results["epsilon"],
+        )
     results["wall_seconds"] = time.perf_counter() - start
     results["config"] = config_dict
     path = loggers.write_results(cfg.paths.output_dir, results)
-    logger.summary({k: results[k] for k in ("metrics", "epsilon", "delta", "noise_multiplier", "steps")
-                    if results[k] is not None})
+    logger.summary(
+        {
+            k: results[k]
+            for k in ("metrics", "epsilon", "delta", "noise_multiplier", "steps")
+            if results[k] is not None
+        }
+    )
     logger.finish()
     log.info("results: %s", path)
     return results

@@ -24,8 +24,10 @@ SIGMA, CLIP, BATCH, PHYSICAL = 1.1, 0.5, 16, 8
 def main():
     assert len(jax.devices()) == 4, jax.devices()
     rng = np.random.default_rng(0)
-    data = {"image": rng.uniform(size=(64, 8, 8, 1)).astype(np.float32),
-            "label": rng.integers(0, 10, 64).astype(np.int32)}
+    data = {
+        "image": rng.uniform(size=(64, 8, 8, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, 64).astype(np.int32),
+    }
     module = CNN(num_classes=10)
     params = module.init(jax.random.PRNGKey(0), data["image"][:1])["params"]
 
@@ -64,7 +66,9 @@ def main():
         for step in range(3):
             chunks = gather_chunks(data, sampler.batch_indices(step), PHYSICAL)
             trainer.logical_step(state, frozen, chunks, jax.random.fold_in(jax.random.PRNGKey(1), step))
-        out[f"params_{devices}"] = [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(state.trainable)]
+        out[f"params_{devices}"] = [
+            np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(state.trainable)
+        ]
     json.dump(out, sys.stdout)
 
 

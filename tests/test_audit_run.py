@@ -77,8 +77,9 @@ def test_a_memorising_model_is_caught_and_scores_follow_the_task():
     assert np.all(scores[audit.included] == 0)
     assert np.all(scores[~audit.included] < -5)
 
-    result = audit.evaluate(MemorisingTask(), trainable, {}, mesh, 48 * mesh.size,
-                            claimed_epsilon=None, delta=None)
+    result = audit.evaluate(
+        MemorisingTask(), trainable, {}, mesh, 48 * mesh.size, claimed_epsilon=None, delta=None
+    )
     expected = epsilon_lower_bound(scores, audit.included, delta=NONPRIVATE_AUDIT_DELTA, confidence=0.95)
     assert result["epsilon_lower_bound"] == pytest.approx(expected["epsilon_lower_bound"])
     assert result["accuracy"] == 1.0 and result["epsilon_lower_bound"] > 2
@@ -86,8 +87,9 @@ def test_a_memorising_model_is_caught_and_scores_follow_the_task():
     assert result["delta"] == NONPRIVATE_AUDIT_DELTA and "delta_note" in result
     assert result["mean_loss_included"] == 0 < result["mean_loss_excluded"]
 
-    private = audit.evaluate(MemorisingTask(), trainable, {}, mesh, 48 * mesh.size,
-                             claimed_epsilon=0.5, delta=1e-6)
+    private = audit.evaluate(
+        MemorisingTask(), trainable, {}, mesh, 48 * mesh.size, claimed_epsilon=0.5, delta=1e-6
+    )
     assert private["delta"] == 1e-6 and "delta_note" not in private and private["claimed_epsilon"] == 0.5
 
 
@@ -115,8 +117,12 @@ def _run_audit_job(tmp_path, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(
             "config",
-            overrides=[f"paths.output_dir={tmp_path}", f"dataset.data_dir={MNIST_DIR}", *SMALL_AUDIT_JOB,
-                       *overrides],
+            overrides=[
+                f"paths.output_dir={tmp_path}",
+                f"dataset.data_dir={MNIST_DIR}",
+                *SMALL_AUDIT_JOB,
+                *overrides,
+            ],
         )
     results = run(cfg)
     assert (tmp_path / "results.json").is_file()

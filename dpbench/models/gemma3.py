@@ -34,7 +34,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dpbench.models import gemma3_loading as loading
 from dpbench.models.base import ModelBundle
-from dpbench.models.gemma3_tokenizer import Gemma3Tokenizer
+from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
 from dpbench.models.lora import LoraSpec, dense, is_lora_param, lora_trainable
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -175,10 +175,13 @@ PRESETS: dict[str, Gemma3Config] = {
     "4b": _preset(262_208, 2560, 10_240, 34, 8, 4, 256, 1024, scale=8.0, max_pos=131_072),
     "12b": _preset(262_208, 3840, 15_360, 48, 16, 8, 256, 1024, scale=8.0, max_pos=131_072),
     "27b": _preset(262_208, 5376, 21_504, 62, 32, 16, 128, 1024, qpas=168, scale=8.0, max_pos=131_072),
-    # For tests and smoke runs: the real vocabulary (so the real tokenizer fits), everything else tiny;
-    # 6 layers so that layer 5 is global, a window of 16 so sequences outgrow it.
-    "tiny": _preset(262_144, 32, 64, 6, 2, 1, 16, 16, qpas=16),
+    # For tests and smoke runs: 6 layers so that layer 5 is global, a window of 16 so sequences
+    # outgrow it. "tiny" has the byte tokenizer's vocabulary (fast); "tiny_real_vocab" Gemma's, so
+    # the real tokenizer fits (its 262,144-row output layer dominates the tiny model's cost).
+    "tiny": _preset(Gemma3ByteTokenizer.vocab_size, 32, 64, 6, 2, 1, 16, 16, qpas=16),
+    "tiny_real_vocab": _preset(262_144, 32, 64, 6, 2, 1, 16, 16, qpas=16),
 }
+TOKENIZERS = ("checkpoint", "bytes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,7 +405,9 @@ class Gemma3ModelConfig:
     ``cache_dir``), or a hub id (only when the hub is reachable). ``preset`` (270m, 1b, 4b, 12b, 27b,
     tiny) is checked against the checkpoint's architecture; null takes the checkpoint's.
     ``random_init``: random weights of ``preset``; the checkpoint, if any, then only gives the tokenizer.
-    Frozen weights are stored in ``dtype`` (bfloat16 halves memory); LoRA factors stay float32.
+    ``tokenizer``: ``checkpoint`` (the checkpoint's, none without one) or ``bytes`` (``Gemma3ByteTokenizer``,
+    no file; for the tiny presets). Frozen weights are stored in ``dtype`` (bfloat16 halves memory);
+    LoRA factors stay float32.
     """
 
     arch: str = "gemma3"
@@ -414,6 +419,7 @@ class Gemma3ModelConfig:
     dtype: str = "float32"
     max_seq_len: int = 512  # longest input (prompt + target) the data code should build
     random_init: bool = False
+    tokenizer: str = "checkpoint"
     cache_dir: str = loading.DEFAULT_CACHE_DIR
 
 
@@ -430,6 +436,13 @@ def _validate(cfg) -> None:
         raise ValueError(f"model.lora_rank={cfg.lora_rank} must be >= 0 (0 = no LoRA)")
     if cfg.max_seq_len < 1:
         raise ValueError(f"model.max_seq_len={cfg.max_seq_len} must be >= 1")
+    if cfg.tokenizer not in TOKENIZERS:
+        raise ValueError(f"model.tokenizer={cfg.tokenizer!r} is not known; choose one of {list(TOKENIZERS)}")
+    if cfg.tokenizer == "bytes" and (not cfg.random_init or cfg.checkpoint is not None):
+        raise ValueError(
+            "model.tokenizer='bytes' is for random_init models without a checkpoint (set "
+            "model.random_init=true and model.checkpoint=null; a checkpoint brings its own tokenizer)"
+        )
 
 
 def _read_checkpoint(path: Path, load_weights: bool):
@@ -461,7 +474,8 @@ def _lora_params(module: Gemma3, rng: jax.Array, dummy) -> dict:
 def _random_weights(shapes: dict[tuple[str, ...], tuple[int, ...]], rng: jax.Array) -> dict:
     """HF's init (weights N(0, 0.02), norm scales 0), drawn on the host: compiling the model's
     init function takes seconds even for the tiny preset."""
-    gen = np.random.default_rng(np.asarray(jax.random.key_data(rng)).ravel().tolist())
+    bits = jax.random.key_data(rng) if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else rng
+    gen = np.random.default_rng(np.asarray(bits).ravel().tolist())
     return {
         path: np.zeros(shape, np.float32)
         if path[-1] == "scale"
@@ -493,6 +507,9 @@ def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = F
         config = config or found  # a matching preset wins: GGUF stores eps etc. as float32
     else:
         source = f"random init ({cfg.preset})"
+    if cfg.tokenizer == "bytes":
+        tokenizer = Gemma3ByteTokenizer()
+        source = f"random init ({cfg.preset}); byte tokenizer"
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} ids, more than the model's {config.vocab_size}"

@@ -14,6 +14,9 @@ folder supplies it as ``tokenizer.json`` (read with the tokenizers library) or `
 - characters no piece covers fall back to the ``<0xNN>`` byte pieces (type 6).
 
 ``encode(text)`` prepends ``<bos>`` (Gemma adds no ``<eos>``); ``decode`` skips special tokens.
+
+``Gemma3ByteTokenizer`` needs no file: UTF-8 bytes after Gemma's special ids, for the tiny random
+model of tests and smoke runs (a 261-row embedding instead of 262,144 makes them fast).
 """
 
 from __future__ import annotations
@@ -195,3 +198,34 @@ def sentencepiece_bpe(pieces: list[str], scores: list[float], types: list[int]) 
         ]
     )
     return tok
+
+
+class Gemma3ByteTokenizer:
+    """UTF-8 bytes as tokens after Gemma's special ids: ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2,
+    ``<start_of_turn>`` 3, ``<end_of_turn>`` 4, byte ``b`` at ``b + 5``.
+
+    >>> tok = Gemma3ByteTokenizer()
+    >>> tok.encode("hi")
+    [2, 109, 110]
+    >>> tok.decode(tok.encode("héllo") + [tok.end_of_turn_id, tok.pad_id])
+    'héllo'
+    >>> tok.vocab_size
+    261
+    """
+
+    pad_id = 0
+    eos_id = 1
+    bos_id = 2
+    start_of_turn_id = 3
+    end_of_turn_id = 4
+    offset = 5
+    vocab_size = 256 + offset
+    source = "bytes (no file)"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [b + self.offset for b in text.encode("utf-8")]
+        return [self.bos_id, *ids] if add_special_tokens else ids
+
+    def decode(self, ids) -> str:
+        data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
+        return data.decode("utf-8", errors="replace")

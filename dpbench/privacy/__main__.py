@@ -49,8 +49,10 @@ def plan_rows(cfg: DictConfig) -> list[tuple[str, str]]:
         return rows
     sigma = mechanism.noise_multiplier
     epsilon = accounting.compute_epsilon(sampler, sigma, mechanism.steps, mechanism.delta, cfg.accountant)
-    source = "given (dp.noise_multiplier)" if cfg.dp.noise_multiplier is not None else (
-        f"calibrated to dp.epsilon={cfg.dp.epsilon:g}"
+    source = (
+        "given (dp.noise_multiplier)"
+        if cfg.dp.noise_multiplier is not None
+        else f"calibrated to dp.epsilon={cfg.dp.epsilon:g}"
     )
     accountant = cfg.accountant.name
     if cfg.accountant.name == "pld":

@@ -8,7 +8,8 @@ padded rows (``mask == False``) contribute exactly zero to every sum.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +23,9 @@ def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, values, 0))
 
 
-def per_example_grads(losses_fn: LossesFn, trainable: PyTree, batch: dict, *args) -> tuple[PyTree, jax.Array, dict]:
+def per_example_grads(
+    losses_fn: LossesFn, trainable: PyTree, batch: dict, *args
+) -> tuple[PyTree, jax.Array, dict]:
     """Gradients of each example's loss, stacked on a leading batch axis (vmap of grad)."""
 
     def one_example(params, example):
@@ -39,7 +42,10 @@ def per_example_grads(losses_fn: LossesFn, trainable: PyTree, batch: dict, *args
 
 def global_norms(stacked_grads: PyTree) -> jax.Array:
     """L2 norm over all parameters of each example's gradient: shape [B]."""
-    squares = [jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1) for g in jax.tree_util.tree_leaves(stacked_grads)]
+    squares = [
+        jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+        for g in jax.tree_util.tree_leaves(stacked_grads)
+    ]
     return jnp.sqrt(sum(squares))
 
 
@@ -65,7 +71,9 @@ def clipped_grad_sum(
     return grad_sum, stats
 
 
-def masked_grad_sum(losses_fn: LossesFn, trainable: PyTree, batch: dict, mask: jax.Array, *args) -> tuple[PyTree, dict]:
+def masked_grad_sum(
+    losses_fn: LossesFn, trainable: PyTree, batch: dict, mask: jax.Array, *args
+) -> tuple[PyTree, dict]:
     """Non-private: gradient of the summed loss over real rows (no per-example work)."""
 
     def summed_loss(params):

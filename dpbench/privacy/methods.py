@@ -50,5 +50,3 @@ def make_method(dp_cfg) -> GradientMethod:
     if dp_cfg.method == "ffa":
         return GradientMethod("ffa", clip_norm=float(dp_cfg.clip_norm), freezes_lora_a=True)
     raise ValueError(f"dp.method={dp_cfg.method!r} is not known; choose one of none, vanilla, ffa")
-
-

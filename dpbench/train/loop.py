@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,9 @@ class Trainer:
 
     def init(self, trainable: dict) -> TrainState:
         # A fresh copy: the update donates its buffers, and the caller may still hold ``trainable``.
-        copy = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=sharding.replicated(self.mesh))
+        copy = jax.jit(
+            lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=sharding.replicated(self.mesh)
+        )
         trainable = copy(trainable)
         opt_state = jax.jit(self.optimizer.init)(trainable)
         return TrainState(step=0, trainable=trainable, opt_state=opt_state)
@@ -109,12 +112,16 @@ class Trainer:
 
     def _update(self, trainable, opt_state, acc, key):
         grad_sum, stats = acc
-        grads = self.method.finalize(grad_sum, stats["count"], key, self.noise_multiplier, self.expected_batch_size)
+        grads = self.method.finalize(
+            grad_sum, stats["count"], key, self.noise_multiplier, self.expected_batch_size
+        )
         updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, stats
 
-    def logical_step(self, state: TrainState, frozen: dict, chunks: list[tuple[dict, np.ndarray]], key) -> dict:
+    def logical_step(
+        self, state: TrainState, frozen: dict, chunks: list[tuple[dict, np.ndarray]], key
+    ) -> dict:
         """Run one logical batch given as (host batch, mask) chunks; returns summed statistics."""
         acc = None
         for batch, mask in chunks:
@@ -130,7 +137,10 @@ class Trainer:
 
 def gather_chunks(arrays: dict[str, np.ndarray], indices: np.ndarray, physical_batch_size: int):
     """Host-side: the physical batches (arrays, mask) of one logical batch of example indices."""
-    return [({k: v[idx] for k, v in arrays.items()}, mask) for idx, mask in physical_batches(indices, physical_batch_size)]
+    return [
+        ({k: v[idx] for k, v in arrays.items()}, mask)
+        for idx, mask in physical_batches(indices, physical_batch_size)
+    ]
 
 
 @dataclasses.dataclass

@@ -19,7 +19,8 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     if num_devices is not None:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(
-                f"compute.num_devices={num_devices} but {len(devices)} device(s) are visible; choose 1..{len(devices)}"
+                f"compute.num_devices={num_devices} but {len(devices)} device(s) are visible; "
+                f"choose 1..{len(devices)}"
             )
         devices = devices[:num_devices]
     return Mesh(np.array(devices), (DATA_AXIS,))
