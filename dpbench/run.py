@@ -68,7 +68,8 @@ def _task_for(dataset: Dataset, bundle, cfg: DictConfig):
     if "dialogue" in dataset.train:
         from dpbench.train.summarization import SummarizationTask
 
-        return SummarizationTask(bundle, cfg.dataset, progress_bar=cfg.runner.progress_bar)
+        return SummarizationTask(bundle, cfg.dataset, progress_bar=cfg.runner.progress_bar,
+                                 train_summaries=dataset.train["summary"])
     from dpbench.train.tasks import ClassificationTask
 
     return ClassificationTask(bundle.apply_fn)
@@ -279,13 +280,9 @@ def run(cfg: DictConfig) -> dict:
     results["wall_seconds"] = time.perf_counter() - start
     results["config"] = config_dict
     path = loggers.write_results(cfg.paths.output_dir, results)
-    logger.summary(
-        {
-            k: results[k]
-            for k in ("metrics", "epsilon", "delta", "noise_multiplier", "steps")
-            if results[k] is not None
-        }
-    )
+    # W&B gets the same privacy claim (and audit) as results.json, for reviewers of a dashboard.
+    summary_keys = ("metrics", "epsilon", "delta", "noise_multiplier", "steps", "privacy", "audit", "data_source")
+    logger.summary({k: results[k] for k in summary_keys if results.get(k) is not None})
     logger.finish()
     log.info("results: %s", path)
     return results

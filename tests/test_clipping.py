@@ -1,5 +1,7 @@
 """Clipping, padding and noise: the properties the DP guarantee rests on."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,16 +46,17 @@ def clipped_sum(problem, indices, physical_size, clip=CLIP):
     """Sum of clipped gradients of the examples ``indices`` cut into padded physical batches."""
     losses_fn, params, data = problem
     total = None
+    clipped = jax.jit(functools.partial(clipping.clipped_grad_sum, losses_fn), static_argnums=3)
     for idx, mask in physical_batches(np.asarray(indices), physical_size):
         batch = {k: v[idx] for k, v in data.items()}
-        s, _ = clipping.clipped_grad_sum(losses_fn, params, batch, jnp.asarray(mask), clip)
+        s, _ = clipped(params, batch, jnp.asarray(mask), clip)
         total = s if total is None else jax.tree_util.tree_map(jnp.add, total, s)
     return total
 
 
 def test_each_clipped_gradient_has_norm_at_most_c(cnn_problem):
     losses_fn, params, data = cnn_problem
-    grads, _, _ = clipping.per_example_grads(losses_fn, params, data)
+    grads, _, _ = jax.jit(functools.partial(clipping.per_example_grads, losses_fn))(params, data)
     raw = clipping.global_norms(grads)
     assert float(raw.min()) > CLIP, "test needs gradients larger than C so that clipping acts"
     for i in range(4):
@@ -85,20 +88,18 @@ def test_padded_rows_contribute_exactly_zero(cnn_problem):
     losses_fn, params, data = cnn_problem
     batch = {k: v[:8].copy() for k, v in data.items()}
     mask = jnp.asarray([True] * 5 + [False] * 3)
-    reference, ref_stats = clipping.clipped_grad_sum(
-        losses_fn, params, {k: v[:5] for k, v in batch.items()}, jnp.ones(5, bool), CLIP
-    )
+    clipped = jax.jit(functools.partial(clipping.clipped_grad_sum, losses_fn), static_argnums=3)
+    unclipped = jax.jit(functools.partial(clipping.masked_grad_sum, losses_fn))
+    reference, ref_stats = clipped(params, {k: v[:5] for k, v in batch.items()}, jnp.ones(5, bool), CLIP)
     batch["image"][5:] = 1e3  # whatever sits in padded rows must not leak
-    padded, stats = clipping.clipped_grad_sum(losses_fn, params, batch, mask, CLIP)
+    padded, stats = clipped(params, batch, mask, CLIP)
     for a, b in zip(jax.tree_util.tree_leaves(reference), jax.tree_util.tree_leaves(padded)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert float(stats["count"]) == 5
     np.testing.assert_allclose(stats["loss_sum"], ref_stats["loss_sum"], rtol=1e-6)
     # The non-private method obeys the same rule.
-    np_ref, _ = clipping.masked_grad_sum(
-        losses_fn, params, {k: v[:5] for k, v in batch.items()}, jnp.ones(5, bool)
-    )
-    np_sum, np_stats = clipping.masked_grad_sum(losses_fn, params, batch, mask)
+    np_ref, _ = unclipped(params, {k: v[:5] for k, v in batch.items()}, jnp.ones(5, bool))
+    np_sum, np_stats = unclipped(params, batch, mask)
     for a, b in zip(jax.tree_util.tree_leaves(np_ref), jax.tree_util.tree_leaves(np_sum)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     assert float(np_stats["count"]) == 5

@@ -464,7 +464,9 @@ def test_byte_tokenizer_refuses_a_checkpoint():
             jax.random.key(0),
         )
     with pytest.raises(ValueError, match="model.tokenizer='sentencepiece' is not known"):
-        build_gemma3(Gemma3ModelConfig(preset="tiny", random_init=True, tokenizer="sentencepiece"), jax.random.key(0))
+        build_gemma3(
+            Gemma3ModelConfig(preset="tiny", random_init=True, tokenizer="sentencepiece"), jax.random.key(0)
+        )
 
 
 @pytest.mark.slow

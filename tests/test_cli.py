@@ -1,0 +1,63 @@
+"""The command line: a tiny end-to-end job, W&B offline files, and a 4-job multirun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.compose import SHARED
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_CLI = [
+    f"dataset.data_dir={SHARED}/data/mnist",
+    "dataset.max_train_examples=256",
+    "dataset.max_eval_examples=64",
+    "runner.steps=3",
+    "runner.eval_every=2",
+    "runner.batch_size=32",
+    "compute.physical_batch_size=16",
+    "compute.eval_batch_size=64",
+    "runner.progress_bar=false",
+]
+
+
+def dpbench(*args, timeout=600):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dpbench", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_cli_run_writes_results_and_an_offline_wandb_run(tmp_path):
+    done = dpbench(*TINY_CLI, "logger=wandb", f"hydra.run.dir={tmp_path}")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["steps"] == 3 and results["method"] == "vanilla"
+    assert 0 < results["epsilon"] <= 1.0 and results["noise_multiplier"] > 0
+    assert results["data_source"].startswith("idx:") and "subset" in results["data_source"]
+    assert [h["step"] for h in results["history"]] == [2, 3]
+    assert results["privacy"]["mechanism"]["logical_steps"] == 3
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and any(offline_runs[0].glob("*.wandb"))
+    assert "privacy: (ε=" in done.stderr + done.stdout
+
+
+def test_help_lists_the_config_groups():
+    out = dpbench("--help").stdout
+    for group in ("dataset", "model", "dp", "accountant", "optimizer", "runner", "logger", "experiment"):
+        assert f"{group}:" in out
+
+
+@pytest.mark.slow
+def test_multirun_gives_one_results_file_per_job(tmp_path):
+    dpbench("-m", *TINY_CLI, "logger=none", "dp.epsilon=1,8", "runner.seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
+    assert len(results) == 4
+    settings = {(r["config"]["dp"]["epsilon"], r["config"]["runner"]["seed"]) for r in results}
+    assert settings == {(1.0, 0), (1.0, 1), (8.0, 0), (8.0, 1)}
+    for r in results:
+        assert r["epsilon"] <= r["config"]["dp"]["epsilon"]

@@ -1,0 +1,107 @@
+"""Every DP method on a LoRA encoder: sensitivity <= C, FFA keeps A bit-identical, the budget holds."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax.traverse_util import flatten_dict, unflatten_dict
+from omegaconf import OmegaConf
+
+from dpbench.data import text
+from dpbench.data.sampling import PoissonSampler
+from dpbench.models.encoder import build_encoder
+from dpbench.privacy.methods import GradientMethod, make_method
+from dpbench.train import sharding
+from dpbench.train.loop import LoopCallbacks, Trainer, gather_chunks, split_params, train_loop
+from dpbench.train.tasks import ClassificationTask
+from tests.compose import compose_config
+
+CLIP = 0.05
+SENTENCES = [f"sentence number {i} is {'good' if i % 2 else 'bad'}" for i in range(11)]
+
+
+def encoder_problem(freeze_a: bool):
+    cfg = compose_config(["model=tiny_encoder"]).model
+    bundle = build_encoder(cfg, jax.random.PRNGKey(0), freeze_lora_a=freeze_a)
+    # LoRA B starts at zero; perturb it so every trainable factor gets a non-zero gradient.
+    flat = flatten_dict(bundle.params)
+    key = jax.random.PRNGKey(1)
+    params = {
+        path: (value + 0.1 * jax.random.normal(jax.random.fold_in(key, i), value.shape))
+        if path[-1] == "lora_b"
+        else value
+        for i, (path, value) in enumerate(sorted(flat.items()))
+    }
+    trainable, frozen = split_params(unflatten_dict(params), bundle.is_trainable)
+    arrays, _ = text.tokenize_classification(SENTENCES, np.arange(11) % 2, bundle.tokenizer, 24)
+    task = ClassificationTask(bundle.apply_fn)
+    return task, trainable, frozen, arrays
+
+
+def summed(method, task, trainable, frozen, arrays, indices, physical):
+    total = None
+    grad_sum = jax.jit(functools.partial(method.grad_sum, task.losses_fn))
+    for batch, mask in gather_chunks(arrays, np.asarray(indices), physical):
+        g, _ = grad_sum(trainable, batch, jnp.asarray(mask), frozen)
+        total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
+    return total
+
+
+def norm(tree):
+    return float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(tree))))
+
+
+@pytest.mark.parametrize("method_name", ["vanilla", "ffa"])
+@pytest.mark.parametrize("removed", [3, 10])  # 10 sits in the last, padded physical batch
+def test_sensitivity_at_most_c_for_every_method(method_name, removed):
+    method = make_method(OmegaConf.create({"method": method_name, "clip_norm": CLIP}))
+    task, trainable, frozen, arrays = encoder_problem(method.freezes_lora_a)
+    full = list(range(11))
+    with_all = summed(method, task, trainable, frozen, arrays, full, 4)
+    without = summed(method, task, trainable, frozen, arrays, [i for i in full if i != removed], 4)
+    diff = norm(jax.tree_util.tree_map(jnp.subtract, with_all, without))
+    assert 0.5 * CLIP < diff <= CLIP * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("method_name", ["vanilla", "ffa"])
+def test_trainable_sets_and_ffa_keeps_a_bit_identical(method_name):
+    method = make_method(OmegaConf.create({"method": method_name, "clip_norm": CLIP}))
+    task, trainable, frozen, arrays = encoder_problem(method.freezes_lora_a)
+    names = {path[-1] for path in trainable}
+    if method_name == "ffa":
+        assert "lora_a" not in names and "lora_b" in names
+        assert any(path[-1] == "lora_a" for path in frozen)
+    else:
+        assert {"lora_a", "lora_b"} <= names
+    assert all(p[-1] in ("lora_a", "lora_b") or "classifier" in p for p in trainable)
+    frozen_before = jax.tree_util.tree_map(np.asarray, frozen)
+    mesh = sharding.make_mesh(1)
+    trainer = Trainer(task.losses_fn, method, optax.sgd(0.5), mesh, noise_multiplier=0.0, expected_batch_size=8)
+    state = trainer.init(trainable)
+    before = jax.tree_util.tree_map(np.asarray, state.trainable)
+    for step in range(2):
+        trainer.logical_step(state, frozen, gather_chunks(arrays, np.arange(8), 4), jax.random.PRNGKey(step))
+    for path, value in frozen.items():  # frozen (incl. FFA's A) is never touched
+        np.testing.assert_array_equal(np.asarray(value), frozen_before[path])
+    moved = {p[-1] for p, v in state.trainable.items() if not np.array_equal(np.asarray(v), before[p])}
+    assert "lora_b" in moved and ("lora_a" in moved) == (method_name == "vanilla")
+
+
+def test_training_past_the_budget_raises():
+    from dpbench.privacy.accounting import AccountantConfig, EpsilonTracker
+
+    task, trainable, frozen, arrays = encoder_problem(False)
+    sampler = PoissonSampler(11, 4, seed=0)
+    tracker = EpsilonTracker(sampler, 1.0, 1e-5, AccountantConfig(name="rdp"), budgeted_steps=2)
+    method = GradientMethod("vanilla", clip_norm=CLIP)
+    trainer = Trainer(task.losses_fn, method, optax.sgd(0.1), sharding.make_mesh(1), 1.0, 4)
+    state = trainer.init(trainable)
+    callbacks = LoopCallbacks(
+        evaluate=lambda step: {}, epsilon_at=tracker.epsilon_at, log=lambda r, s: None, check_budget=tracker.check_step
+    )
+    with pytest.raises(RuntimeError, match="2"):
+        train_loop(trainer, state, frozen, arrays, sampler, 3, 4, jax.random.PRNGKey(0), 0, callbacks, False)
+    assert state.step == 2  # the two budgeted steps ran, the third was refused before any noise draw
