@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from typing import Any
@@ -68,8 +69,12 @@ def _task_for(dataset: Dataset, bundle, cfg: DictConfig):
     if "dialogue" in dataset.train:
         from dpbench.train.summarization import SummarizationTask
 
-        return SummarizationTask(bundle, cfg.dataset, progress_bar=cfg.runner.progress_bar,
-                                 train_summaries=dataset.train["summary"])
+        return SummarizationTask(
+            bundle,
+            cfg.dataset,
+            progress_bar=cfg.runner.progress_bar,
+            train_summaries=dataset.train["summary"],
+        )
     from dpbench.train.tasks import ClassificationTask
 
     return ClassificationTask(bundle.apply_fn)
@@ -258,6 +263,7 @@ def run(cfg: DictConfig) -> dict:
             mechanism.noise_multiplier,
             mechanism.steps,
         )
+        log.info("privacy claim (recomputable by hand): %s", json.dumps(results["privacy"], default=str))
     else:
         results.update(
             epsilon=None, delta=None, noise_multiplier=None, privacy={"mechanism": "none (non-private)"}
@@ -281,7 +287,16 @@ def run(cfg: DictConfig) -> dict:
     results["config"] = config_dict
     path = loggers.write_results(cfg.paths.output_dir, results)
     # W&B gets the same privacy claim (and audit) as results.json, for reviewers of a dashboard.
-    summary_keys = ("metrics", "epsilon", "delta", "noise_multiplier", "steps", "privacy", "audit", "data_source")
+    summary_keys = (
+        "metrics",
+        "epsilon",
+        "delta",
+        "noise_multiplier",
+        "steps",
+        "privacy",
+        "audit",
+        "data_source",
+    )
     logger.summary({k: results[k] for k in summary_keys if results.get(k) is not None})
     logger.finish()
     log.info("results: %s", path)
