@@ -173,6 +173,7 @@ def train_loop(
     epsilon = callbacks.epsilon_at(0)
     bar = tqdm(total=num_steps, disable=not progress_bar, desc="train", dynamic_ncols=True)
     window_examples, window_start = 0, time.perf_counter()
+    epsilon_every = 10 * max(1, num_steps // 500)  # a multiple of the 10-step logging cadence
     for _ in range(num_steps):
         step = state.step + 1
         callbacks.check_budget(step)
@@ -195,7 +196,8 @@ def train_loop(
             if "clipped_fraction_sum" in stats:
                 record["train/clipped_fraction"] = float(stats["clipped_fraction_sum"]) / count
                 record["train/grad_norm"] = float(stats["grad_norm_sum"]) / count
-            if is_eval or step == num_steps:
+            # ε spent so far, at every evaluation and about 50 times a run (PLD takes up to ~1 s).
+            if is_eval or step == num_steps or step % epsilon_every == 0:
                 epsilon = callbacks.epsilon_at(step)
                 if epsilon is not None:
                     record["privacy/epsilon"] = epsilon
