@@ -137,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
     if cfg.audit.name == "canary":
         from dpbench.privacy.audit_run import CanaryAudit
 
-        audit = CanaryAudit(cfg.audit, train_arrays)
+        audit = CanaryAudit(cfg.audit, train_arrays, num_classes=dataset.info.get("num_classes"))
         train_arrays = audit.train_arrays
         log.info("audit: %s", audit.describe())
 
