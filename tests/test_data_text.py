@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from dpbench.data.text import (
     tokenize_classification,
 )
 
-SHARED = "/work/shared"
+SHARED = str(Path(__file__).resolve().parents[2] / "shared")  # ../shared beside the checkout
 SST2_RT = f"{SHARED}/data/sst2-rt"
 ACLSUM = f"{SHARED}/data/samsum-aclsum"
 

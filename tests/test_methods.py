@@ -79,7 +79,9 @@ def test_trainable_sets_and_ffa_keeps_a_bit_identical(method_name):
     assert all(p[-1] in ("lora_a", "lora_b") or "classifier" in p for p in trainable)
     frozen_before = jax.tree_util.tree_map(np.asarray, frozen)
     mesh = sharding.make_mesh(1)
-    trainer = Trainer(task.losses_fn, method, optax.sgd(0.5), mesh, noise_multiplier=0.0, expected_batch_size=8)
+    trainer = Trainer(
+        task.losses_fn, method, optax.sgd(0.5), mesh, noise_multiplier=0.0, expected_batch_size=8
+    )
     state = trainer.init(trainable)
     before = jax.tree_util.tree_map(np.asarray, state.trainable)
     for step in range(2):
@@ -100,7 +102,10 @@ def test_training_past_the_budget_raises():
     trainer = Trainer(task.losses_fn, method, optax.sgd(0.1), sharding.make_mesh(1), 1.0, 4)
     state = trainer.init(trainable)
     callbacks = LoopCallbacks(
-        evaluate=lambda step: {}, epsilon_at=tracker.epsilon_at, log=lambda r, s: None, check_budget=tracker.check_step
+        evaluate=lambda step: {},
+        epsilon_at=tracker.epsilon_at,
+        log=lambda r, s: None,
+        check_budget=tracker.check_step,
     )
     with pytest.raises(RuntimeError, match="2"):
         train_loop(trainer, state, frozen, arrays, sampler, 3, 4, jax.random.PRNGKey(0), 0, callbacks, False)

@@ -76,14 +76,16 @@ class Trainer:
             lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=sharding.replicated(self.mesh)
         )
         trainable = copy(trainable)
-        opt_state = jax.jit(self.optimizer.init)(trainable)
+        # Replicated outputs from the start, so the step functions compile once (not again at step 2).
+        opt_state = jax.jit(self.optimizer.init, out_shardings=sharding.replicated(self.mesh))(trainable)
         return TrainState(step=0, trainable=trainable, opt_state=opt_state)
 
     def zero_accumulator(self, trainable: dict, frozen: dict, batch: dict, mask: jax.Array) -> tuple:
         """Zeros shaped like one physical batch's (gradient sum, statistics)."""
         if self._acc_shapes is None:
             self._acc_shapes = jax.eval_shape(self._global_grad_sum, trainable, frozen, batch, mask)
-        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self._acc_shapes)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self._acc_shapes)
+        return sharding.put_replicated(zeros, self.mesh)
 
     def _global_grad_sum(self, trainable, frozen, batch, mask):
         """Each device sums its shard of the physical batch; one psum makes the global sum.

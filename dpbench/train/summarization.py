@@ -13,6 +13,8 @@ is most of the forward FLOPs, and summaries are a fraction of each sequence.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -71,9 +73,16 @@ def target_positions(loss_mask: jax.Array, count: int) -> tuple[jax.Array, jax.A
     return positions, jnp.take_along_axis(predicts_target, positions, axis=1)
 
 
-def max_response_tokens(summaries, tokenizer, max_length: int) -> int:
+def max_response_tokens(summaries: Sequence[str], tokenizer, max_length: int) -> int:
     """The most loss tokens any training sequence of ``text.build_lm_examples`` can hold: the longest
-    tokenised summary plus eos, at most ``max_length - 1`` (the first token is never a target)."""
+    tokenised summary plus eos, at most ``max_length - 1`` (the first token is never a target).
+
+    >>> from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer
+    >>> max_response_tokens(["hi", "hello"], Gemma3ByteTokenizer(), max_length=512)
+    6
+    >>> max_response_tokens(["hello"], Gemma3ByteTokenizer(), max_length=4)
+    3
+    """
     eos = 0 if tokenizer.eos_id is None else 1
     longest = max((len(tokenizer.encode(str(s), add_special_tokens=False)) for s in summaries), default=0)
     return max(1, min(longest + eos, max_length - 1))
@@ -95,7 +104,7 @@ class SummarizationTask:
         dataset_cfg,
         progress_bar: bool = True,
         num_samples: int = 5,
-        train_summaries=None,
+        train_summaries: Sequence[str] | None = None,
     ):
         self.apply_fn = bundle.apply_fn
         self.module = bundle.module
