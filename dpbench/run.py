@@ -34,7 +34,6 @@ class Mechanism:
     steps: int
     noise_multiplier: float | None  # None for dp.method=none
     delta: float | None
-    target_epsilon: float | None
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -54,14 +53,14 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
     sampler = sampling.make_sampler(cfg.dp.sampler, num_examples, cfg.runner.batch_size, cfg.runner.seed)
     steps = cfg.runner.steps if cfg.runner.steps is not None else sampler.steps_for_epochs(cfg.runner.epochs)
     if cfg.dp.method == "none":
-        return Mechanism(sampler, steps, None, None, None)
+        return Mechanism(sampler, steps, None, None)
     accounting.check_supported(sampler, cfg.accountant)
     delta = config_lib.resolve_delta(cfg, num_examples)
     if cfg.dp.noise_multiplier is not None:
         sigma = float(cfg.dp.noise_multiplier)
     else:
         sigma = accounting.calibrate_noise_multiplier(sampler, steps, cfg.dp.epsilon, delta, cfg.accountant)
-    return Mechanism(sampler, steps, sigma, delta, cfg.dp.epsilon)
+    return Mechanism(sampler, steps, sigma, delta)
 
 
 def _task_for(dataset: Dataset, bundle, cfg: DictConfig):

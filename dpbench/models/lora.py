@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -103,7 +102,3 @@ def merge_lora(params: Any, scale: float) -> Any:
             value = value + scale * jnp.dot(a, b)
         merged[path] = value
     return unflatten_dict(merged)
-
-
-def count_params(params: Any) -> int:
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
