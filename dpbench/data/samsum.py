@@ -7,7 +7,6 @@ evaluation ``test.json`` (eval split "test"); ``val.json`` is not needed by the 
 from __future__ import annotations
 
 import json
-import logging
 from typing import Any
 
 import numpy as np
@@ -15,14 +14,12 @@ import numpy as np
 from dpbench.data.base import Dataset
 from dpbench.data.schema import (
     apply_limits,
+    choose_source,
     load_tfds_numpy,
-    require_data_dir,
     require_file,
     string_array,
     validate_config,
 )
-
-log = logging.getLogger(__name__)
 
 FIELDS = ("id", "dialogue", "summary")
 EXPECTED_FILES = (
@@ -86,21 +83,12 @@ def load_samsum(cfg: Any) -> Dataset:
     validate_config(cfg)
     if cfg.name != "samsum":
         raise ValueError(f"load_samsum got dataset.name={cfg.name!r}")
-    skipped: list[str] = []
-    if cfg.source == "json" or (cfg.source == "auto" and cfg.data_dir is not None):
-        train, test, source = load_json(require_data_dir(cfg, EXPECTED_FILES))
-    elif cfg.source == "tfds":
-        train, test, source = load_tfds(download=True)
-    else:  # auto without a usable data_dir
-        skipped.append("json: dataset.data_dir is not set")
-        try:
-            train, test, source = load_tfds(download=False)
-        except RuntimeError as error:
-            raise FileNotFoundError(
-                f"No SAMSum source worked: set dataset.data_dir to a folder with {EXPECTED_FILES}. "
-                f"Tried: {skipped[0]} | {error}"
-            ) from error
-        log.warning("SAMSum source=auto chose %s; skipped: %s", source, skipped[0])
+    train, test, source, skipped = choose_source(
+        cfg,
+        expected=EXPECTED_FILES,
+        load_files=load_json,
+        load_tfds=load_tfds,
+    )
     info = {"auto_skipped": skipped}
     dataset = Dataset(
         name=cfg.display_name, source=source, train=train, eval=test, eval_split="test", info=info

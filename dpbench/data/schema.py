@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,6 +116,50 @@ def load_tfds_numpy(name: str, splits: Sequence[str], download: bool) -> list[di
             "dataset already prepared under TFDS_DATA_DIR (default ~/tensorflow_datasets); offline, "
             "use the dataset's file source with dataset.data_dir instead"
         ) from error
+
+
+Splits = tuple[dict, dict, str]  # train split, evaluation split, source description
+
+
+def choose_source(
+    cfg: Any,
+    *,
+    expected: str,
+    load_files: Callable[[str], Splits],
+    load_tfds: Callable[[bool], Splits],
+    others: Mapping[str, Callable[[], Splits]] | None = None,
+    offline_fallback: str | None = None,
+) -> tuple[dict, dict, str, list[str]]:
+    """Load the source ``cfg.source`` names; returns train, eval, source and the sources skipped.
+
+    The file source (the first non-"auto" entry of ``ALLOWED_SOURCES``) reads ``cfg.data_dir``;
+    "tfds" may download; ``others`` are further named sources. ``source=auto`` never swaps the data
+    asked for: a set ``data_dir`` must exist and is read; without one it tries TFDS without
+    downloading, then ``offline_fallback`` (a key of ``others``) if given, and logs what it chose.
+    """
+    others = dict(others or {})
+    file_source = ALLOWED_SOURCES[cfg.name][1]
+    if cfg.source == file_source or (cfg.source == "auto" and cfg.data_dir is not None):
+        return (*load_files(require_data_dir(cfg, expected)), [])
+    if cfg.source == "tfds":
+        return (*load_tfds(True), [])
+    if cfg.source in others:
+        return (*others[cfg.source](), [])
+    if cfg.source != "auto":
+        raise ValueError(f"dataset.source={cfg.source!r} has no loader for {cfg.name}")
+    skipped = [f"{file_source}: dataset.data_dir is not set"]
+    try:
+        train, evaluation, source = load_tfds(False)
+    except RuntimeError as error:
+        skipped.append(str(error))
+        if offline_fallback is None:
+            raise FileNotFoundError(
+                f"No {cfg.display_name} source worked: set dataset.data_dir to a folder with {expected}. "
+                f"Tried: {' | '.join(skipped)}"
+            ) from error
+        train, evaluation, source = others[offline_fallback]()
+    log.warning("%s source=auto chose %s; skipped: %s", cfg.display_name, source, " | ".join(skipped))
+    return train, evaluation, source, skipped
 
 
 def subset_split(split: dict[str, np.ndarray], limit: int | None, rng: np.random.Generator) -> dict:

@@ -6,7 +6,6 @@ labels, so evaluation uses the dev split ("validation").
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -14,14 +13,12 @@ import numpy as np
 from dpbench.data.base import Dataset
 from dpbench.data.schema import (
     apply_limits,
+    choose_source,
     load_tfds_numpy,
-    require_data_dir,
     require_file,
     string_array,
     validate_config,
 )
-
-log = logging.getLogger(__name__)
 
 NUM_CLASSES = 2
 EXPECTED_FILES = "GLUE SST-2 files train.tsv and dev.tsv (header 'sentence<TAB>label')"
@@ -74,21 +71,12 @@ def load_sst2(cfg: Any) -> Dataset:
     validate_config(cfg)
     if cfg.name != "sst2":
         raise ValueError(f"load_sst2 got dataset.name={cfg.name!r}")
-    skipped: list[str] = []
-    if cfg.source == "tsv" or (cfg.source == "auto" and cfg.data_dir is not None):
-        train, dev, source = load_tsv(require_data_dir(cfg, EXPECTED_FILES))
-    elif cfg.source == "tfds":
-        train, dev, source = load_tfds(download=True)
-    else:  # auto without a usable data_dir
-        skipped.append("tsv: dataset.data_dir is not set")
-        try:
-            train, dev, source = load_tfds(download=False)
-        except RuntimeError as error:
-            raise FileNotFoundError(
-                f"No SST-2 source worked: set dataset.data_dir to a folder with {EXPECTED_FILES}. "
-                f"Tried: {skipped[0]} | {error}"
-            ) from error
-        log.warning("SST-2 source=auto chose %s; skipped: %s", source, skipped[0])
+    train, dev, source, skipped = choose_source(
+        cfg,
+        expected=EXPECTED_FILES,
+        load_files=load_tsv,
+        load_tfds=load_tfds,
+    )
     info = {
         "num_classes": NUM_CLASSES,
         "auto_skipped": skipped,
