@@ -111,6 +111,65 @@ def _run_name(cfg: DictConfig, dataset_name: str) -> str:
     return f"{dataset_name} | {cfg.model.arch} | {cfg.dp.method} | {eps} | seed{cfg.runner.seed}"
 
 
+def _epsilon_tracker(cfg: DictConfig, mechanism: Mechanism, clip_norm: float) -> accounting.EpsilonTracker:
+    log.info(
+        "noise multiplier σ=%.4f (noise std on the clipped sum σC=%.4g), δ=%.3g",
+        mechanism.noise_multiplier,
+        mechanism.noise_multiplier * clip_norm,
+        mechanism.delta,
+    )
+    return accounting.EpsilonTracker(
+        mechanism.sampler,
+        mechanism.noise_multiplier,
+        mechanism.delta,
+        cfg.accountant,
+        budgeted_steps=mechanism.steps,
+    )
+
+
+def _privacy_results(
+    cfg: DictConfig, mechanism: Mechanism, clip_norm: float, tracker: accounting.EpsilonTracker | None
+) -> dict:
+    """The final (ε, δ) claim with everything needed to recompute it; refuses a claim above target."""
+    if tracker is None:
+        return {
+            "epsilon": None,
+            "delta": None,
+            "noise_multiplier": None,
+            "privacy": {"mechanism": "none (non-private)"},
+        }
+    epsilon = tracker.epsilon_at(mechanism.steps)
+    if cfg.dp.epsilon is not None and epsilon > cfg.dp.epsilon * (1 + 1e-9):
+        raise RuntimeError(f"ε spent {epsilon} exceeds the target dp.epsilon={cfg.dp.epsilon}")
+    privacy = accounting.privacy_summary(
+        mechanism.sampler,
+        mechanism.noise_multiplier,
+        mechanism.steps,
+        mechanism.delta,
+        clip_norm,
+        cfg.accountant,
+        epsilon,
+    )
+    log.info(
+        "privacy: (ε=%.4f, δ=%.3g) with σ=%.4f over %d logical steps",
+        epsilon,
+        mechanism.delta,
+        mechanism.noise_multiplier,
+        mechanism.steps,
+    )
+    log.info("privacy claim (recomputable by hand): %s", json.dumps(privacy, default=str))
+    return {
+        "epsilon": epsilon,
+        "delta": mechanism.delta,
+        "noise_multiplier": mechanism.noise_multiplier,
+        "privacy": privacy,
+    }
+
+
+# results.json keys also written to the W&B run summary.
+SUMMARY_KEYS = ("metrics", "epsilon", "delta", "noise_multiplier", "steps", "privacy", "audit", "data_source")
+
+
 def run(cfg: DictConfig) -> dict:
     """Train and evaluate one configuration; write results.json; return its metrics."""
     start = time.perf_counter()
@@ -151,23 +210,9 @@ def run(cfg: DictConfig) -> dict:
         mechanism.steps,
         mechanism.sampler.describe(),
     )
-    if method.private:
-        log.info(
-            "noise multiplier σ=%.4f (noise std on the clipped sum σC=%.4g), δ=%.3g",
-            mechanism.noise_multiplier,
-            mechanism.noise_multiplier * method.clip_norm,
-            mechanism.delta,
-        )
-        tracker = accounting.EpsilonTracker(
-            mechanism.sampler,
-            mechanism.noise_multiplier,
-            mechanism.delta,
-            cfg.accountant,
-            budgeted_steps=mechanism.steps,
-        )
-        epsilon_at, check_budget = tracker.epsilon_at, tracker.check_step
-    else:
-        epsilon_at, check_budget = (lambda step: None), (lambda step: None)
+    tracker = _epsilon_tracker(cfg, mechanism, method.clip_norm) if method.private else None
+    epsilon_at = tracker.epsilon_at if tracker else (lambda step: None)
+    check_budget = tracker.check_step if tracker else (lambda step: None)
 
     task = _task_for(dataset, bundle, cfg)
     trainable, frozen = split_params(bundle.params, bundle.is_trainable)
@@ -241,32 +286,7 @@ def run(cfg: DictConfig) -> dict:
         results["baseline_metrics"] = baseline
     if getattr(task, "samples", None):
         results["samples"] = task.samples
-    if method.private:
-        epsilon = tracker.epsilon_at(mechanism.steps)
-        if cfg.dp.epsilon is not None and epsilon > cfg.dp.epsilon * (1 + 1e-9):
-            raise RuntimeError(f"ε spent {epsilon} exceeds the target dp.epsilon={cfg.dp.epsilon}")
-        results.update(epsilon=epsilon, delta=mechanism.delta, noise_multiplier=mechanism.noise_multiplier)
-        results["privacy"] = accounting.privacy_summary(
-            mechanism.sampler,
-            mechanism.noise_multiplier,
-            mechanism.steps,
-            mechanism.delta,
-            method.clip_norm,
-            cfg.accountant,
-            epsilon,
-        )
-        log.info(
-            "privacy: (ε=%.4f, δ=%.3g) with σ=%.4f over %d logical steps",
-            epsilon,
-            mechanism.delta,
-            mechanism.noise_multiplier,
-            mechanism.steps,
-        )
-        log.info("privacy claim (recomputable by hand): %s", json.dumps(results["privacy"], default=str))
-    else:
-        results.update(
-            epsilon=None, delta=None, noise_multiplier=None, privacy={"mechanism": "none (non-private)"}
-        )
+    results.update(_privacy_results(cfg, mechanism, method.clip_norm, tracker))
     if audit is not None:
         results["audit"] = audit.evaluate(
             task,
@@ -286,17 +306,7 @@ def run(cfg: DictConfig) -> dict:
     results["config"] = config_dict
     path = loggers.write_results(cfg.paths.output_dir, results)
     # W&B gets the same privacy claim (and audit) as results.json, for reviewers of a dashboard.
-    summary_keys = (
-        "metrics",
-        "epsilon",
-        "delta",
-        "noise_multiplier",
-        "steps",
-        "privacy",
-        "audit",
-        "data_source",
-    )
-    logger.summary({k: results[k] for k in summary_keys if results.get(k) is not None})
+    logger.summary({k: results[k] for k in SUMMARY_KEYS if results.get(k) is not None})
     logger.finish()
     log.info("results: %s", path)
     return results
