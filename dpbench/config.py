@@ -19,6 +19,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from dpbench.data.roots import register_resolvers
 from dpbench.data.schema import DatasetConfig
 from dpbench.models.cnn import CNNModelConfig
 from dpbench.models.encoder import EncoderModelConfig
@@ -101,12 +102,13 @@ class AuditConfig:
 
 @dataclasses.dataclass
 class PathsConfig:
-    shared: str = "../shared"
+    data_root: str | None = None  # ${dpbench_data_root:}: $DPBENCH_DATA, else ../shared/data if present
     output_dir: str = "outputs/manual"
 
 
 def register_configs() -> None:
     """Put every schema into Hydra's ConfigStore (idempotent)."""
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(group="dataset", name="dataset_schema", node=DatasetConfig)
     cs.store(group="model", name="cnn_schema", node=CNNModelConfig)

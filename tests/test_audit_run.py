@@ -1,6 +1,5 @@
 """audit=canary: canaries join the training set, are scored through the task, and yield a sound ε bound."""
 
-import os
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -12,11 +11,11 @@ from dpbench import config
 from dpbench.privacy.audit import epsilon_lower_bound
 from dpbench.privacy.audit_run import NONPRIVATE_AUDIT_DELTA, CanaryAudit
 from dpbench.train import sharding
+from tests.compose import FULL_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
-SHARED = Path(os.environ.get("DPBENCH_SHARED", REPO.parent / "shared"))
-MNIST_DIR = SHARED / "data" / "mnist"
+MNIST_DIR = FULL_DATA / "mnist"
 
 
 def _fake_images(n: int, num_classes: int, seed: int) -> dict[str, np.ndarray]:

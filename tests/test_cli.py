@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.compose import SHARED
+from tests.compose import FIXTURE_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CLI = [
-    f"dataset.data_dir={SHARED}/data/mnist",
+    f"dataset.data_dir={FIXTURE_DATA}/mnist",
     "dataset.max_train_examples=256",
     "dataset.max_eval_examples=64",
     "runner.steps=3",

