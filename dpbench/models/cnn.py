@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from dpbench.models.base import ModelBundle
+from dpbench.models.layers import Conv, LoRADense
 
 
 @dataclasses.dataclass
@@ -25,13 +26,13 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Conv(32, (3, 3))(x)
+        x = Conv(32, (3, 3), name="Conv_0")(x)
         x = nn.avg_pool(nn.relu(x), (2, 2), strides=(2, 2))
-        x = nn.Conv(64, (3, 3))(x)
+        x = Conv(64, (3, 3), name="Conv_1")(x)
         x = nn.avg_pool(nn.relu(x), (2, 2), strides=(2, 2))
         x = x.reshape(x.shape[:-3] + (-1,))
-        x = nn.relu(nn.Dense(256)(x))
-        return nn.Dense(self.num_classes)(x)
+        x = nn.relu(LoRADense(256, name="Dense_0")(x))
+        return LoRADense(self.num_classes, name="Dense_1")(x)
 
 
 def build_cnn(cfg: CNNModelConfig, rng: jax.Array, freeze_lora_a: bool = False) -> ModelBundle:

@@ -27,6 +27,7 @@ from dpbench.models.base import ModelBundle
 from dpbench.models.checkpoints import hub_snapshot, weights_package
 from dpbench.models.hf_encoder import FAMILIES, EncoderArch, load_hf_encoder
 from dpbench.models.hf_tokenizer import ByteTokenizer, HFTokenizer
+from dpbench.models.layers import Embed, LayerNorm
 from dpbench.models.lora import LoraSpec, dense, is_lora_param, lora_trainable
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -95,12 +96,12 @@ class Embeddings(nn.Module):
         a = self.arch
 
         def embed(num: int, name: str):
-            return nn.Embed(num, a.hidden_size, embedding_init=_INIT, name=name)
+            return Embed(num, a.hidden_size, embedding_init=_INIT, name=name)
 
         x = embed(a.vocab_size, "word_embeddings")(input_ids)
         x = x + embed(a.max_position_embeddings, "position_embeddings")(position_ids(input_ids, a))
         x = x + embed(a.type_vocab_size, "token_type_embeddings")(token_type_ids)
-        x = nn.LayerNorm(epsilon=a.layer_norm_eps, dtype=self.dtype, name="norm")(x)
+        x = LayerNorm(epsilon=a.layer_norm_eps, dtype=self.dtype, name="norm")(x)
         return nn.Dropout(self.dropout_rate)(x, deterministic=deterministic)
 
 
@@ -149,7 +150,7 @@ class EncoderLayer(nn.Module):
             return dense(self.lora, f"{path}/{name}", features, dtype=self.dtype, kernel_init=_INIT)
 
         def norm(name: str):
-            return nn.LayerNorm(epsilon=a.layer_norm_eps, dtype=self.dtype, name=name)
+            return LayerNorm(epsilon=a.layer_norm_eps, dtype=self.dtype, name=name)
 
         drop = functools.partial(nn.Dropout(self.dropout_rate), deterministic=deterministic)
         h = SelfAttention(a, self.index, self.lora, self.dtype, self.dropout_rate, name="attention")(

@@ -35,6 +35,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from dpbench.models import gemma3_loading as loading
 from dpbench.models.base import ModelBundle
 from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
+from dpbench.models.layers import Embed, RMSNorm, attend
 from dpbench.models.lora import LoraSpec, dense, is_lora_param, lora_trainable
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -42,6 +43,7 @@ SLIDING, GLOBAL = "sliding_attention", "full_attention"
 ACTIVATIONS = {"gelu_pytorch_tanh": True, "gelu": False}  # name -> tanh approximation
 _MASKED = -1e30  # finite, so a fully masked (padding) query row gives no NaN
 _INIT = nn.initializers.normal(stddev=0.02)  # HF initializer_range
+EMBEDDING_PATH = ("embed_tokens", "embedding")  # tied: the input embedding is also the output layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,17 +190,6 @@ TOKENIZERS = ("checkpoint", "bytes")
 # Layers
 
 
-class RMSNorm(nn.Module):
-    eps: float = 1e-6
-
-    @nn.compact
-    def __call__(self, x):
-        scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)  # (x * w).to(dtype), as HF
-
-
 def rope(x: jax.Array, positions: jax.Array, base: float, scale: float) -> jax.Array:
     """Rotary embedding of ``x [B, T, heads, head_dim]`` (HF's rotate-half convention)."""
     half = x.shape[-1] // 2
@@ -317,10 +308,16 @@ class DecoderLayer(nn.Module):
         return x + RMSNorm(c.rms_norm_eps, name="post_feedforward_layernorm")(h), new_cache
 
 
-def tied_logits(hidden: jax.Array, embedding: jax.Array, config: Gemma3Config, dtype: Any) -> jax.Array:
-    """float32 logits of final hidden states through the tied embedding ``[V, D]`` (then softcapped
-    if configured)."""
-    logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), embedding.astype(dtype)).astype(jnp.float32)
+def tied_logits(
+    hidden: jax.Array,
+    embedding: jax.Array,
+    config: Gemma3Config,
+    dtype: Any,
+    path: tuple[str, ...] = EMBEDDING_PATH,
+) -> jax.Array:
+    """float32 logits of final hidden states through the tied embedding ``[V, D]`` at ``path`` (then
+    softcapped if configured)."""
+    logits = attend(hidden, embedding, path, dtype).astype(jnp.float32)
     if config.final_logit_softcapping is not None:
         cap = config.final_logit_softcapping
         logits = jnp.tanh(logits / cap) * cap
@@ -359,7 +356,7 @@ class Gemma3(nn.Module):
             query_slots = cache_end + jnp.arange(input_ids.shape[1])
         masks = attention_masks(query_slots, key_valid, c.sliding_window)
 
-        embed = nn.Embed(
+        embed = Embed(
             c.vocab_size, c.hidden_size, dtype=self.dtype, embedding_init=_INIT, name="embed_tokens"
         )
         x = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
@@ -371,7 +368,9 @@ class Gemma3(nn.Module):
             )
             new_layers.append(new_layer)
         x = RMSNorm(c.rms_norm_eps, name="final_norm")(x)
-        logits = tied_logits(x, embed.embedding, c, self.dtype) if self.head else x
+        logits = (
+            tied_logits(x, embed.embedding, c, self.dtype, embed.path + ("embedding",)) if self.head else x
+        )
         if cache is None:
             return logits
         new_cache = {"layers": new_layers, "mask": key_valid, "end": cache_end + input_ids.shape[1]}

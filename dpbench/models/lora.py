@@ -14,12 +14,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-LORA_A = "lora_a"
-LORA_B = "lora_b"
+from dpbench.models.layers import LORA_A, LORA_B, LoRADense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,34 +34,6 @@ class LoraSpec:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
-
-
-class LoRADense(nn.Module):
-    """``nn.Dense`` with an optional low-rank update; same parameter names as ``nn.Dense``."""
-
-    features: int
-    use_bias: bool = True
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    dtype: Any = jnp.float32
-    kernel_init: Any = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, x):
-        in_features = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (in_features, self.features))
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
-        if self.lora_rank > 0:
-            # A ~ N(0, 1/r) as in the dp-lora / loralib setting; B = 0 so training starts at the base.
-            a = self.param(
-                LORA_A, nn.initializers.normal(stddev=1.0 / self.lora_rank), (in_features, self.lora_rank)
-            )
-            b = self.param(LORA_B, nn.initializers.zeros, (self.lora_rank, self.features))
-            scale = self.lora_alpha / self.lora_rank
-            y = y + scale * jnp.dot(jnp.dot(x.astype(self.dtype), a.astype(self.dtype)), b.astype(self.dtype))
-        return y
 
 
 def dense(spec: LoraSpec | None, layer_path: str, features: int, **kwargs) -> LoRADense:

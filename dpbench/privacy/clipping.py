@@ -1,26 +1,66 @@
 """Per-example clipping and Gaussian noise (JAX). Nothing here knows which model it clips.
 
 A *losses function* ``losses_fn(trainable, batch, *args) -> (losses [B], aux)`` gives one loss per
-example (``aux`` maps names to per-example arrays, e.g. ``correct``). The gradient methods below
-turn it into a sum of (clipped) per-example gradients over the real rows of a physical batch;
-padded rows (``mask == False``) contribute exactly zero to every sum.
+example (``aux`` maps names to per-example arrays, e.g. ``correct``); ``trainable`` is a flat
+``{path: array}`` dict. Clipping is two steps: the L2 norm ‖gᵢ‖ of each example's gradient, then
+the clipped sum Σᵢ cᵢ gᵢ with cᵢ = min(1, C/‖gᵢ‖). Three exact implementations (``dp.clipping``):
+
+- ``per_example``: ``vmap`` of ``grad``; materialises every example's gradient.
+- ``ghost``: norms from each layer's inputs and output-gradients (``dpbench.taps``) without
+  materialising per-example gradients; the clipped sum is then the gradient of Σᵢ cᵢ Lᵢ (a second
+  backward pass over the same forward).
+- ``bookkeeping``: the same norms, and the clipped sum contracted from the same stored inputs and
+  output-gradients: one backward pass (Bu et al., ICML 2023).
+
+In ``ghost`` and ``bookkeeping`` each tapped parameter takes whichever of the ghost norm (cost
+∝ T²(d₁+d₂)) and the materialised per-example gradient (∝ T·d₁·d₂) is cheaper for its shapes (the
+mixed rule of Bu et al. 2022). Both are exact: ‖Σₜ aₜ⊗gₜ‖² = Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ). A parameter
+used by several taps (an embedding tied as the output layer) gets the cross terms too, so its norm
+is that of the summed gradient. A trainable parameter that no layer taps falls back to per-example
+gradients for that parameter alone, and the log names it.
+
+Formal guarantees (every implementation): padded rows (``mask == False``) and examples whose loss
+or gradient is not finite contribute exactly zero to every sum (and are counted in
+``nonfinite_sum``); every other example contributes its gradient scaled to norm <= C, so adding or
+removing one example moves the sum by at most ``clip_norm``: the sensitivity the Gaussian noise is
+calibrated to.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from dpbench import taps
+
+log = logging.getLogger(__name__)
 
 PyTree = Any
 LossesFn = Callable[..., tuple[jax.Array, dict]]
+
+CLIPPING_IMPLEMENTATIONS = ("per_example", "ghost", "bookkeeping")
+
+_LOGGED_FALLBACKS: set[tuple] = set()
 
 
 def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
     # where, not multiply: a padded row's inf/NaN must not leak into the sum as 0 * inf.
     return jnp.sum(jnp.where(mask, values, 0))
+
+
+def _rows(mask: jax.Array, x: jax.Array) -> jax.Array:
+    """``mask [B]`` broadcast against ``x [B, ...]``."""
+    return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# per_example: vmap of grad
 
 
 def per_example_grads(
@@ -42,32 +82,255 @@ def per_example_grads(
 
 def global_norms(stacked_grads: PyTree) -> jax.Array:
     """L2 norm over all parameters of each example's gradient: shape [B]."""
+    return jnp.sqrt(_squared_norms(stacked_grads))
+
+
+def _squared_norms(stacked_grads: PyTree) -> jax.Array:
     squares = [
-        jnp.sum(jnp.square(g.reshape(g.shape[0], -1)), axis=1)
+        jnp.sum(jnp.square(g.reshape(g.shape[0], -1).astype(jnp.float32)), axis=1)
         for g in jax.tree_util.tree_leaves(stacked_grads)
     ]
-    return jnp.sqrt(sum(squares))
+    return sum(squares)
+
+
+def _weighted_sum(stacked_grads: PyTree, weights: jax.Array, keep: jax.Array) -> PyTree:
+    """Σᵢ wᵢ gᵢ over rows with ``keep``; rows without it are dropped even if they hold NaN."""
+    return jax.tree_util.tree_map(
+        lambda g: jnp.tensordot(weights.astype(g.dtype), jnp.where(_rows(keep, g), g, 0), axes=1),
+        stacked_grads,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# ghost / bookkeeping: norms and sums from layer taps
+
+
+class _Tapped:
+    """One forward pass with taps: per-example squared norms, and the parts of a clipped sum."""
+
+    def __init__(self, losses_fn: LossesFn, trainable: dict, batch: dict, args: tuple, two_pass: bool):
+        self.trainable = trainable
+        wanted = frozenset(trainable)
+        probe = taps.Recorder(wanted)
+
+        def probe_fn(params):
+            with taps.recording(probe):
+                return losses_fn(params, batch, *args)
+
+        jax.eval_shape(probe_fn, trainable)  # shapes of the tapped outputs, nothing computed
+        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in probe.output_shapes.items()}
+        recorders = []
+
+        def forward(params, perturbations):
+            recorder = taps.Recorder(wanted, perturbations)
+            with taps.recording(recorder):
+                losses, aux = losses_fn(params, batch, *args)
+            recorders.append(recorder)
+            return losses, (aux, recorder.values)
+
+        if two_pass:
+            self.losses, self._vjp, (self.aux, self.values) = jax.vjp(forward, trainable, zeros, has_aux=True)
+            _, self.cotangents = self._vjp(jnp.ones_like(self.losses))
+        else:
+            self.losses, vjp, (self.aux, self.values) = jax.vjp(
+                lambda p: forward(trainable, p), zeros, has_aux=True
+            )
+            (self.cotangents,) = vjp(jnp.ones_like(self.losses))
+        self.specs = recorders[-1].specs
+        self.groups: dict[tuple, list[taps.TapSpec]] = collections.defaultdict(list)
+        for spec in self.specs:
+            self.groups[spec.path].append(spec)
+        for path, group in self.groups.items():
+            if len({s.kind for s in group}) > 1 or len({s.layout for s in group}) > 1:
+                raise ValueError(f"parameter {'/'.join(path)} is tapped in incompatible ways: {group}")
+        self.untapped = sorted(p for p in trainable if p not in self.groups)
+        if self.untapped:
+            key = tuple(self.untapped)
+            if key not in _LOGGED_FALLBACKS:
+                _LOGGED_FALLBACKS.add(key)
+                log.warning(
+                    "fast clipping: no layer taps %s; per-example gradients for these parameters only",
+                    ", ".join("/".join(p) for p in self.untapped),
+                )
+            untapped = set(self.untapped)
+            rest = {p: v for p, v in trainable.items() if p not in untapped}
+
+            def subset_losses(sub, example_batch):
+                return losses_fn({**rest, **sub}, example_batch, *args)
+
+            sub = {p: trainable[p] for p in self.untapped}
+            self.untapped_grads, _, _ = per_example_grads(subset_losses, sub, batch)
+        else:
+            self.untapped_grads = {}
+
+    # -- the two factors of an outer tap, as [B, T, d] (or ids [B, T]) in float32 -----------------
+
+    def _outer_factors(self, spec: taps.TapSpec) -> tuple[jax.Array, jax.Array]:
+        cot = self.cotangents[spec.point]
+        batch = cot.shape[0]
+        value = self.values[spec.tap_id]
+        cot = cot.reshape(batch, -1, cot.shape[-1]).astype(jnp.float32)
+        if spec.ids:
+            return value.reshape(batch, -1), cot
+        value = value.reshape(batch, -1, value.shape[-1]).astype(jnp.float32)
+        return (cot, value) if spec.cotangent_first else (value, cot)
+
+    def _diag_grads(self, spec: taps.TapSpec) -> jax.Array:
+        """Per-example gradient ``[B, D]`` of a diag tap (sums over every axis but the first and last)."""
+        cot = self.cotangents[spec.point].astype(jnp.float32)
+        product = cot if not spec.has_value else cot * self.values[spec.tap_id].astype(jnp.float32)
+        return jnp.sum(product.reshape(product.shape[0], -1, product.shape[-1]), axis=1)
+
+    # -- norms ------------------------------------------------------------------------------------
+
+    def squared_norms(self) -> jax.Array:
+        total = jnp.zeros(self.losses.shape, jnp.float32)
+        for group in self.groups.values():
+            if group[0].kind == taps.DIAG:
+                total = total + jnp.sum(jnp.square(sum(self._diag_grads(s) for s in group)), axis=1)
+            else:
+                total = total + self._outer_squared_norm(group)
+        if self.untapped_grads:
+            total = total + _squared_norms(self.untapped_grads)
+        return total
+
+    def _outer_squared_norm(self, group: list[taps.TapSpec]) -> jax.Array:
+        factors = [self._outer_factors(s) for s in group]
+        if len(group) == 1 and not group[0].ids:
+            left, right = factors[0]
+            tokens, d_left, d_right = left.shape[1], left.shape[2], right.shape[2]
+            if tokens * (d_left + d_right) >= d_left * d_right:  # materialising is cheaper
+                grads = jnp.einsum("bti,bto->bio", left, right)
+                return jnp.sum(jnp.square(grads), axis=(1, 2))
+        total = 0.0
+        for j, (left_j, right_j) in enumerate(factors):
+            for k in range(j, len(factors)):
+                left_k, right_k = factors[k]
+                gram_left = _gram(left_j, group[j].ids, left_k, group[k].ids)
+                gram_right = jnp.einsum("btd,bsd->bts", right_j, right_k)
+                term = jnp.sum(gram_left * gram_right, axis=(1, 2))
+                total = total + (term if j == k else 2.0 * term)
+        return total
+
+    # -- clipped sums ------------------------------------------------------------------------------
+
+    def bookkeeping_sum(self, weights: jax.Array, keep: jax.Array) -> dict:
+        """Σᵢ wᵢ gᵢ contracted from the taps; rows without ``keep`` are zeroed first."""
+        grads = {}
+        for path, group in self.groups.items():
+            param = self.trainable[path]
+            if group[0].kind == taps.DIAG:
+                per_example = [jnp.where(_rows(keep, d), d, 0) for d in map(self._diag_grads, group)]
+                total = sum(jnp.einsum("b,bd->d", weights, d) for d in per_example)
+            else:
+                total = sum(self._outer_sum(s, weights, keep, param) for s in group)
+                layout = group[0].layout
+                if layout is not None:
+                    total = jnp.transpose(total.reshape(layout[0]), layout[1])
+            grads[path] = total.reshape(param.shape).astype(param.dtype)
+        if self.untapped_grads:
+            grads.update(_weighted_sum(self.untapped_grads, weights, keep))
+        return grads
+
+    def _outer_sum(self, spec: taps.TapSpec, weights, keep, param) -> jax.Array:
+        left, right = self._outer_factors(spec)
+        right = jnp.where(_rows(keep, right), right, 0) * weights[:, None, None]
+        if spec.ids:
+            table = jnp.zeros((spec.num_ids, right.shape[-1]), jnp.float32)
+            return table.at[left.reshape(-1)].add(right.reshape(-1, right.shape[-1]))
+        left = jnp.where(_rows(keep, left), left, 0)
+        return jnp.einsum("bti,bto->io", left, right)
+
+    def second_pass_sum(self, weights: jax.Array, keep: jax.Array) -> dict:
+        """Ghost clipping's second backward pass: the gradient of Σᵢ wᵢ Lᵢ over the same forward.
+
+        A non-finite example has wᵢ = 0, but 0 x inf inside its backward pass can still give NaN;
+        the book-keeping contraction, which zeroes rows before it sums, then stands in.
+        """
+        grads, _ = self._vjp(weights.astype(self.losses.dtype))
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+        return jax.lax.cond(finite, lambda: grads, lambda: self.bookkeeping_sum(weights, keep))
+
+
+def _gram(left_j: jax.Array, ids_j: bool, left_k: jax.Array, ids_k: bool) -> jax.Array:
+    """``[B, Tj, Tk]`` inner products of the left factors; ids stand for one-hot rows."""
+    if ids_j and ids_k:
+        return (left_j[:, :, None] == left_k[:, None, :]).astype(jnp.float32)
+    if ids_j:  # onehot(id_t) · v_s = v_s[id_t]
+        return jax.vmap(lambda ids, vectors: vectors[:, ids].T)(left_j, left_k)
+    if ids_k:
+        return jax.vmap(lambda vectors, ids: vectors[:, ids])(left_j, left_k)
+    return jnp.einsum("bti,bsi->bts", left_j, left_k)
+
+
+# ---------------------------------------------------------------------------------------------
+# the public seam
+
+
+def _flat(losses_fn: LossesFn, trainable: PyTree) -> tuple[LossesFn, dict, Callable]:
+    """Taps name parameters by path: a nested parameter tree is flattened (and unflattened back)."""
+    if all(isinstance(k, tuple) for k in trainable):
+        return losses_fn, trainable, lambda tree: tree
+    return (
+        (lambda flat, *rest: losses_fn(unflatten_dict(flat), *rest)),
+        flatten_dict(trainable),
+        unflatten_dict,
+    )
+
+
+def per_example_norms(
+    losses_fn: LossesFn, trainable: PyTree, batch: dict, *args, clipping: str = "per_example"
+) -> jax.Array:
+    """‖gᵢ‖ of every example's gradient, by the chosen implementation: shape [B]."""
+    _check(clipping)
+    if clipping == "per_example":
+        grads, _, _ = per_example_grads(losses_fn, trainable, batch, *args)
+        return global_norms(grads)
+    losses_fn, trainable, _ = _flat(losses_fn, trainable)
+    return jnp.sqrt(_Tapped(losses_fn, trainable, batch, args, two_pass=False).squared_norms())
+
+
+def clip_factors(
+    norms: jax.Array, losses: jax.Array, mask: jax.Array, clip_norm: float
+) -> tuple[jax.Array, jax.Array]:
+    """cᵢ = min(1, C/‖gᵢ‖) for real, finite examples, else 0; and which examples those are."""
+    finite = jnp.isfinite(norms) & jnp.isfinite(losses)
+    keep = mask & finite
+    # Written so that a zero gradient gives factor 1, not NaN.
+    factors = jnp.minimum(1.0, clip_norm / jnp.maximum(jnp.where(keep, norms, 1.0), 1e-12))
+    return jnp.where(keep, factors, 0.0).astype(jnp.float32), keep
 
 
 def clipped_grad_sum(
-    losses_fn: LossesFn, trainable: PyTree, batch: dict, mask: jax.Array, clip_norm: float, *args
-) -> tuple[PyTree, dict]:
-    """Sum over real rows of per-example gradients, each scaled to L2 norm <= ``clip_norm``.
-
-    Adding or removing one example moves this sum by at most ``clip_norm``: that is the
-    sensitivity the Gaussian noise is calibrated to.
-    """
-    grads, losses, aux = per_example_grads(losses_fn, trainable, batch, *args)
-    norms = global_norms(grads)
-    # min(1, C / ||g||), written so that a zero gradient gives factor 1, not NaN.
-    factors = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, 1e-12))
-    factors = jnp.where(mask, factors, 0.0)
-
-    # Padded rows are copies of real examples (finite), so a zero factor removes them exactly.
-    grad_sum = jax.tree_util.tree_map(lambda g: jnp.tensordot(factors.astype(g.dtype), g, axes=1), grads)
-    stats = _stats(losses, aux, mask)
-    stats["clipped_fraction_sum"] = _masked_sum((norms > clip_norm).astype(jnp.float32), mask)
-    stats["grad_norm_sum"] = _masked_sum(norms, mask)
+    losses_fn: LossesFn,
+    trainable: PyTree,
+    batch: dict,
+    mask: jax.Array,
+    clip_norm: float,
+    *args,
+    clipping: str = "per_example",
+) -> tuple[dict, dict]:
+    """Sum over real, finite rows of per-example gradients, each scaled to L2 norm <= ``clip_norm``."""
+    _check(clipping)
+    if clipping == "per_example":
+        grads, losses, aux = per_example_grads(losses_fn, trainable, batch, *args)
+        norms = global_norms(grads)
+        factors, keep = clip_factors(norms, losses, mask, clip_norm)
+        grad_sum = _weighted_sum(grads, factors, keep)
+    else:
+        losses_fn, trainable, unflatten = _flat(losses_fn, trainable)
+        tapped = _Tapped(losses_fn, trainable, batch, args, two_pass=clipping == "ghost")
+        losses, aux = tapped.losses, tapped.aux
+        norms = jnp.sqrt(tapped.squared_norms())
+        factors, keep = clip_factors(norms, losses, mask, clip_norm)
+        if clipping == "ghost":
+            grad_sum = tapped.second_pass_sum(factors, keep)
+        else:
+            grad_sum = tapped.bookkeeping_sum(factors, keep)
+        grad_sum = unflatten(grad_sum)
+    stats = _stats(losses, aux, mask, keep)
+    stats["clipped_fraction_sum"] = _masked_sum((norms > clip_norm).astype(jnp.float32), keep)
+    stats["grad_norm_sum"] = _masked_sum(norms, keep)
     return grad_sum, stats
 
 
@@ -81,14 +344,25 @@ def masked_grad_sum(
         return _masked_sum(losses, mask), (losses, aux)
 
     grad_sum, (losses, aux) = jax.grad(summed_loss, has_aux=True)(trainable)
-    return grad_sum, _stats(losses, aux, mask)
+    return grad_sum, _stats(losses, aux, mask, mask)
 
 
-def _stats(losses: jax.Array, aux: dict, mask: jax.Array) -> dict:
-    stats = {"loss_sum": _masked_sum(losses, mask), "count": jnp.sum(mask.astype(jnp.float32))}
+def _stats(losses: jax.Array, aux: dict, mask: jax.Array, keep: jax.Array) -> dict:
+    stats = {
+        "loss_sum": _masked_sum(losses, keep),
+        "count": jnp.sum(mask.astype(jnp.float32)),
+        "nonfinite_sum": jnp.sum((mask & ~keep).astype(jnp.float32)),
+    }
     for name, values in aux.items():
-        stats[f"{name}_sum"] = _masked_sum(values.astype(jnp.float32), mask)
+        stats[f"{name}_sum"] = _masked_sum(values.astype(jnp.float32), keep)
     return stats
+
+
+def _check(clipping: str) -> None:
+    if clipping not in CLIPPING_IMPLEMENTATIONS:
+        raise ValueError(
+            f"dp.clipping={clipping!r} is not known; choose one of {', '.join(CLIPPING_IMPLEMENTATIONS)}"
+        )
 
 
 def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) -> PyTree:
@@ -97,3 +371,15 @@ def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) 
     keys = jax.random.split(key, len(leaves))
     noisy = [x + stddev * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
     return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+__all__ = [
+    "CLIPPING_IMPLEMENTATIONS",
+    "add_gaussian_noise",
+    "clip_factors",
+    "clipped_grad_sum",
+    "global_norms",
+    "masked_grad_sum",
+    "per_example_grads",
+    "per_example_norms",
+]

@@ -1,0 +1,161 @@
+"""The one family of layers every model is built from: Dense (with optional LoRA), Conv, Embed,
+LayerNorm, RMSNorm and the tied output head.
+
+Each computes exactly what its Flax counterpart does, under the same parameter names, and hands
+its output to ``dpbench.taps.output`` with what the gradient of each of its parameters is made
+of. That is how fast exact clipping (ghost, book-keeping) sees inside any model: the layers know
+nothing of clipping, and the clipping code knows nothing of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dpbench import taps
+
+LORA_A = "lora_a"
+LORA_B = "lora_b"
+
+
+class LoRADense(nn.Module):
+    """``nn.Dense`` with an optional low-rank update ``(alpha / r) * (x A) B``; same names as ``nn.Dense``."""
+
+    features: int
+    use_bias: bool = True
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x):
+        in_features = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, kernel.astype(self.dtype))  # [..., d_out]
+        tapped = [taps.Tap(self.path + ("kernel",), taps.OUTER, value=x)]
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+            tapped.append(taps.Tap(self.path + ("bias",), taps.DIAG))
+        y = taps.output(y, tapped)
+        if self.lora_rank > 0:
+            # A ~ N(0, 1/r) as in the dp-lora / loralib setting; B = 0 so training starts at the base.
+            a = self.param(
+                LORA_A, nn.initializers.normal(stddev=1.0 / self.lora_rank), (in_features, self.lora_rank)
+            )
+            b = self.param(LORA_B, nn.initializers.zeros, (self.lora_rank, self.features))
+            h = jnp.dot(x, a.astype(self.dtype))  # [..., r]
+            h = taps.output(h, [taps.Tap(self.path + (LORA_A,), taps.OUTER, value=x)])
+            u = jnp.dot(h, b.astype(self.dtype))  # [..., d_out]
+            u = taps.output(u, [taps.Tap(self.path + (LORA_B,), taps.OUTER, value=h)])
+            y = y + (self.lora_alpha / self.lora_rank) * u
+        return y
+
+
+class Conv(nn.Module):
+    """``nn.Conv`` (NHWC input, HWIO kernel, bias); its kernel's gradient is taken through patches."""
+
+    features: int
+    kernel_size: Sequence[int]
+    strides: Sequence[int] = (1, 1)
+    padding: str = "SAME"
+    dilation: Sequence[int] = (1, 1)
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = (*self.kernel_size, x.shape[-1], self.features)  # [kh, kw, C, F]
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x = x.astype(self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x,
+            kernel.astype(self.dtype),
+            window_strides=tuple(self.strides),
+            padding=self.padding,
+            rhs_dilation=tuple(self.dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        y = y + bias.astype(self.dtype)
+        tapped = [taps.Tap(self.path + ("bias",), taps.DIAG)]
+        kernel_path = self.path + ("kernel",)
+        if taps.wants(kernel_path):  # patches only while a recording asks for this kernel
+            patches = taps.conv_patches(x, shape, self.strides, self.padding, self.dilation)
+            layout = ((shape[2], shape[0], shape[1], shape[3]), (1, 2, 0, 3))
+            tapped.append(taps.Tap(kernel_path, taps.OUTER, value=patches, layout=layout))
+        return taps.output(y, tapped)
+
+
+class Embed(nn.Module):
+    """``nn.Embed``: rows of ``embedding [V, D]``; ``attend`` is the tied output head ``h Eᵀ``."""
+
+    num_embeddings: int
+    features: int
+    dtype: Any = jnp.float32
+    embedding_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+
+    def setup(self):
+        self.embedding = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features))
+
+    def __call__(self, ids):
+        y = jnp.take(self.embedding.astype(self.dtype), ids, axis=0)
+        path = self.path + ("embedding",)
+        return taps.output(y, [taps.Tap(path, taps.OUTER, value=ids, ids=True, num_ids=self.num_embeddings)])
+
+    def attend(self, hidden):
+        return attend(hidden, self.embedding, self.path + ("embedding",), self.dtype)
+
+
+def attend(hidden: jax.Array, embedding: jax.Array, path: tuple[str, ...], dtype: Any) -> jax.Array:
+    """Logits ``hidden [..., D] @ embedding [V, D]ᵀ`` of an embedding tied as the output layer
+    (``path`` names the embedding, so its two uses add up in one per-example gradient)."""
+    hidden = hidden.astype(dtype)
+    y = jnp.einsum("...d,vd->...v", hidden, embedding.astype(dtype))
+    return taps.output(y, [taps.Tap(path, taps.OUTER, value=hidden, cotangent_first=True)])
+
+
+class LayerNorm(nn.Module):
+    """``nn.LayerNorm`` over the last axis (statistics in float32), with scale and bias."""
+
+    epsilon: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        # Flax's fast variance, E[x²] - E[x]², clipped at 0.
+        var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+        normalized = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = normalized * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        y = taps.output(
+            y,
+            [
+                taps.Tap(self.path + ("scale",), taps.DIAG, value=normalized),
+                taps.Tap(self.path + ("bias",), taps.DIAG),
+            ],
+        )
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Gemma's RMSNorm: ``x / rms(x) * (1 + scale)`` in float32, then back to the input dtype."""
+
+    eps: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normalized = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        y = normalized * (1.0 + scale.astype(jnp.float32))
+        y = taps.output(y, [taps.Tap(self.path + ("scale",), taps.DIAG, value=normalized)])
+        return y.astype(x.dtype)  # (x * w).to(dtype), as HF

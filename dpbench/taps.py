@@ -1,0 +1,177 @@
+"""Layer taps: what fast per-example clipping needs from a model, without knowing the model.
+
+A layer computes its output ``y`` from a trainable parameter ``p`` and then hands ``y`` to
+:func:`output` together with a :class:`Tap` per parameter, which says how ``p``'s gradient is
+assembled from what the layer saw:
+
+- ``outer``: the per-example gradient of ``p`` is ``sum_t left_t ⊗ right_t`` (a matrix, then
+  reshaped/transposed to ``p``'s shape by ``layout``). One of the two factors is a value the
+  layer had (its input, or integer ids standing for one-hot rows), the other is ``dL/dy``: Dense
+  (``x``, dy), Conv through patches (patches, dy), Embedding lookup (ids, dy), an embedding tied
+  as the output head (dy, h), each LoRA factor.
+- ``diag``: the per-example gradient is ``sum_t value_t ⊙ dy_t`` (normalisation scales;
+  biases with ``value=None``).
+
+Normally :func:`output` returns ``y`` untouched and costs nothing. Only inside
+:func:`recording` (the clipping code opens it) does it keep the values, and add a zero
+*perturbation* to ``y``, so that the gradient with respect to that perturbation is ``dL/dy``.
+Rows of every tapped array are examples (axis 0); examples must not interact (no batch norm).
+
+The recording is a trace-time side channel: a tapped layer must run in the same JAX trace as the
+function that opened the recording (no ``jax.jit``/``vmap``/``scan``/``remat`` in between), else
+JAX reports an escaped tracer. That is an error, never a silent miscount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+
+Path = tuple[str, ...]
+
+OUTER = "outer"
+DIAG = "diag"
+COTANGENT = "cotangent"  # marks which factor of an outer tap is dL/dy
+
+
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """How one parameter's per-example gradient follows from a layer's value and ``dL/dy``.
+
+    ``value`` is an array whose first axis is the example; ``ids=True`` says it holds integer
+    ids of one-hot rows of width ``num_ids`` (embedding lookups). For ``outer`` taps
+    ``cotangent_first`` puts ``dL/dy`` on the left (the tied output head: grad = dyᵀ h).
+    ``layout`` maps the ``[d_left, d_right]`` matrix to the parameter: ``(shape, permutation)``
+    for a reshape then transpose (convolution kernels), or None when it already has that shape.
+    """
+
+    path: Path
+    kind: str
+    value: Any = None
+    ids: bool = False
+    num_ids: int = 0
+    cotangent_first: bool = False
+    layout: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TapSpec:
+    """The static part of a recorded tap (what the clipping code needs besides arrays)."""
+
+    tap_id: str
+    point: str  # the perturbation whose gradient is this tap's dL/dy
+    path: Path
+    kind: str
+    ids: bool
+    num_ids: int
+    cotangent_first: bool
+    has_value: bool
+    layout: tuple[tuple[int, ...], tuple[int, ...]] | None
+
+
+class Recorder:
+    """Collects taps for the parameters in ``wanted`` during one trace of a model.
+
+    With ``perturbations=None`` it only records shapes (a first, abstract pass); otherwise it
+    adds ``perturbations[tap_id]`` to each tapped output and keeps the layers' values.
+    """
+
+    def __init__(self, wanted: frozenset[Path], perturbations: dict[str, jax.Array] | None = None):
+        self.wanted = wanted
+        self.perturbations = perturbations
+        self.specs: list[TapSpec] = []
+        self.values: dict[str, jax.Array] = {}
+        self.output_shapes: dict[str, jax.ShapeDtypeStruct] = {}
+        self._uses: dict[Path, int] = {}
+        self._outputs = 0
+
+    def add(self, y: jax.Array, taps: Sequence[Tap]) -> jax.Array:
+        taps = [t for t in taps if t.path in self.wanted]
+        if not taps:
+            return y
+        point = f"y{self._outputs}"
+        self._outputs += 1
+        for tap in taps:
+            use = self._uses.get(tap.path, 0)
+            self._uses[tap.path] = use + 1
+            tap_id = f"{'/'.join(tap.path)}#{use}"
+            self.specs.append(
+                TapSpec(
+                    tap_id=tap_id,
+                    point=point,
+                    path=tap.path,
+                    kind=tap.kind,
+                    ids=tap.ids,
+                    num_ids=tap.num_ids,
+                    cotangent_first=tap.cotangent_first,
+                    has_value=tap.value is not None,
+                    layout=tap.layout,
+                )
+            )
+            if tap.value is not None:
+                self.values[tap_id] = tap.value
+        self.output_shapes[point] = jax.ShapeDtypeStruct(y.shape, y.dtype)
+        if self.perturbations is None:
+            return y
+        return y + self.perturbations[point].astype(y.dtype)
+
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def recording(recorder: Recorder) -> Iterator[Recorder]:
+    """Route every :func:`output` call made while tracing inside this block to ``recorder``."""
+    previous = getattr(_STATE, "recorder", None)
+    _STATE.recorder = recorder
+    try:
+        yield recorder
+    finally:
+        _STATE.recorder = previous
+
+
+def wants(path: Path) -> bool:
+    """Whether a recording is open and wants ``path`` (layers skip tap-only work otherwise)."""
+    recorder = getattr(_STATE, "recorder", None)
+    return recorder is not None and path in recorder.wanted
+
+
+def output(y: jax.Array, taps: Sequence[Tap]) -> jax.Array:
+    """``y`` unchanged, or ``y`` + a zero perturbation while a recording wants one of ``taps``."""
+    recorder = getattr(_STATE, "recorder", None)
+    if recorder is None:
+        return y
+    return recorder.add(y, taps)
+
+
+def conv_patches(x: jax.Array, kernel_shape: Sequence[int], strides, padding, dilation) -> jax.Array:
+    """Patches of an NHWC input for a ``[kh, kw, C, F]`` kernel: ``[B, H', W', C * kh * kw]``,
+    features ordered (C, kh, kw) — the layout ``(C, kh, kw, F)`` then permutation ``(1, 2, 0, 3)``
+    turns ``patchesᵀ dy`` into the kernel's gradient."""
+    return jax.lax.conv_general_dilated_patches(
+        x,
+        filter_shape=tuple(kernel_shape[:2]),
+        window_strides=tuple(strides),
+        padding=padding,
+        rhs_dilation=tuple(dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+def dense_tap(path: Path, x: jax.Array, kernel_name: str = "kernel") -> Tap:
+    """The tap of ``y = x @ W`` for ``W [d_in, d_out]`` at ``path + (kernel_name,)``."""
+    return Tap(path + (kernel_name,), OUTER, value=x)
+
+
+def bias_tap(path: Path, name: str = "bias") -> Tap:
+    return Tap(path + (name,), DIAG, value=None)
+
+
+def scale_tap(path: Path, normalized: jax.Array, name: str = "scale") -> Tap:
+    return Tap(path + (name,), DIAG, value=normalized)
