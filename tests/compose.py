@@ -36,13 +36,17 @@ def needs_shared_data(folder: str = ""):
 
 
 def compose_config(
-    overrides: list[str], output_dir: Path | str = "unused", data_root: Path | str = FIXTURE_DATA
+    overrides: list[str],
+    output_dir: Path | str = "unused",
+    data_root: Path | str = FIXTURE_DATA,
+    return_hydra_config: bool = False,
 ) -> DictConfig:
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(
             "config",
             overrides=[f"paths.data_root={data_root}", f"paths.output_dir={output_dir}", *overrides],
+            return_hydra_config=return_hydra_config,
         )
 
 
