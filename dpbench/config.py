@@ -11,9 +11,12 @@ change speed and memory only.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
+import sys
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -21,17 +24,18 @@ from omegaconf import DictConfig
 
 from dpbench.data.roots import register_resolvers
 from dpbench.data.schema import DatasetConfig
+from dpbench.loggers import LOGGERS
 from dpbench.models.cnn import CNNModelConfig
 from dpbench.models.encoder import EncoderModelConfig
 from dpbench.models.gemma3 import Gemma3ModelConfig
 from dpbench.privacy.accounting import AccountantConfig
+from dpbench.train.optimizers import OPTIMIZERS
+from dpbench.train.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 DP_METHODS = ("none", "vanilla", "ffa")
 SAMPLERS = ("poisson", "shuffle")
-OPTIMIZERS = ("sgd", "adam", "adamw")
-LOGGERS = ("wandb", "none")
 WANDB_MODES = ("offline", "online", "disabled")
 AUDITS = ("none", "canary")
 
@@ -128,6 +132,23 @@ class ConfigError(ValueError):
     """A setting has a value dpbench refuses; the message names the setting and what is allowed."""
 
 
+# Errors that mean "a setting is wrong", reported as one line: ConfigError, and a path setting
+# (dataset.data_dir, model.checkpoint) naming a file or folder that does not exist.
+SETTING_ERRORS = (ConfigError, FileNotFoundError)
+
+
+@contextlib.contextmanager
+def exit_on_setting_error():
+    """Turn a setting error into one line on stderr and exit status 2 (HYDRA_FULL_ERROR=1: traceback)."""
+    try:
+        yield
+    except SETTING_ERRORS as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
@@ -138,8 +159,9 @@ def validate_static(cfg: DictConfig) -> None:
     dp = cfg.dp
     _choice("dp.method", dp.method, DP_METHODS)
     _choice("dp.sampler", dp.sampler, SAMPLERS)
-    _choice("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
-    _choice("logger.name", cfg.logger.name, LOGGERS)
+    _choice("optimizer.name", cfg.optimizer.name, tuple(OPTIMIZERS))
+    _choice("logger.name", cfg.logger.name, tuple(LOGGERS))
+    _choice("dataset.task", cfg.dataset.task, tuple(TASKS))
     _choice("logger.mode", cfg.logger.mode, WANDB_MODES)
     _choice("audit.name", cfg.audit.name, AUDITS)
     if dp.method != "none":
@@ -204,13 +226,18 @@ def resolve_delta(cfg: DictConfig, num_examples: int) -> float | None:
     return float(delta)
 
 
-def validate_with_data(cfg: DictConfig, num_examples: int, num_devices: int) -> None:
-    """Checks that need the training set size and the device count."""
+def validate_batch_size(cfg: DictConfig, num_examples: int) -> None:
+    """The expected logical batch must fit in the training set (also for planning commands)."""
     if cfg.runner.batch_size > num_examples:
         raise ConfigError(
             f"runner.batch_size={cfg.runner.batch_size} is larger than the training set "
             f"({num_examples} examples of {cfg.dataset.display_name}); choose at most {num_examples}"
         )
+
+
+def validate_with_data(cfg: DictConfig, num_examples: int, num_devices: int) -> None:
+    """Checks that need the training set size and the device count."""
+    validate_batch_size(cfg, num_examples)
     physical = cfg.compute.physical_batch_size
     if physical % num_devices:
         suggestion = num_devices * math.ceil(physical / num_devices)

@@ -1,18 +1,24 @@
-"""Where metrics go: Weights & Biases (offline unless asked otherwise) and ``results.json``."""
+"""Where metrics go besides ``history.jsonl``: Weights & Biases (offline unless asked), or nowhere.
+
+:data:`LOGGERS` maps ``logger.name`` to a class; a new sink is one class here plus one
+``conf/logger/<name>.yaml``.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import secrets
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
 
 
 class NullLogger:
-    """``logger=none``: metrics go nowhere but the console log and results.json."""
+    """``logger=none``: metrics go nowhere but the console log, history.jsonl and results.json."""
+
+    def __init__(self, cfg=None, config: dict | None = None, output_dir: str = "", run_name: str = ""):
+        pass
 
     def log(self, metrics: dict, step: int) -> None:
         pass
@@ -25,14 +31,24 @@ class NullLogger:
 
 
 class WandbLogger:
-    """Thin wrapper over ``wandb``; offline by default so a run never waits on the network."""
+    """Thin wrapper over ``wandb``; offline by default so a run never waits on the network.
+
+    The W&B run id is kept in ``<output_dir>/wandb_run_id``, so a resumed dpbench run continues
+    the same W&B run (``resume="allow"``).
+    """
 
     def __init__(self, cfg, config: dict, output_dir: str, run_name: str):
         import wandb
 
         self._wandb = wandb
         os.environ.setdefault("WANDB_SILENT", "true")
+        id_file = Path(output_dir) / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
         self.run = wandb.init(
+            id=run_id,
+            resume="allow",
             project=cfg.project,
             entity=cfg.entity,
             name=run_name,
@@ -56,12 +72,15 @@ class WandbLogger:
         self.run.finish()
 
 
+LOGGERS = {"wandb": WandbLogger, "none": NullLogger}
+
+
 def make_logger(cfg, config: dict, output_dir: str, run_name: str):
-    if cfg.name == "none":
-        return NullLogger()
-    if cfg.name == "wandb":
-        return WandbLogger(cfg, config, output_dir, run_name)
-    raise ValueError(f"logger.name={cfg.name!r} is not known; choose one of wandb, none")
+    if cfg.name not in LOGGERS:
+        from dpbench.config import ConfigError
+
+        raise ConfigError(f"logger.name={cfg.name!r} is not allowed; choose one of {', '.join(LOGGERS)}")
+    return LOGGERS[cfg.name](cfg, config, output_dir, run_name)
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:
@@ -73,17 +92,3 @@ def _flatten(values: dict, prefix: str = "") -> dict:
         else:
             flat[name] = value
     return flat
-
-
-def write_results(output_dir: str | Path, results: dict[str, Any]) -> Path:
-    path = Path(output_dir) / "results.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
-    return path
-
-
-def _json_default(value):
-    # NumPy / JAX scalars and arrays from metrics.
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} to results.json")

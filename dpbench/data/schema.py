@@ -37,6 +37,7 @@ class DatasetConfig:
 
     name: str  # mnist | sst2 | samsum
     display_name: str
+    task: str = "classification"  # classification | summarization (dpbench.train.tasks.TASKS)
     source: str = "auto"  # see ALLOWED_SOURCES
     # Folder holding the dataset's files in their public on-disk format. null: <data_root>/<folder>.
     data_dir: str | None = None

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from dpbench import config as config_lib
 from dpbench.data.registry import load_dataset
 from dpbench.privacy import accounting
-from dpbench.run import plan_mechanism
+from dpbench.privacy.mechanism import plan_mechanism
 
 config_lib.register_configs()
 

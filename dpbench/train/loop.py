@@ -4,14 +4,19 @@ Shapes stay fixed for jit: every physical batch has ``physical_batch_size`` rows
 padded, with a mask), so a large Poisson draw simply takes more physical batches; nothing is
 truncated. The clipped sums of all physical batches are accumulated, then ``finalize`` adds the
 noise once and the optimizer takes one logical step. The accountant counts these logical steps.
+
+The batch of logical step ``s`` is ``sampler.batch_indices(s)`` and its noise key is
+``fold_in(noise_key, s)``: both are functions of (seed, step), so a run restored from a
+checkpoint at step ``s`` continues exactly as if it had never stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -21,10 +26,13 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import PartitionSpec
 
 from dpbench.data.sampling import physical_batches
-from dpbench.privacy.methods import GradientMethod
 from dpbench.train import sharding
 
+if TYPE_CHECKING:  # train never imports privacy at run time: privacy hands the method in
+    from dpbench.privacy.methods import GradientMethod
+
 PyTree = Any
+log = logging.getLogger(__name__)
 
 
 def split_params(params: PyTree, is_trainable: Callable[[tuple[str, ...]], bool]) -> tuple[dict, dict]:
@@ -145,14 +153,59 @@ def gather_chunks(arrays: dict[str, np.ndarray], indices: np.ndarray, physical_b
     ]
 
 
+def train_statistics(stats: dict) -> dict:
+    """Every statistic of one logical batch, as logged for a non-private run (or an opted-in DP run).
+
+    ``<name>_sum`` becomes the per-example mean ``train/<name>`` (``correct`` -> ``accuracy``);
+    ``nonfinite_sum`` stays a count (examples whose non-finite gradient was zeroed since the last
+    log); ``count`` is the realised batch size. Unknown keys are logged the same way.
+
+    >>> train_statistics({"count": 4.0, "loss_sum": 2.0, "correct_sum": 3.0, "nonfinite_sum": 1.0})
+    ... # doctest: +NORMALIZE_WHITESPACE
+    {'train/logical_batch_size': 4.0, 'train/loss': 0.5, 'train/accuracy': 0.75,
+     'train/nonfinite_examples': 1.0}
+    """
+    count = float(stats.get("count", 0.0))
+    record = {"train/logical_batch_size": count}
+    for key, value in stats.items():
+        value = float(np.sum(value))
+        if key == "count":
+            continue
+        if key == "nonfinite_sum":
+            record["train/nonfinite_examples"] = value
+        elif key.endswith("_sum"):
+            name = {"correct": "accuracy"}.get(key[: -len("_sum")], key[: -len("_sum")])
+            record[f"train/{name}"] = value / max(count, 1.0)
+        else:
+            record[f"train/{key}"] = value
+    return record
+
+
+class StopTraining(Exception):  # noqa: N818 (a request, not an error)
+    """Raised by :func:`train_loop` after step ``step`` when ``callbacks.stop_requested()`` said so."""
+
+    def __init__(self, step: int):
+        super().__init__(f"training stopped after logical step {step}")
+        self.step = step
+
+
 @dataclasses.dataclass
 class LoopCallbacks:
-    """What the loop reports to: evaluation, ε so far, metrics sink, a budget check."""
+    """What the loop reports to: evaluation, ε so far, metrics sink, a budget check.
+
+    ``release`` turns a logged step's statistics into the metrics that may leave the process
+    (default: all of them); ``save(step, required)`` runs after every step, before its evaluation
+    (``required``: an evaluation, the last step or a stop follows, so the state must be saved);
+    ``stop_requested()`` is polled after every step (preemption).
+    """
 
     evaluate: Callable[[int], dict]
     epsilon_at: Callable[[int], float | None]
     log: Callable[[dict, int], None]
     check_budget: Callable[[int], None]
+    release: Callable[[dict], dict] = train_statistics
+    save: Callable[[int, bool], None] = lambda step, required: None
+    stop_requested: Callable[[], bool] = lambda: False
 
 
 def train_loop(
@@ -168,52 +221,62 @@ def train_loop(
     callbacks: LoopCallbacks,
     progress_bar: bool = True,
 ) -> list[dict]:
-    """Train for ``num_steps`` logical steps; returns the list of evaluation records."""
+    """Train from ``state.step`` up to ``num_steps`` logical steps; returns this call's evaluations.
+
+    Throughput is reported with the expected batch size (the realised one is a statistic of the
+    training data). Raises :class:`StopTraining` after a step at which a stop was requested.
+    """
     from tqdm.auto import tqdm
 
     history = []
-    epsilon = callbacks.epsilon_at(0)
-    bar = tqdm(total=num_steps, disable=not progress_bar, desc="train", dynamic_ncols=True)
-    window_examples, window_start = 0, time.perf_counter()
+    epsilon = callbacks.epsilon_at(state.step)
+    bar = tqdm(
+        total=num_steps, initial=state.step, disable=not progress_bar, desc="train", dynamic_ncols=True
+    )
+    window_steps, window_start = 0, time.perf_counter()
+    nonfinite = None  # zeroed examples since the last log, summed on the device (no sync per step)
     epsilon_every = 10 * max(1, num_steps // 500)  # a multiple of the 10-step logging cadence
-    for _ in range(num_steps):
+    while state.step < num_steps:
         step = state.step + 1
         callbacks.check_budget(step)
         indices = sampler.batch_indices(state.step)
         chunks = gather_chunks(train_arrays, indices, physical_batch_size)
         stats = trainer.logical_step(state, frozen, chunks, jax.random.fold_in(noise_key, state.step))
-        window_examples += len(indices)
-        is_eval = eval_every and step % eval_every == 0
+        if "nonfinite_sum" in stats:
+            nonfinite = stats["nonfinite_sum"] if nonfinite is None else nonfinite + stats["nonfinite_sum"]
+        window_steps += 1
+        is_eval = bool(eval_every) and step % eval_every == 0
         if is_eval or step == num_steps or step % 10 == 0 or step == 1:
             stats = jax.device_get(stats)
-            count = max(float(stats["count"]), 1.0)
+            if nonfinite is not None:
+                stats = {**stats, "nonfinite_sum": jax.device_get(nonfinite)}
+                nonfinite = None
             elapsed = time.perf_counter() - window_start
             record = {
-                "train/loss": float(stats["loss_sum"]) / count,
-                "train/examples_per_s": window_examples / max(elapsed, 1e-9),
-                "train/logical_batch_size": float(stats["count"]),
+                "train/examples_per_s": window_steps * trainer.expected_batch_size / max(elapsed, 1e-9),
+                **callbacks.release(stats),
             }
-            if "correct_sum" in stats:
-                record["train/accuracy"] = float(stats["correct_sum"]) / count
-            if "clipped_fraction_sum" in stats:
-                record["train/clipped_fraction"] = float(stats["clipped_fraction_sum"]) / count
-                record["train/grad_norm"] = float(stats["grad_norm_sum"]) / count
             # ε spent so far, at every evaluation and about 50 times a run (PLD takes up to ~1 s).
             if is_eval or step == num_steps or step % epsilon_every == 0:
                 epsilon = callbacks.epsilon_at(step)
                 if epsilon is not None:
                     record["privacy/epsilon"] = epsilon
             callbacks.log(record, step)
-            bar.set_postfix(
-                step=step,
-                loss=f"{record['train/loss']:.3f}",
-                eps="-" if epsilon is None else f"{epsilon:.3f}",
-                ex_s=f"{record['train/examples_per_s']:.0f}",
-            )
-            window_examples, window_start = 0, time.perf_counter()
+            postfix = {"step": step}
+            if "train/loss" in record:
+                postfix["loss"] = f"{record['train/loss']:.3f}"
+            postfix["eps"] = "-" if epsilon is None else f"{epsilon:.3f}"
+            postfix["ex_s"] = f"{record['train/examples_per_s']:.0f}"
+            bar.set_postfix(postfix)
+            window_steps, window_start = 0, time.perf_counter()
+        stop = callbacks.stop_requested()
+        callbacks.save(step, is_eval or step == num_steps or stop)
         if is_eval and step != num_steps:
             history.append({"step": step, **callbacks.evaluate(step)})
         bar.update(1)
+        if stop:
+            bar.close()
+            raise StopTraining(step)
     bar.close()
     history.append({"step": state.step, **callbacks.evaluate(state.step)})
     return history

@@ -123,6 +123,23 @@ class SummarizationTask:
         if train_summaries is not None and self.hidden_states_fn and self.logits_fn:
             self.max_targets = max_response_tokens(train_summaries, self.tokenizer, dataset_cfg.max_length)
 
+    @classmethod
+    def build(cls, bundle, dataset, cfg) -> SummarizationTask:
+        return cls(
+            bundle,
+            cfg.dataset,
+            progress_bar=cfg.runner.progress_bar,
+            train_summaries=dataset.train["summary"],
+        )
+
+    @staticmethod
+    def prepare(dataset, bundle, cfg) -> tuple[dict, dict, dict]:
+        """Tokenised prompt + summary training sequences; the evaluation split stays text."""
+        train, train_stats = text.build_lm_examples(
+            dataset.train["dialogue"], dataset.train["summary"], bundle.tokenizer, cfg.dataset.max_length
+        )
+        return train, dataset.eval, {"truncated": {"train": train_stats}}
+
     def losses_fn(self, trainable, batch, frozen):
         params = merge_params(trainable, frozen)
         if self.max_targets is None:

@@ -1,11 +1,16 @@
 """Tasks supply the per-example loss and the evaluation; they know neither privacy nor data loading.
 
 ``losses_fn(trainable, batch, frozen) -> (losses [B], aux)`` is what the gradient methods clip.
+The dataset config declares its task (``dataset.task``); :data:`TASKS` maps that name to a class
+with ``prepare(dataset, bundle, cfg)`` (the arrays the model consumes, and what preparation did to
+each split) and ``build(bundle, dataset, cfg)``. A new task is one class plus one entry here.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +41,25 @@ class ClassificationTask:
         self.label_key = label_key
         self._eval_sums = jax.jit(self._sums)
 
+    @classmethod
+    def build(cls, bundle, dataset, cfg) -> ClassificationTask:
+        del dataset, cfg
+        return cls(bundle.apply_fn)
+
+    @staticmethod
+    def prepare(dataset, bundle, cfg) -> tuple[dict, dict, dict]:
+        """Train/eval arrays (text is tokenised with the model's tokenizer) and truncation per split."""
+        if "text" not in dataset.train:
+            return dataset.train, dataset.eval, {}
+        from dpbench.data import text
+
+        splits, stats = {}, {}
+        for split_name, split in (("train", dataset.train), ("eval", dataset.eval)):
+            splits[split_name], stats[split_name] = text.tokenize_classification(
+                split["text"], split["label"], bundle.tokenizer, cfg.dataset.max_length
+            )
+        return splits["train"], splits["eval"], {"truncated": stats}
+
     def losses_fn(self, trainable, batch, frozen):
         logits = self.apply_fn(merge_params(trainable, frozen), batch)
         labels = batch[self.label_key]
@@ -56,3 +80,19 @@ class ClassificationTask:
             correct += int(batch_correct)
             n += int(mask.sum())
         return {"eval/loss": loss_sum / n, "eval/accuracy": correct / n, "eval/examples": n}
+
+
+# dataset.task -> (module, class); modules are imported only when chosen.
+TASKS: dict[str, tuple[str, str]] = {
+    "classification": ("dpbench.train.tasks", "ClassificationTask"),
+    "summarization": ("dpbench.train.summarization", "SummarizationTask"),
+}
+
+
+def task_class(name: str) -> Any:
+    if name not in TASKS:
+        from dpbench.config import ConfigError
+
+        raise ConfigError(f"dataset.task={name!r} is not allowed; choose one of {', '.join(TASKS)}")
+    module_name, class_name = TASKS[name]
+    return getattr(importlib.import_module(module_name), class_name)
