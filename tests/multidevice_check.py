@@ -1,5 +1,6 @@
 """Run in a subprocess with 4 fake CPU devices (see test_multidevice.py); prints JSON."""
 
+import functools
 import json
 import os
 import sys
@@ -35,10 +36,12 @@ def main():
         logits = module.apply({"params": merge_params(trainable, frozen)}, batch["image"])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}
 
-    method = GradientMethod("vanilla", clip_norm=CLIP)
     sampler = PoissonSampler(64, BATCH, seed=0)
     out = {}
-    for devices in (1, 4):
+    # per_example on 1 and 4 devices; the fast exact implementations on 4 devices.
+    for devices, clipping in ((1, "per_example"), (4, "per_example"), (4, "ghost"), (4, "bookkeeping")):
+        method = GradientMethod("vanilla", clip_norm=CLIP, clipping=clipping)
+        suffix = devices if clipping == "per_example" else f"{devices}_{clipping}"
         mesh = sharding.make_mesh(devices)
         trainer = Trainer(losses_fn, method, optax.sgd(0.1), mesh, SIGMA, BATCH)
         trainable, frozen = split_params(params, lambda p: True)
@@ -53,20 +56,22 @@ def main():
             acc = acc if acc is not None else trainer.zero_accumulator(state.trainable, frozen, batch, mask)
             acc = trainer.accumulate(acc, state.trainable, frozen, batch, mask)
         grad_sum = acc[0]
-        out[f"sum_{devices}"] = [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(grad_sum)]
-        out[f"sum_sharding_{devices}"] = str(jax.tree_util.tree_leaves(grad_sum)[0].sharding)
+        out[f"sum_{suffix}"] = [np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(grad_sum)]
+        out[f"sum_sharding_{suffix}"] = str(jax.tree_util.tree_leaves(grad_sum)[0].sharding)
         # Noise: finalize on a zero sum under this mesh, times the expected batch, has std σC.
         zeros = sharding.put_replicated(jax.tree_util.tree_map(jnp.zeros_like, grad_sum), mesh)
-        noisy = jax.jit(lambda z, k: method.finalize(z, 1.0, k, SIGMA, BATCH))(zeros, jax.random.PRNGKey(7))
+        noisy = jax.jit(
+            functools.partial(method.finalize, count=1.0, noise_multiplier=SIGMA, expected_batch_size=BATCH)
+        )(zeros, key=jax.random.PRNGKey(7))
         noise = np.concatenate([np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(noisy)]) * BATCH
-        out[f"noise_std_{devices}"] = float(noise.std())
-        out[f"noise_size_{devices}"] = int(noise.size)
+        out[f"noise_std_{suffix}"] = float(noise.std())
+        out[f"noise_size_{suffix}"] = int(noise.size)
         # Parameters after a few noisy logical steps, same seed.
         state = trainer.init(trainable)
         for step in range(3):
             chunks = gather_chunks(data, sampler.batch_indices(step), PHYSICAL)
             trainer.logical_step(state, frozen, chunks, jax.random.fold_in(jax.random.PRNGKey(1), step))
-        out[f"params_{devices}"] = [
+        out[f"params_{suffix}"] = [
             np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(state.trainable)
         ]
     json.dump(out, sys.stdout)

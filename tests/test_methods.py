@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from dpbench.data import text
 from dpbench.data.sampling import PoissonSampler
 from dpbench.models.encoder import build_encoder
-from dpbench.privacy.methods import GradientMethod, make_method
+from dpbench.privacy.methods import FASTEST_EXACT, GradientMethod, make_method
 from dpbench.train import sharding
 from dpbench.train.loop import LoopCallbacks, Trainer, gather_chunks, split_params, train_loop
 from dpbench.train.tasks import ClassificationTask
@@ -54,10 +54,16 @@ def norm(tree):
     return float(jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree_util.tree_leaves(tree))))
 
 
-@pytest.mark.parametrize("method_name", ["vanilla", "ffa"])
+@pytest.mark.parametrize(
+    ("method_name", "clipping"),
+    [("vanilla", "per_example"), ("vanilla", "bookkeeping"), ("ffa", "auto"), ("ghost", "auto")],
+)
 @pytest.mark.parametrize("removed", [3, 10])  # 10 sits in the last, padded physical batch
-def test_sensitivity_at_most_c_for_every_method(method_name, removed):
-    method = make_method(OmegaConf.create({"method": method_name, "clip_norm": CLIP}))
+def test_sensitivity_at_most_c_for_every_method(method_name, clipping, removed):
+    method = make_method(OmegaConf.create({"method": method_name, "clip_norm": CLIP, "clipping": clipping}))
+    assert method.clipping == {"auto": "ghost" if method_name == "ghost" else FASTEST_EXACT}.get(
+        clipping, clipping
+    )
     task, trainable, frozen, arrays = encoder_problem(method.freezes_lora_a)
     full = list(range(11))
     with_all = summed(method, task, trainable, frozen, arrays, full, 4)

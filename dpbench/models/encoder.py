@@ -28,7 +28,7 @@ from dpbench.models.checkpoints import hub_snapshot, weights_package
 from dpbench.models.hf_encoder import FAMILIES, EncoderArch, load_hf_encoder
 from dpbench.models.hf_tokenizer import ByteTokenizer, HFTokenizer
 from dpbench.models.layers import Embed, LayerNorm
-from dpbench.models.lora import LoraSpec, dense, is_lora_param, lora_trainable
+from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, trainable_rule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HUB_FILES = [
@@ -68,6 +68,7 @@ class EncoderModelConfig:
     arch: str = "encoder"
     checkpoint: str | None = None
     num_labels: int = 2
+    finetune: str = "lora"  # lora (LoRA factors + head) | full (every parameter, no LoRA) | head
     lora_rank: int = 8  # 0: no LoRA (then only head_pattern parameters train)
     lora_alpha: float = 16.0
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["query", "value"])
@@ -258,6 +259,7 @@ def _validate(cfg) -> None:
         raise ValueError(f"model.num_labels={cfg.num_labels} must be >= 1")
     if cfg.lora_rank < 0:
         raise ValueError(f"model.lora_rank={cfg.lora_rank} must be >= 0 (0 = no LoRA)")
+    check_finetune(cfg.finetune)
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
 
@@ -308,7 +310,11 @@ def build_encoder(cfg: EncoderModelConfig, rng: jax.Array, freeze_lora_a: bool =
     ``head_pattern``. Head layers that the checkpoint lacks are randomly initialised (N(0, 0.02)).
     """
     _validate(cfg)
-    lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets))
+    lora = LoraSpec(
+        rank=effective_rank(cfg.finetune, cfg.lora_rank),
+        alpha=cfg.lora_alpha,
+        targets=tuple(cfg.lora_targets),
+    )
     head_layers = ("classifier/dense", "classifier/out_proj")
     if cfg.random_init is not None:
         arch = _arch_from_random_init(cfg.random_init)
@@ -351,7 +357,7 @@ def build_encoder(cfg: EncoderModelConfig, rng: jax.Array, freeze_lora_a: bool =
     return ModelBundle(
         apply_fn=apply_fn,
         params=params,
-        is_trainable=functools.partial(lora_trainable, freeze_a=freeze_lora_a, head_pattern=cfg.head_pattern),
+        is_trainable=trainable_rule(cfg.finetune, freeze_lora_a, cfg.head_pattern),
         weights_source=source,
         tokenizer=tokenizer,
         module=module,

@@ -21,7 +21,6 @@ cache's end and returns ``(logits, new_cache)``; see ``dpbench.models.generate``
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from dpbench.models import gemma3_loading as loading
 from dpbench.models.base import ModelBundle
 from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
 from dpbench.models.layers import Embed, RMSNorm, attend
-from dpbench.models.lora import LoraSpec, dense, is_lora_param, lora_trainable
+from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, trainable_rule
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
@@ -412,6 +411,8 @@ class Gemma3ModelConfig:
     arch: str = "gemma3"
     preset: str | None = None
     checkpoint: str | None = None
+    # lora (the LoRA factors) | full (every parameter, no LoRA) | head (the tied embedding = output layer)
+    finetune: str = "lora"
     lora_rank: int = 32  # 0: no LoRA, nothing trains (e.g. the "no fine-tuning" baseline)
     lora_alpha: float = 32.0  # alpha = rank: scale 1, as keras-hub's enable_lora
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -433,6 +434,7 @@ def _validate(cfg) -> None:
         raise ValueError("set model.checkpoint (or model.random_init=true with a model.preset)")
     if cfg.lora_rank < 0:
         raise ValueError(f"model.lora_rank={cfg.lora_rank} must be >= 0 (0 = no LoRA)")
+    check_finetune(cfg.finetune)
     if cfg.max_seq_len < 1:
         raise ValueError(f"model.max_seq_len={cfg.max_seq_len} must be >= 1")
     if cfg.tokenizer not in TOKENIZERS:
@@ -491,7 +493,11 @@ def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = F
     """
     _validate(cfg)
     dtype = DTYPES[cfg.dtype]
-    lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets))
+    lora = LoraSpec(
+        rank=effective_rank(cfg.finetune, cfg.lora_rank),
+        alpha=cfg.lora_alpha,
+        targets=tuple(cfg.lora_targets),
+    )
     tokenizer, weights, source = None, None, "random init"
     config = PRESETS[cfg.preset] if cfg.preset is not None else None
     if cfg.checkpoint is not None:
@@ -549,7 +555,10 @@ def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = F
     return ModelBundle(
         apply_fn=apply_fn,
         params=params,
-        is_trainable=functools.partial(lora_trainable, freeze_a=freeze_lora_a, head_pattern=None),
+        # LoRA trains the adapters alone; "head" is the tied embedding, Gemma's output layer.
+        is_trainable=trainable_rule(
+            cfg.finetune, freeze_lora_a, head_pattern=None if cfg.finetune == "lora" else "^embed_tokens/"
+        ),
         weights_source=source,
         tokenizer=tokenizer,
         module=module,

@@ -10,6 +10,7 @@ layer's path such as ``layer_3/attention/query``). The DP method decides only wh
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,35 @@ def dense(spec: LoraSpec | None, layer_path: str, features: int, **kwargs) -> Lo
     rank = spec.rank if spec is not None and spec.applies_to(layer_path) else 0
     alpha = spec.alpha if spec is not None else 16.0
     return LoRADense(features=features, lora_rank=rank, lora_alpha=alpha, name=name, **kwargs)
+
+
+FINETUNE_MODES = ("lora", "full", "head")
+
+
+def check_finetune(finetune: str) -> None:
+    if finetune not in FINETUNE_MODES:
+        raise ValueError(
+            f"model.finetune={finetune!r} is not known; choose one of {', '.join(FINETUNE_MODES)}"
+        )
+
+
+def effective_rank(finetune: str, lora_rank: int) -> int:
+    """LoRA exists only when fine-tuning through it; ``full`` and ``head`` train the model as it is."""
+    return lora_rank if finetune == "lora" else 0
+
+
+def trainable_rule(finetune: str, freeze_a: bool, head_pattern: str | None):
+    """``path -> bool``: what trains under ``model.finetune``.
+
+    ``lora``: the LoRA factors (``lora_a`` unless frozen, as FFA does) and the head; ``full``: every
+    parameter; ``head``: the parameters matching ``head_pattern`` only.
+    """
+    check_finetune(finetune)
+    if finetune == "full":
+        return lambda path: True
+    if finetune == "head":
+        return lambda path: re.search(head_pattern, "/".join(path)) is not None
+    return functools.partial(lora_trainable, freeze_a=freeze_a, head_pattern=head_pattern)
 
 
 def is_lora_param(path: tuple[str, ...]) -> bool:

@@ -118,7 +118,7 @@ class _Tapped:
                 return losses_fn(params, batch, *args)
 
         jax.eval_shape(probe_fn, trainable)  # shapes of the tapped outputs, nothing computed
-        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in probe.output_shapes.items()}
+        zeros = _like_rows_of(batch, {k: jnp.zeros(s.shape, s.dtype) for k, s in probe.output_shapes.items()})
         recorders = []
 
         def forward(params, perturbations):
@@ -250,6 +250,22 @@ class _Tapped:
         grads, _ = self._vjp(weights.astype(self.losses.dtype))
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         return jax.lax.cond(finite, lambda: grads, lambda: self.bookkeeping_sum(weights, keep))
+
+
+def _like_rows_of(batch: dict, tree: dict) -> dict:
+    """``tree`` made device-varying over the mesh axes the batch varies over (inside ``shard_map``).
+
+    The gradient with respect to a device-*invariant* input is implicitly summed over the mesh, so
+    zero perturbations created here would collect every device's output-gradients, not this one's.
+    """
+    axes = set()
+    for leaf in jax.tree_util.tree_leaves(batch):
+        aval = jax.typeof(leaf)
+        manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases call it vma
+        axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()) or ())
+    if not axes:
+        return tree
+    return jax.lax.pcast(tree, tuple(sorted(axes)), to="varying")
 
 
 def _gram(left_j: jax.Array, ids_j: bool, left_k: jax.Array, ids_k: bool) -> jax.Array:

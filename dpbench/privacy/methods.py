@@ -6,6 +6,14 @@
   *expected* logical batch size (dividing by the realised size would leak it).
 - ``ffa``: the same clipping and noise; LoRA's A matrices stay frozen at their random init
   (the model builder is told ``freeze_lora_a``), so only B (and any head) train.
+- ``ghost``: ``vanilla`` with exact ghost clipping (Li et al. 2022; Bu et al. 2022): the same
+  mechanism, so the same ε and, up to float rounding, the same result.
+
+``dp.clipping`` (``per_example``, ``ghost``, ``bookkeeping``, or ``auto``) only chooses how the
+clipped sum is computed: every choice is exact, so it never changes ε or the result. ``auto`` is
+the fastest exact implementation that ``make bench`` measured (results/bench.md).
+
+A new method is one entry in ``METHODS`` plus one YAML in ``conf/dp/``.
 """
 
 from __future__ import annotations
@@ -15,7 +23,30 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dpbench.privacy import clipping
+from dpbench.privacy import clipping as clipping_lib
+
+AUTO = "auto"
+# Measured by `make bench` (results/bench.md): book-keeping is the fastest exact implementation.
+FASTEST_EXACT = "bookkeeping"
+CLIPPING_CHOICES = (AUTO, *clipping_lib.CLIPPING_IMPLEMENTATIONS)
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """What a ``dp.method`` name means: private or not, which LoRA factor trains, which clipping."""
+
+    private: bool
+    freezes_lora_a: bool = False
+    required_clipping: str | None = None  # e.g. ghost: the method *is* that implementation
+    description: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {
+    "none": MethodSpec(private=False, description="non-private baseline"),
+    "vanilla": MethodSpec(private=True, description="DP-SGD"),
+    "ffa": MethodSpec(private=True, freezes_lora_a=True, description="DP-SGD on LoRA with A frozen"),
+    "ghost": MethodSpec(private=True, required_clipping="ghost", description="DP-SGD, exact ghost clipping"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +54,7 @@ class GradientMethod:
     name: str
     clip_norm: float | None  # None for the non-private method
     freezes_lora_a: bool = False
+    clipping: str = "per_example"  # how the clipped sum is computed; exact either way
 
     @property
     def private(self) -> bool:
@@ -31,22 +63,52 @@ class GradientMethod:
     def grad_sum(self, losses_fn, trainable, batch, mask, *args):
         """Sum over one physical batch; sums from several physical batches simply add up."""
         if self.private:
-            return clipping.clipped_grad_sum(losses_fn, trainable, batch, mask, self.clip_norm, *args)
-        return clipping.masked_grad_sum(losses_fn, trainable, batch, mask, *args)
+            return clipping_lib.clipped_grad_sum(
+                losses_fn, trainable, batch, mask, self.clip_norm, *args, clipping=self.clipping
+            )
+        return clipping_lib.masked_grad_sum(losses_fn, trainable, batch, mask, *args)
 
     def finalize(self, grad_sum, count, key, noise_multiplier, expected_batch_size):
         """The gradient the optimizer sees, from the summed gradient of a whole logical batch."""
         if not self.private:
             return jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grad_sum)
-        noisy = clipping.add_gaussian_noise(grad_sum, key, noise_multiplier * self.clip_norm)
+        noisy = clipping_lib.add_gaussian_noise(grad_sum, key, noise_multiplier * self.clip_norm)
         return jax.tree_util.tree_map(lambda g: g / expected_batch_size, noisy)
 
 
+def resolve_clipping(method: str, clipping: str) -> str:
+    """The implementation a (method, dp.clipping) pair runs; refuses contradictions.
+
+    >>> resolve_clipping("vanilla", "auto") == FASTEST_EXACT
+    True
+    >>> resolve_clipping("ghost", "auto")
+    'ghost'
+    """
+    if clipping not in CLIPPING_CHOICES:
+        raise ValueError(
+            f"dp.clipping={clipping!r} is not known; choose one of {', '.join(CLIPPING_CHOICES)}"
+        )
+    spec = METHODS[method]
+    if spec.required_clipping is not None:
+        if clipping not in (AUTO, spec.required_clipping):
+            raise ValueError(
+                f"dp.method={method} is {spec.required_clipping} clipping, but dp.clipping={clipping}; "
+                f"use dp=vanilla dp.clipping={clipping}, or dp.clipping={spec.required_clipping} / auto"
+            )
+        return spec.required_clipping
+    return FASTEST_EXACT if clipping == AUTO else clipping
+
+
 def make_method(dp_cfg) -> GradientMethod:
-    if dp_cfg.method == "none":
-        return GradientMethod("none", clip_norm=None)
-    if dp_cfg.method == "vanilla":
-        return GradientMethod("vanilla", clip_norm=float(dp_cfg.clip_norm))
-    if dp_cfg.method == "ffa":
-        return GradientMethod("ffa", clip_norm=float(dp_cfg.clip_norm), freezes_lora_a=True)
-    raise ValueError(f"dp.method={dp_cfg.method!r} is not known; choose one of none, vanilla, ffa")
+    if dp_cfg.method not in METHODS:
+        raise ValueError(f"dp.method={dp_cfg.method!r} is not known; choose one of {', '.join(METHODS)}")
+    spec = METHODS[dp_cfg.method]
+    if not spec.private:
+        return GradientMethod(dp_cfg.method, clip_norm=None)
+    clipping = resolve_clipping(dp_cfg.method, dp_cfg.get("clipping", AUTO) or AUTO)
+    return GradientMethod(
+        dp_cfg.method,
+        clip_norm=float(dp_cfg.clip_norm),
+        freezes_lora_a=spec.freezes_lora_a,
+        clipping=clipping,
+    )
