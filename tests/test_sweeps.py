@@ -66,7 +66,7 @@ def test_sweep_header_gives_its_command(sweep):
 
 def test_dp_lora_grid_is_method_by_rank_by_epsilon_on_the_dp_lora_setting():
     params, jobs = sweep_jobs("sst2_rank_method")
-    assert params == {"dp": "vanilla,ffa", "model.lora_rank": "2,4,8,16", "dp.epsilon": "1,8"}
+    assert params == {"dp": "vanilla,ffa,ghost", "model.lora_rank": "2,4,8,16", "dp.epsilon": "1,8"}
     cfg = compose_config(["+sweep=sst2_rank_method", *jobs[0]])
     assert (cfg.runner.epochs, cfg.runner.batch_size, cfg.optimizer.name, cfg.dp.delta_exponent) == (
         3,
