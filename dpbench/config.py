@@ -29,12 +29,13 @@ from dpbench.models.cnn import CNNModelConfig
 from dpbench.models.encoder import EncoderModelConfig
 from dpbench.models.gemma3 import Gemma3ModelConfig
 from dpbench.privacy.accounting import AccountantConfig
+from dpbench.privacy.methods import CLIPPING_CHOICES, METHODS, resolve_clipping
 from dpbench.train.optimizers import OPTIMIZERS
 from dpbench.train.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-DP_METHODS = ("none", "vanilla", "ffa")
+DP_METHODS = tuple(METHODS)
 SAMPLERS = ("poisson", "shuffle")
 WANDB_MODES = ("offline", "online", "disabled")
 AUDITS = ("none", "canary")
@@ -44,7 +45,10 @@ AUDITS = ("none", "canary")
 class DPConfig:
     """The privacy mechanism. ``epsilon`` xor ``noise_multiplier``: the other is derived."""
 
-    method: str = "vanilla"  # none | vanilla | ffa (LoRA with A frozen)
+    method: str = "vanilla"  # none | vanilla | ffa (LoRA with A frozen) | ghost (vanilla, ghost clipping)
+    # How the clipped sum is computed: per_example | ghost | bookkeeping | auto (the fastest measured).
+    # A performance knob: every choice is exact, so it never changes ε or the result.
+    clipping: str = "auto"
     epsilon: float | None = 1.0
     noise_multiplier: float | None = None  # set it (and epsilon=null) to report the ε it gives
     delta: float | None = 1e-5
@@ -159,6 +163,12 @@ def validate_static(cfg: DictConfig) -> None:
     dp = cfg.dp
     _choice("dp.method", dp.method, DP_METHODS)
     _choice("dp.sampler", dp.sampler, SAMPLERS)
+    _choice("dp.clipping", dp.clipping, CLIPPING_CHOICES)
+    if dp.method != "none":
+        try:
+            resolve_clipping(dp.method, dp.clipping)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     _choice("optimizer.name", cfg.optimizer.name, tuple(OPTIMIZERS))
     _choice("logger.name", cfg.logger.name, tuple(LOGGERS))
     _choice("dataset.task", cfg.dataset.task, tuple(TASKS))
@@ -186,6 +196,11 @@ def validate_static(cfg: DictConfig) -> None:
             raise ConfigError(f"dp.delta_exponent={dp.delta_exponent} must be > 0")
         if not dp.clip_norm > 0:
             raise ConfigError(f"dp.clip_norm={dp.clip_norm} must be > 0")
+    if dp.method == "ffa" and cfg.model.get("finetune", "lora") != "lora":
+        raise ConfigError(
+            f"dp.method=ffa freezes LoRA's A matrices: it needs model.finetune=lora "
+            f"(got model.finetune={cfg.model.finetune})"
+        )
     if dp.method == "ffa" and cfg.model.get("lora_rank", 0) <= 0:
         raise ConfigError(
             "dp.method=ffa freezes LoRA's A matrices: it needs a model with model.lora_rank > 0"
