@@ -36,8 +36,8 @@ format:  ## apply ruff fixes and formatting
 run:  ## the default job (MNIST + CNN + DP-SGD, ε=1); pass overrides as ARGS="..."
 	$(PY) -m dpbench $(ARGS)
 
-bench:  ## time of a DP-SGD step vs a non-private one (MNIST CNN), as a Markdown table
-	$(PY) -m dpbench.bench
+bench:  ## head-to-head DP step vs Opacus and jax-privacy (needs `pip install -e ".[bench]"`) -> results/bench.md; ARGS="--quick" for a smoke run
+	$(PY) -m dpbench.bench $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,240 @@
+"""JAX variants: dpbench's own training step, a plain jitted JAX step, and jax-privacy's ``clipped_grad``.
+
+All three train the same Flax model with the same per-example loss: dpbench's model bundle and
+task (``build_model`` + ``ClassificationTask`` / ``SummarizationTask``), built from the repository's
+own ``conf/model`` and ``conf/dp`` options. dpbench variants step through ``Trainer.logical_step``,
+exactly as ``python -m dpbench`` trains.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from dpbench.bench.workloads import Workload, decoder_split, make_batch
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+NOISE_MULTIPLIER = 1.0  # any σ: the cost of a step does not depend on it
+
+
+def compose_group(group: str, option: str, overrides: list[str]):
+    """One config group (``conf/<group>/<option>.yaml`` + overrides), schema-checked like a run's.
+
+    Composing only the groups the bench needs keeps it independent of the rest of the tree.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dpbench.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(f"{group}/{option}", overrides=[f"{group}.{o}" for o in overrides])[group]
+
+
+def dp_config(workload: Workload, clipping: str | None):
+    """``dp=none`` for ``clipping=None``, else ``dp=vanilla`` with that clipping implementation."""
+    if clipping is None:
+        return compose_group("dp", "none", [])
+    overrides = [f"clip_norm={workload.clip_norm}", "epsilon=null", f"noise_multiplier={NOISE_MULTIPLIER}"]
+    if clipping != "per_example" or "clipping" in compose_group("dp", "vanilla", []):
+        overrides.append(f"clipping={clipping}")
+    return compose_group("dp", "vanilla", overrides)
+
+
+def available_clippings() -> tuple[str, ...]:
+    """The ``dp.clipping`` values this checkout implements (``per_example`` before the seam existed)."""
+    from dpbench.privacy import clipping as clipping_module
+
+    declared = getattr(clipping_module, "CLIPPING_IMPLEMENTATIONS", None)
+    candidates = tuple(declared) if declared else ("per_example", "ghost", "bookkeeping")
+    if "clipping" not in compose_group("dp", "vanilla", []):
+        return ("per_example",)
+    from dpbench.privacy.methods import make_method
+
+    found = []
+    for name in candidates:
+        try:
+            make_method(compose_group("dp", "vanilla", [f"clipping={name}"]))
+        except Exception:  # noqa: BLE001 - an unknown value is refused in whatever way the code chooses
+            continue
+        found.append(name)
+    return tuple(found)
+
+
+def model_config(workload: Workload):
+    base = compose_group("model", workload.dpbench_model, [])
+    if workload.kind == "cnn":
+        return base  # no LoRA: every parameter trains
+    overrides = []
+    if workload.lora_rank:
+        overrides += [f"lora_rank={workload.lora_rank}", f"lora_alpha={workload.lora_alpha}"]
+        overrides.append("lora_targets=[" + ",".join(workload.lora_targets) + "]")
+    if "finetune" in base:
+        overrides.append(f"finetune={workload.finetune}")
+    elif workload.finetune == "full":
+        overrides.append("lora_rank=0")  # before model.finetune existed: no LoRA, every parameter trains
+    return compose_group("model", workload.dpbench_model, overrides)
+
+
+def make_optimizer(workload: Workload) -> optax.GradientTransformation:
+    if workload.optimizer == "sgd":
+        return optax.sgd(workload.learning_rate, momentum=0.9)
+    return optax.adamw(workload.learning_rate, weight_decay=0.01)
+
+
+class Model:
+    """The bundle, the per-example losses function, trainable / frozen parameters, one logical batch."""
+
+    def __init__(self, workload: Workload, freeze_lora_a: bool = False):
+        from dpbench.models.registry import build_model
+        from dpbench.train.loop import split_params
+
+        self.workload = workload
+        cfg = model_config(workload)
+        self.bundle = build_model(cfg, jax.random.PRNGKey(0), freeze_lora_a=freeze_lora_a)
+        self.losses_fn = self._task().losses_fn
+        is_trainable = self.bundle.is_trainable
+        if workload.finetune == "full" and "finetune" not in cfg:
+            is_trainable = lambda path: True  # noqa: E731
+        self.trainable, self.frozen = split_params(self.bundle.params, is_trainable)
+        self.batch = make_batch(workload)
+
+    def _task(self):
+        if self.workload.kind != "decoder":
+            from dpbench.train.tasks import ClassificationTask
+
+            return ClassificationTask(self.bundle.apply_fn)
+        from dpbench.train.summarization import SummarizationTask
+
+        _, response = decoder_split(self.workload.seq_len)
+        dataset_cfg = types.SimpleNamespace(
+            max_prompt_length=self.workload.seq_len - response, max_new_tokens=response
+        )
+        task = SummarizationTask(self.bundle, dataset_cfg, progress_bar=False)
+        # As training with summaries of `response` tokens: logits of the response positions only.
+        task.max_targets = response
+        return task
+
+    @property
+    def num_trainable(self) -> int:
+        return int(sum(np.size(x) for x in self.trainable.values()))
+
+
+def dpbench_step(workload: Workload, clipping: str | None) -> tuple[Callable[[int], None], dict]:
+    """dpbench's logical step (``Trainer``), for ``dp=none`` or ``dp=vanilla dp.clipping=<clipping>``."""
+    from dpbench.privacy.methods import make_method
+    from dpbench.train import sharding
+    from dpbench.train.loop import Trainer, gather_chunks
+
+    method = make_method(dp_config(workload, clipping))
+    model = Model(workload, freeze_lora_a=method.freezes_lora_a)
+    mesh = sharding.make_mesh()
+    frozen = sharding.put_replicated(model.frozen, mesh)
+    trainer = Trainer(
+        model.losses_fn, method, make_optimizer(workload), mesh, NOISE_MULTIPLIER, workload.batch_size
+    )
+    state = trainer.init(model.trainable)
+    chunks = gather_chunks(model.batch, np.arange(workload.batch_size), workload.physical_batch_size)
+
+    def step(i: int) -> None:
+        trainer.logical_step(state, frozen, chunks, jax.random.PRNGKey(i))
+        jax.block_until_ready(state.trainable)
+
+    return step, {"trainable_params": model.num_trainable, "method": method.name}
+
+
+def _microbatched(batch: dict, size: int) -> dict:
+    return jax.tree_util.tree_map(lambda x: x.reshape(-1, size, *x.shape[1:]), batch)
+
+
+def plain_jax_step(workload: Workload) -> tuple[Callable[[int], None], dict]:
+    """Non-private reference in the style of a hand-written JAX loop: one jit, a scan over physical
+    batches summing gradients, the mean gradient into optax."""
+    model = Model(workload)
+    optimizer = make_optimizer(workload)
+
+    def summed_loss(trainable, batch, frozen):
+        return jnp.sum(model.losses_fn(trainable, batch, frozen)[0])
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(trainable, opt_state, batch, frozen):
+        def accumulate(acc, micro):
+            grads = jax.grad(summed_loss)(trainable, micro, frozen)
+            return jax.tree_util.tree_map(jnp.add, acc, grads), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, trainable)
+        grad_sum, _ = jax.lax.scan(
+            accumulate, zeros, _microbatched(batch, workload.physical_batch_size), unroll=True
+        )
+        grads = jax.tree_util.tree_map(lambda g: g / workload.batch_size, grad_sum)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state
+
+    state = {"trainable": model.trainable, "opt_state": optimizer.init(model.trainable)}
+    batch = jax.device_put(model.batch)
+    frozen = jax.device_put(model.frozen)
+
+    def step(i: int) -> None:
+        state["trainable"], state["opt_state"] = train_step(
+            state["trainable"], state["opt_state"], batch, frozen
+        )
+        jax.block_until_ready(state["trainable"])
+
+    return step, {"trainable_params": model.num_trainable}
+
+
+def jax_privacy_step(workload: Workload) -> tuple[Callable[[int], None], dict]:
+    """jax-privacy 2.x: ``clipped_grad`` (vmap per-example gradients, microbatched by the physical
+    batch size) + ``gaussian_privatizer`` noise on the clipped sum + optax, in one jit."""
+    import jax_privacy
+    from jax_privacy import noise_addition
+
+    model = Model(workload)
+    optimizer = make_optimizer(workload)
+
+    def summed_loss(trainable, batch, frozen):  # the batch holds one example (keep_batch_dim)
+        return jnp.sum(model.losses_fn(trainable, batch, frozen)[0])
+
+    clipped = jax_privacy.clipped_grad(
+        summed_loss,
+        argnums=0,
+        l2_clip_norm=workload.clip_norm,
+        batch_argnums=1,
+        microbatch_size=workload.physical_batch_size,
+    )
+    privatizer = noise_addition.gaussian_privatizer(
+        stddev=NOISE_MULTIPLIER * workload.clip_norm, prng_key=jax.random.key(0)
+    )
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def train_step(trainable, opt_state, noise_state, batch, frozen):
+        clipped_sum = clipped(trainable, batch, frozen)
+        noisy_sum, noise_state = privatizer.update(clipped_sum, noise_state)
+        grads = jax.tree_util.tree_map(lambda g: g / workload.batch_size, noisy_sum)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        return optax.apply_updates(trainable, updates), opt_state, noise_state
+
+    state = {
+        "trainable": model.trainable,
+        "opt_state": optimizer.init(model.trainable),
+        "noise_state": privatizer.init(model.trainable),
+    }
+    batch = jax.device_put(model.batch)
+    frozen = jax.device_put(model.frozen)
+
+    def step(i: int) -> None:
+        state["trainable"], state["opt_state"], state["noise_state"] = train_step(
+            state["trainable"], state["opt_state"], state["noise_state"], batch, frozen
+        )
+        jax.block_until_ready(state["trainable"])
+
+    return step, {"trainable_params": model.num_trainable, "jax_privacy": jax_privacy.__version__}

@@ -1,0 +1,140 @@
+"""``python -m dpbench.bench``: the harness runs end to end on tiny models and writes a well-formed table.
+
+No timing assertions: the machine is shared. What is checked is the structure (one row per
+variant, numbers where numbers belong, baselines at 1.00x), that every framework trains the same
+number of parameters (the same architecture), and the target verdicts' arithmetic.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from dpbench.bench import __main__ as bench_main
+from dpbench.bench import harness, workloads
+from dpbench.bench.variants import BY_ID
+
+ROW = re.compile(
+    r"^\| (?P<label>[^|]+) \| (?P<seconds>[\d.]+) \| (?P<range>[\d.]+-[\d.]+ \(\d+\)) \| "
+    r"(?P<ratio>[\d.]+x) \| (?P<rss>\d+) MB \| (?P<mem_ratio>[\d.]+x) \| (?P<params>[\d,]+) \|$"
+)
+
+
+def table_rows(text: str, workload_key: str) -> dict[str, re.Match]:
+    """The rows of one workload's table, by label."""
+    section = text.split(f"### ({workload_key})", 1)[1].split("###", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| ") and not line.startswith(("| variant", "| target")):
+            match = ROW.match(line)
+            if match:
+                rows[match["label"].strip()] = match
+    return rows
+
+
+def run_bench(tmp_path, args: list[str]) -> str:
+    output = tmp_path / "bench.md"
+    code = bench_main.main(["--quick", "--output", str(output), "--log-dir", str(tmp_path / "logs"), *args])
+    assert code == 0
+    return output.read_text()
+
+
+def test_quick_bench_writes_a_well_formed_table(tmp_path):
+    variants = ["dpbench-none", "dpbench-per_example", "torch-nonprivate"]
+    text = run_bench(tmp_path, ["--workloads", "a", "--variants", ",".join(variants)])
+    assert text.startswith("# Head-to-head")
+    assert harness.BEGIN in text and harness.END in text
+    assert "Command: `python -m dpbench.bench --quick" in text
+    assert re.search(r"load average \(1, 5, 15 min\) before [\d.]+, [\d.]+, [\d.]+, after", text)
+    rows = table_rows(text, "a")
+    assert len(rows) == 3, text
+    baselines = [m for label, m in rows.items() if "dp=none" in label or "non-private" in label]
+    assert len(baselines) == 2
+    assert all(m["ratio"] == "1.00x" and m["mem_ratio"] == "1.00x" for m in baselines)
+    for match in rows.values():
+        assert float(match["seconds"]) > 0 and int(match["rss"]) > 100
+    # Same architecture in both frameworks: the tutorial CNN's 824,458 parameters.
+    assert {m["params"] for m in rows.values()} == {"824,458"}
+    assert "| DP / non-private time <= 2.0x |" in text
+    # The raw measurements are kept beside the logs.
+    assert (tmp_path / "logs" / "raw.json").exists()
+
+
+def test_regenerating_keeps_hand_written_text(tmp_path):
+    path = tmp_path / "bench.md"
+    harness.write_report(path, f"{harness.BEGIN}\nold\n{harness.END}", "title")
+    path.write_text(path.read_text() + "\n## Notes\nhand-written analysis\n")
+    harness.write_report(path, f"{harness.BEGIN}\nnew\n{harness.END}", "title")
+    text = path.read_text()
+    assert "new" in text and "old" not in text and "hand-written analysis" in text
+
+
+def _row(variant_id: str, seconds: float, rss: float) -> harness.Row:
+    return harness.Row(BY_ID[variant_id], variant_id, seconds=seconds, peak_rss_mb=rss, seconds_range=(0, 0))
+
+
+def test_target_verdicts():
+    variants = [BY_ID[i] for i in ("dpbench-none", "dpbench-per_example", "dpbench-ghost", "opacus-ghost")]
+    measured = {"dpbench-none": (1.0, 1000), "dpbench-per_example": (3.0, 2000), "dpbench-ghost": (2.5, 1300)}
+    measured["opacus-ghost"] = (2.0, 900)
+    rows = [_row(v.id, *measured[v.id]) for v in variants] + [_row("torch-nonprivate", 1.0, 800)]
+    ms = [
+        harness.Measurement(r.variant.id, 0, step_seconds=[r.seconds], peak_rss_mb=r.peak_rss_mb, info={})
+        for r in rows
+    ]
+    rows = harness.summarise([r.variant for r in rows], ms, {}, {})
+    verdicts = {t: (m, v) for t, m, v in harness.evaluate_targets("d", rows)}
+    assert verdicts["DP / non-private time <= 1.5x"] == ("2.50x (`ghost`)", "missed by 1.67x")
+    assert verdicts["best dpbench DP step <= Opacus ghost"][1] == "missed by 1.25x"
+    assert verdicts["DP peak RSS / non-private <= 1.2x"][1] == "missed by 1.08x"
+    assert [v for t, m, v in harness.evaluate_targets("a", rows)][0] == "missed by 1.25x"
+
+
+def test_failed_and_missing_variants_are_reported_not_fatal(tmp_path):
+    rows = harness.summarise(
+        [BY_ID["dpbench-none"], BY_ID["opacus-ghost"]],
+        [harness.Measurement("dpbench-none", 0, error="RuntimeError: boom")],
+        {"opacus": "1.6.0"},
+        {"opacus-ghost": "`opacus` is not installed"},
+    )
+    table = harness.render_table(rows)
+    assert "failed: RuntimeError: boom" in table
+    assert "`opacus` is not installed" in table
+
+
+def test_torch_decoder_dims_are_dpbench_presets():
+    from dpbench.models.gemma3 import PRESETS
+
+    for dims, preset in ((workloads.GEMMA3_270M_DIMS, "270m"), (workloads.GEMMA3_TINY_DIMS, "tiny")):
+        config = PRESETS[preset]
+        assert dims == {
+            "vocab_size": config.vocab_size,
+            "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size,
+            "num_layers": config.num_layers,
+            "num_heads": config.num_heads,
+            "num_kv_heads": config.num_kv_heads,
+            "head_dim": config.head_dim,
+            "query_pre_attn_scalar": config.query_pre_attn_scalar,
+            "sliding_window": config.sliding_window,
+        }
+
+
+def test_bad_arguments_name_the_allowed_values(capsys):
+    assert bench_main.main(["--workloads", "z"]) == 2
+    assert "choose from a, b, c, d" in capsys.readouterr().err
+    assert bench_main.main(["--variants", "opacus-magic"]) == 2
+    assert "opacus-ghost" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_bench_every_variant_every_workload(tmp_path):
+    """All nine variants on the four tiny workloads: no failure, same trainable parameters per workload."""
+    pytest.importorskip("opacus")
+    pytest.importorskip("jax_privacy")
+    text = run_bench(tmp_path, [])
+    for key in "abcd":
+        rows = table_rows(text, key)
+        assert len(rows) == len(BY_ID), (key, text)
+        assert len({m["params"] for m in rows.values()}) == 1, (key, text)
