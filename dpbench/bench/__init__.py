@@ -1,0 +1,1 @@
+"""``python -m dpbench.bench``: the head-to-head DP-step benchmark (see ``__main__`` and ``harness``)."""
