@@ -1,16 +1,22 @@
 """``python -m dpbench [overrides]``: compose the config with Hydra and run one job (or a sweep with -m).
 
 A bad setting prints one line naming the setting and the allowed values and exits with status 2
-(``HYDRA_FULL_ERROR=1`` shows the traceback).
+(``HYDRA_FULL_ERROR=1`` shows the traceback). SIGTERM/SIGINT during training checkpoints the
+current logical step and exits with 128 + the signal number, printing the command that resumes.
 """
 
+import shlex
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from dpbench import experiment
 from dpbench.config import exit_on_setting_error, register_configs
+from dpbench.train.preemption import Preempted
 
 register_configs()
 _job_started = False
@@ -21,9 +27,25 @@ def main(cfg: DictConfig) -> float | None:
     global _job_started
     _job_started = True
     with exit_on_setting_error():
-        metrics = experiment.run(cfg)["metrics"]
+        try:
+            metrics = experiment.run(cfg)["metrics"]
+        except Preempted as stop:
+            print(f"{stop}\nresume with: {resume_command()}", file=sys.stderr, flush=True)
+            sys.exit(stop.exit_status)
     # Returned for Hydra sweepers that optimise an objective.
     return metrics.get("eval/accuracy", metrics.get("eval/rougeL"))
+
+
+def resume_command() -> str:
+    """This command again, pinned to this run's folder (or sweep folder), so it resumes."""
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    args = [a for a in sys.argv[1:] if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        args.append(f"hydra.sweep.dir={output_dir.parent}")  # jobs keep their subdirs: re-run the sweep
+    else:
+        args.append(f"hydra.run.dir={output_dir}")
+    return " ".join(["python -m dpbench", *(shlex.quote(a) for a in args)])
 
 
 def cli() -> None:

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from dpbench.data.roots import register_resolvers
 from dpbench.data.schema import DatasetConfig
@@ -38,6 +38,16 @@ log = logging.getLogger(__name__)
 DP_METHODS = tuple(METHODS)
 SAMPLERS = ("poisson", "shuffle")
 WANDB_MODES = ("offline", "online", "disabled")
+RESUME_MODES = ("auto", "never", "must")
+# What a non-finite value of these settings should be instead (any other float: "a finite number").
+FINITE_HINTS = {
+    "dp.epsilon": "a finite number > 0 (dp=none trains without privacy)",
+    "dp.noise_multiplier": "a finite number > 0",
+    "dp.clip_norm": "a finite number > 0",
+    "dp.delta": "a number in (0, 1)",
+    "dp.delta_exponent": "a finite number > 0",
+    "runner.epochs": "a finite number > 0, or null with runner.steps set",
+}
 AUDITS = ("none", "canary")
 
 
@@ -55,6 +65,9 @@ class DPConfig:
     delta_exponent: float | None = None  # δ = n^-exponent (dp-lora uses 1.1); needs delta=null
     clip_norm: float = 1.0
     sampler: str = "poisson"  # poisson | shuffle
+    # Draw the noise key from the OS's entropy (never logged or stored): seed and records alone then
+    # cannot replay the noise, and the run is not bit-reproducible (its record says so).
+    secure_noise: bool = False
 
 
 @dataclasses.dataclass
@@ -79,6 +92,15 @@ class RunnerConfig:
     eval_before_training: bool = False
     seed: int = 0
     progress_bar: bool = True
+    # Checkpoints (<run dir>/checkpoints): every N logical steps; null = about every 10 minutes and at
+    # least every 10% of the run; 0 = only before evaluations, at the end and on SIGTERM/SIGINT.
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto: continue from the run dir's last checkpoint | never | must
+    # A DP run's records hold no statistic of the training data computed without noise (training loss,
+    # accuracy, clipped fraction, gradient norm, realised batch size, class counts, truncation) unless
+    # this is true; the privacy section lists what was released. Non-private runs release everything.
+    release_nonprivate_stats: bool = False
 
 
 @dataclasses.dataclass
@@ -158,8 +180,21 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
 
 
+def _check_finite(node: Any, path: str) -> None:
+    """Every float setting (in lists too) must be finite: inf/nan would train a NaN model or fail deep."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_finite(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            _check_finite(value, f"{path}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{path}={node} is not allowed; choose {FINITE_HINTS.get(path, 'a finite number')}")
+
+
 def validate_static(cfg: DictConfig) -> None:
     """Checks that need no data: run before anything is loaded so bad input fails early."""
+    _check_finite(OmegaConf.to_container(cfg, resolve=True), "")
     dp = cfg.dp
     _choice("dp.method", dp.method, DP_METHODS)
     _choice("dp.sampler", dp.sampler, SAMPLERS)
@@ -220,6 +255,14 @@ def validate_static(cfg: DictConfig) -> None:
         raise ConfigError(f"compute.physical_batch_size={cfg.compute.physical_batch_size} must be > 0")
     if runner.eval_every < 0:
         raise ConfigError(f"runner.eval_every={runner.eval_every} must be >= 0")
+    _choice("runner.resume", runner.resume, RESUME_MODES)
+    if runner.checkpoint_every is not None and runner.checkpoint_every < 0:
+        raise ConfigError(
+            f"runner.checkpoint_every={runner.checkpoint_every} must be >= 0 (0 = only where required) "
+            "or null (about every 10 minutes)"
+        )
+    if runner.keep_checkpoints < 1:
+        raise ConfigError(f"runner.keep_checkpoints={runner.keep_checkpoints} must be >= 1")
     if cfg.audit.name == "canary" and cfg.audit.num_canaries <= 0:
         raise ConfigError(f"audit.num_canaries={cfg.audit.num_canaries} must be > 0")
 

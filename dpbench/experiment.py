@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dpbench import config as config_lib
@@ -23,13 +25,24 @@ from dpbench.data.base import Dataset
 from dpbench.data.registry import load_dataset
 from dpbench.models.base import ModelBundle
 from dpbench.models.registry import build_model
-from dpbench.privacy import accounting
+from dpbench.privacy import accounting, clipping
+from dpbench.privacy import mechanism as mechanism_lib
 from dpbench.privacy.mechanism import Mechanism, plan_mechanism
 from dpbench.privacy.methods import GradientMethod, make_method
 from dpbench.summary import summary_block
 from dpbench.train import sharding
-from dpbench.train.loop import LoopCallbacks, Trainer, TrainState, split_params, train_loop
+from dpbench.train.checkpoint import Cadence, Checkpoints, structure_matches
+from dpbench.train.loop import (
+    LoopCallbacks,
+    StopTraining,
+    Trainer,
+    TrainState,
+    split_params,
+    train_loop,
+    train_statistics,
+)
 from dpbench.train.optimizers import make_optimizer
+from dpbench.train.preemption import Preempted, StopSignals
 from dpbench.train.tasks import task_class
 
 log = logging.getLogger("dpbench")
@@ -57,6 +70,7 @@ class Experiment:
     eval_arrays: dict
     preparation: dict  # what preparing the arrays did to each split (e.g. truncation counts)
     noise_key: jax.Array
+    secure_noise: bool  # noise key from OS entropy (dp.secure_noise): not reproducible
     tracker: accounting.EpsilonTracker | None
     audit: Any  # dpbench.privacy.audit_run.CanaryAudit or None
     config_dict: dict
@@ -103,6 +117,16 @@ def build(cfg: DictConfig) -> Experiment:
         dataset.eval_split,
     )
     init_key, noise_key = jax.random.split(jax.random.PRNGKey(cfg.runner.seed))
+    secure_noise = bool(cfg.dp.secure_noise) and method.private
+    if secure_noise:
+        # A raw threefry key (two uint32) from the OS: seed and records alone cannot replay the noise.
+        noise_key = jax.numpy.asarray(np.frombuffer(os.urandom(8), dtype=np.uint32))
+        log.info("noise key: from the OS's entropy (dp.secure_noise=true), not stored; not bit-reproducible")
+    elif method.private:
+        log.info(
+            "noise keys: fold_in(split(PRNGKey(runner.seed=%d))[1], step): replayable from the seed",
+            cfg.runner.seed,
+        )
     bundle = build_model(cfg.model, init_key, freeze_lora_a=method.freezes_lora_a)
     log.info("model: %s, weights: %s", cfg.model.arch, bundle.weights_source)
     task_type = task_class(cfg.dataset.task)
@@ -153,6 +177,16 @@ def build(cfg: DictConfig) -> Experiment:
         sum(x.size for x in trainable.values()),
         sum(x.size for x in frozen.values()),
     )
+    if method.private and method.clipping != "per_example":
+        # Fast clipping is exact only if the layer taps see every use of every trainable parameter.
+        rows = min(4, num_examples)
+        sample = {k: v[:rows] for k, v in train_arrays.items()}
+        errors = clipping.check_tap_coverage(task.losses_fn, trainable, sample, frozen)
+        log.info(
+            "dp.clipping=%s: layer taps cover every trainable parameter (max rel. error %.1e)",
+            method.clipping,
+            max(errors.values()),
+        )
     frozen = sharding.put_replicated(frozen, mesh)
     trainer = Trainer(
         task.losses_fn,
@@ -182,6 +216,7 @@ def build(cfg: DictConfig) -> Experiment:
         eval_arrays=eval_arrays,
         preparation=preparation,
         noise_key=noise_key,
+        secure_noise=secure_noise,
         tracker=tracker,
         audit=audit,
         config_dict=config_dict,
@@ -228,17 +263,212 @@ def _privacy_claim(exp: Experiment) -> dict:
     }
 
 
-def train_and_evaluate(exp: Experiment) -> records.RunRecord:
-    """Train ``exp`` to its last logical step, evaluate, and write results.json and history.jsonl."""
+# Settings that may differ between a checkpoint and the run resuming it: performance, logging,
+# paths and the checkpoint/resume knobs themselves. Every other setting must match.
+RESUMABLE_CHANGES = (
+    "compute.",
+    "logger.",
+    "paths.",
+    "runner.progress_bar",
+    "runner.checkpoint_every",
+    "runner.keep_checkpoints",
+    "runner.resume",
+)
+# dataset_info keys that describe the dataset, not its training examples (released in DP runs).
+PUBLIC_DATASET_INFO = (
+    "num_classes",
+    "image_shape",
+    "auto_skipped",
+    "num_train_full",
+    "num_eval_full",
+    "subset",
+)
+
+
+def _flatten(values: Any, prefix: str = "") -> dict:
+    if isinstance(values, dict):
+        flat = {}
+        for key, value in values.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: values}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Settings (dotted names) whose values differ, except those a resumed run may change.
+
+    >>> config_differences({"dp": {"epsilon": 1.0}, "compute": {"eval_batch_size": 8}},
+    ...                    {"dp": {"epsilon": 8.0}, "compute": {"eval_batch_size": 16}})
+    ['dp.epsilon=8.0 (the checkpoint has dp.epsilon=1.0)']
+    """
+    old, new = _flatten(saved), _flatten(current)
+    return [
+        f"{key}={new.get(key)!r} (the checkpoint has {key}={old.get(key)!r})"
+        for key in sorted(set(old) | set(new))
+        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
+
+
+def _different_run(what: str, run_dir: Path, differences: list[str]) -> config_lib.ConfigError:
+    return config_lib.ConfigError(
+        f"runner.resume: {what} in {run_dir} differs from this run: {'; '.join(differences)}. Run the same "
+        "settings to resume, or start afresh with runner.resume=never (allowed: auto, never, must) or "
+        "another hydra.run.dir"
+    )
+
+
+def completed_record(cfg: DictConfig) -> records.RunRecord | None:
+    """The complete record already in this run's folder (same settings), unless ``runner.resume=never``."""
+    path = Path(cfg.paths.output_dir) / records.RESULTS_FILE
+    if cfg.runner.resume == "never" or not path.is_file():
+        return None
+    record = records.load_record(path)
+    if not record.complete:
+        return None
+    differences = config_differences(record.config, OmegaConf.to_container(cfg, resolve=True))
+    if differences:
+        raise _different_run("the complete run", path.parent, differences)
+    log.info("%s is complete with the same settings: skipping this job (runner.resume=never reruns it)", path)
+    return record
+
+
+class ReleasePolicy:
+    """What a run may publish (results.json, history.jsonl, W&B, progress bar).
+
+    A DP run publishes only what is covered by its (ε, δ) claim or does not depend on the training
+    data: evaluation-split metrics, ε, σ, throughput at the expected batch size. Statistics of the
+    training data computed without noise (per-batch loss, accuracy, clipped fraction, gradient
+    norm, realised batch size, non-finite counts, class counts, truncation counts) are withheld
+    unless ``runner.release_nonprivate_stats=true``; ``released`` lists what was published.
+    """
+
+    def __init__(self, private: bool, opted_in: bool):
+        self.private = private
+        self.withhold = private and not opted_in
+        self.released: set[str] = set()
+        self._warned_nonfinite = False
+
+    def train_record(self, stats: dict) -> dict:
+        if not self.withhold:
+            record = train_statistics(stats)
+            if self.private:
+                self.released.update(record)
+            return record
+        if float(stats.get("nonfinite_sum", 0.0)) > 0 and not self._warned_nonfinite:
+            # One bit, once, to the operator's log: their model produces non-finite gradients.
+            log.warning(
+                "some training examples had non-finite gradients and were zeroed (the count is a training-"
+                "data statistic and is withheld; runner.release_nonprivate_stats=true logs it)"
+            )
+            self._warned_nonfinite = True
+        return {}
+
+    def dataset_info(self, info: dict) -> dict:
+        if not self.private:
+            return info
+        released = {k: v for k, v in info.items() if k in PUBLIC_DATASET_INFO or not self.withhold}
+        self.released.update(f"dataset_info.{k}" for k in released if k not in PUBLIC_DATASET_INFO)
+        return released
+
+    def preparation(self, preparation: dict) -> dict:
+        """Drop what preparing the *training* split measured (e.g. its truncation counts)."""
+        if not self.private:
+            return preparation
+        kept = {}
+        for name, per_split in preparation.items():
+            splits = {s: v for s, v in per_split.items() if s != "train" or not self.withhold}
+            if "train" in splits:
+                self.released.add(f"data_preparation.{name}.train")
+            if splits:
+                kept[name] = splits
+        return kept
+
+
+def _reproducibility(exp: Experiment) -> dict:
+    batches = (
+        f"{exp.mechanism.sampler.name} sampler: batch_indices(step) from numpy "
+        "SeedSequence([runner.seed, stream, step])"
+    )
+    if exp.secure_noise:
+        noise = (
+            "drawn from the operating system's entropy (dp.secure_noise=true), never stored: not replayable"
+        )
+        return {"batches": batches, "noise": noise, "bit_reproducible": False}
+    return {
+        "batches": batches,
+        "noise": "fold_in(split(PRNGKey(runner.seed))[1], step)",
+        "bit_reproducible": True,
+    }
+
+
+def _resume(exp: Experiment, checkpoints: Checkpoints) -> tuple[int | None, dict]:
+    """Restore ``exp.state`` from the last checkpoint per ``runner.resume``; (its step or None, its meta)."""
+    mode = exp.cfg.runner.resume
+    if mode == "never":
+        if checkpoints.directory.exists() or (exp.output_dir / records.RESULTS_FILE).exists():
+            log.warning("runner.resume=never: removing the checkpoints and record in %s", exp.output_dir)
+        checkpoints.clear()
+        (exp.output_dir / records.RESULTS_FILE).unlink(missing_ok=True)
+        return None, {}
+    latest = checkpoints.latest_step()
+    if latest is None:
+        if mode == "must":
+            raise config_lib.ConfigError(
+                f"runner.resume=must but {checkpoints.directory} holds no checkpoint; choose "
+                "runner.resume=auto (resume if there is one) or never, or point hydra.run.dir at the "
+                "interrupted run"
+            )
+        return None, {}
+    meta = checkpoints.read_meta(latest)
+    differences = config_differences(meta.get("config", {}), exp.config_dict)
+    if differences:
+        raise _different_run(f"the checkpoint at step {latest}", exp.output_dir, differences)
+    mechanism_differences = mechanism_lib.differences(meta.get("mechanism", {}), exp.mechanism.describe())
+    if mechanism_differences:
+        raise _different_run(
+            f"the mechanism of the checkpoint at step {latest}", exp.output_dir, mechanism_differences
+        )
+    if not structure_matches(meta, exp.state.trainable, exp.state.opt_state):
+        raise _different_run(
+            f"the checkpoint at step {latest}",
+            exp.output_dir,
+            ["the trainable parameters or optimizer state"],
+        )
+    exp.state.trainable, exp.state.opt_state = checkpoints.restore(
+        latest, exp.state.trainable, exp.state.opt_state
+    )
+    exp.state.step = latest
+    log.info(
+        "resuming from the checkpoint at logical step %d of %d in %s",
+        latest,
+        exp.mechanism.steps,
+        checkpoints.directory,
+    )
+    return latest, meta
+
+
+def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> records.RunRecord:
+    """Train ``exp`` to its last logical step (resuming per ``runner.resume``), evaluate, write records.
+
+    Raises :class:`Preempted` after checkpointing when SIGTERM/SIGINT arrives, or after logical step
+    ``stop_after`` (as if preempted there; for callers that train in sessions, and for tests).
+    """
     cfg, mechanism, state = exp.cfg, exp.mechanism, exp.state
-    history = records.History(exp.output_dir / records.HISTORY_FILE)
+    checkpoints = Checkpoints(exp.output_dir, cfg.runner.keep_checkpoints)
+    start, meta = _resume(exp, checkpoints)
+    history = records.History(exp.output_dir / records.HISTORY_FILE, resume_step=start)
+    policy = ReleasePolicy(exp.private, cfg.runner.release_nonprivate_stats)
+    cadence = Cadence(cfg.runner.checkpoint_every, mechanism.steps)
+    resumed_at = [*meta.get("resumed_at", []), *([start] if start else [])]
+    seconds_before = float(meta.get("train_seconds", 0.0))
+    last_saved = {"step": start}
 
     def evaluate(step: int) -> dict:
         metrics = exp.task.evaluate(
             state.trainable, exp.frozen, exp.eval_arrays, cfg.compute.eval_batch_size, exp.mesh
         )
-        history.append("eval", step, metrics)
-        exp.logger.log(metrics, step)
+        if history.append("eval", step, metrics):
+            exp.logger.log(metrics, step)
         log.info(
             "step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
         )
@@ -247,35 +477,76 @@ def train_and_evaluate(exp: Experiment) -> records.RunRecord:
     def log_train(record: dict, step: int) -> None:
         if mechanism.noise_multiplier is not None:
             record = {**record, "privacy/sigma": mechanism.noise_multiplier}
-        history.append("train", step, record)
-        exp.logger.log(record, step)
+        if history.append("train", step, record):
+            exp.logger.log(record, step)
 
-    if cfg.runner.eval_before_training:
-        evaluate(0)
+    def save(step: int, required: bool) -> None:
+        # Before every evaluation (required): whatever a run publishes comes from a saved state, so a
+        # resumed run never redraws noise for a step whose outputs were already published.
+        if (required or cadence.due(step)) and last_saved["step"] != step:
+            checkpoints.save(
+                step,
+                state.trainable,
+                state.opt_state,
+                {
+                    "mechanism": mechanism.describe(),
+                    "config": exp.config_dict,
+                    "randomness": _reproducibility(exp),
+                    "resumed_at": resumed_at,
+                    "train_seconds": seconds_before + time.perf_counter() - train_start,
+                },
+            )
+            cadence.saved()
+            last_saved["step"] = step
+
     train_start = time.perf_counter()
-    train_loop(
-        exp.trainer,
-        state,
-        exp.frozen,
-        exp.train_arrays,
-        mechanism.sampler,
-        mechanism.steps,
-        cfg.compute.physical_batch_size,
-        exp.noise_key,
-        cfg.runner.eval_every,
-        LoopCallbacks(
+    if not start and cfg.runner.eval_before_training:
+        evaluate(0)
+    eval_every = cfg.runner.eval_every
+    if start and start < mechanism.steps and eval_every and start % eval_every == 0:
+        evaluate(start)  # the checkpoint precedes its step's evaluation, which may not have happened
+    with StopSignals() as signals:
+        callbacks = LoopCallbacks(
             evaluate=evaluate,
             epsilon_at=exp.tracker.epsilon_at if exp.tracker else (lambda step: None),
             log=log_train,
             check_budget=exp.tracker.check_step if exp.tracker else (lambda step: None),
-        ),
-        progress_bar=cfg.runner.progress_bar,
-    )
-    train_seconds = time.perf_counter() - train_start
-    return _finish(exp, history, train_seconds)
+            release=policy.train_record,
+            save=save,
+            stop_requested=lambda: (
+                signals.requested is not None or (stop_after is not None and state.step >= stop_after)
+            ),
+        )
+        try:
+            train_loop(
+                exp.trainer,
+                state,
+                exp.frozen,
+                exp.train_arrays,
+                mechanism.sampler,
+                mechanism.steps,
+                cfg.compute.physical_batch_size,
+                exp.noise_key,
+                eval_every,
+                callbacks,
+                progress_bar=cfg.runner.progress_bar,
+            )
+        except StopTraining as stop:
+            checkpoints.close()
+            exp.logger.finish()
+            raise Preempted(signals.requested, stop.step, mechanism.steps, str(exp.output_dir)) from None
+    checkpoints.close()
+    train_seconds = seconds_before + time.perf_counter() - train_start
+    return _finish(exp, history, policy, train_seconds, resumed_at)
 
 
-def _finish(exp: Experiment, history: records.History, train_seconds: float) -> records.RunRecord:
+def _finish(
+    exp: Experiment,
+    history: records.History,
+    policy: ReleasePolicy,
+    train_seconds: float,
+    resumed_at: list[int],
+) -> records.RunRecord:
     """The privacy claim, the audit, and the complete record (written atomically)."""
     cfg, state = exp.cfg, exp.state
     evaluations = history.of_kind("eval")
@@ -298,6 +569,11 @@ def _finish(exp: Experiment, history: records.History, train_seconds: float) -> 
             audit["epsilon_lower_bound"],
             claim["epsilon"],
         )
+    dataset_info = policy.dataset_info(exp.dataset.info)
+    preparation = policy.preparation(exp.preparation)
+    if exp.private:
+        claim["privacy"]["released_nonprivate_statistics"] = sorted(policy.released)
+        claim["privacy"]["noise_randomness"] = _reproducibility(exp)["noise"]
     final = {k: v for k, v in during[-1].items() if k != "step"}
     record = records.RunRecord(
         dataset=exp.dataset.name,
@@ -310,19 +586,15 @@ def _finish(exp: Experiment, history: records.History, train_seconds: float) -> 
         steps=exp.mechanism.steps,
         sampling_rate=exp.mechanism.sampler.sampling_rate,
         train_examples=exp.mechanism.sampler.num_examples,
-        reproducibility={
-            "batches": "PoissonSampler/ShuffleSampler.batch_indices(step): numpy SeedSequence([runner.seed, "
-            "stream, step])",
-            "noise": "fold_in(split(PRNGKey(runner.seed))[1], step)",
-            "bit_reproducible": True,
-        },
+        reproducibility=_reproducibility(exp),
         config=exp.config_dict,
         baseline_metrics={k: v for k, v in baseline.items() if k != "step"} if baseline else None,
+        resumed_at=resumed_at,
         final_params_sha256=records.params_sha256(jax.device_get(state.trainable)),
         train_seconds=train_seconds,
         devices=exp.mesh.size,
-        data_preparation=exp.preparation,
-        dataset_info=exp.dataset.info,
+        data_preparation=preparation,
+        dataset_info=dataset_info,
         samples=getattr(exp.task, "samples", None) or None,
         audit=audit,
         **claim,
@@ -338,6 +610,14 @@ def _finish(exp: Experiment, history: records.History, train_seconds: float) -> 
     return record
 
 
-def run(cfg: DictConfig) -> dict:
-    """Build, train and evaluate one configuration; returns results.json's content as a dict."""
-    return train_and_evaluate(build(cfg)).to_dict()
+def run(cfg: DictConfig, stop_after: int | None = None) -> dict:
+    """Build, train and evaluate one configuration; returns results.json's content as a dict.
+
+    A complete record with the same settings in the run folder is returned as is (the job is
+    skipped); an interrupted run in the folder is resumed (``runner.resume``).
+    """
+    config_lib.validate_static(cfg)
+    done = completed_record(cfg)
+    if done is not None:
+        return done.to_dict()
+    return train_and_evaluate(build(cfg), stop_after=stop_after).to_dict()

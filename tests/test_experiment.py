@@ -155,3 +155,52 @@ def test_train_never_imports_privacy():
     for path in (REPO / "dpbench" / "train").glob("*.py"):
         offending = {name for name in _dpbench_imports(path) if name.startswith("dpbench.privacy")}
         assert not offending, f"{path.name} imports {offending}"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["dp.clip_norm=inf"], r"dp.clip_norm=inf is not allowed; choose a finite number > 0"),
+        (["dp.epsilon=inf"], r"dp.epsilon=inf is not allowed; choose a finite number > 0 \(dp=none"),
+        (["dp.epsilon=nan"], r"dp.epsilon=nan is not allowed"),
+        (["dp.epsilon=null", "dp.noise_multiplier=inf"], r"dp.noise_multiplier=inf is not allowed"),
+        (["dp.delta=nan"], r"dp.delta=nan is not allowed; choose a number in \(0, 1\)"),
+        (
+            ["optimizer.learning_rate=inf"],
+            r"optimizer.learning_rate=inf is not allowed; choose a finite number",
+        ),
+        (["optimizer.b1=-inf"], r"optimizer.b1=-inf is not allowed"),
+        (["accountant.value_discretization_interval=nan"], "accountant.value_discretization_interval=nan"),
+        (["accountant=rdp", "accountant.orders=[2.0,inf]"], r"accountant.orders\[1\]=inf is not allowed"),
+        (["runner.steps=null", "runner.epochs=inf"], r"runner.epochs=inf is not allowed"),
+        (["audit.confidence=nan"], "audit.confidence=nan is not allowed"),
+        (
+            ["runner.resume=sometimes"],
+            "runner.resume='sometimes' is not allowed; choose one of auto, never, must",
+        ),
+        (["runner.checkpoint_every=-1"], "runner.checkpoint_every=-1 must be >= 0"),
+        (["runner.keep_checkpoints=0"], "runner.keep_checkpoints=0 must be >= 1"),
+    ],
+)
+def test_non_finite_and_bad_runner_settings_stop_before_any_work(overrides, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate_static(compose_config(overrides))
+
+
+def test_epochs_giving_no_step_name_runner_epochs():
+    from dpbench.privacy.mechanism import plan_mechanism
+
+    for dp in ("dp=vanilla", "dp=none"):
+        cfg = compose_config([dp, "dp.epsilon=null", "dp.noise_multiplier=1.0", "runner.steps=null"])
+        cfg.runner.epochs = 0.001
+        with pytest.raises(
+            config_lib.ConfigError, match=r"runner.epochs=0.001 gives 0 logical steps .*>= 0.00427 "
+        ):
+            plan_mechanism(cfg, 60_000)
+
+
+def test_planning_with_a_batch_larger_than_the_data_names_runner_batch_size():
+    from dpbench.privacy.mechanism import plan_mechanism
+
+    with pytest.raises(config_lib.ConfigError, match="runner.batch_size=256 is larger than the training set"):
+        plan_mechanism(compose_config([]), 100)

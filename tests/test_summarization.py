@@ -183,6 +183,9 @@ def test_tiny_dp_lora_run_reports_rouge_privacy_samples_and_truncation(tmp_path)
         "dataset.max_length=96",
         "dataset.max_prompt_length=64",
         "dataset.max_new_tokens=4",
+        # Truncation counts of the training texts are a training-data statistic: a DP run
+        # publishes them only when asked to.
+        "runner.release_nonprivate_stats=true",
     ]
     results = run(compose_config(overrides, tmp_path))
     assert results["steps"] == 2 and results["method"] == "vanilla"
@@ -192,7 +195,8 @@ def test_tiny_dp_lora_run_reports_rouge_privacy_samples_and_truncation(tmp_path)
     assert 0 < results["epsilon"] <= 4.0 and results["noise_multiplier"] > 0
     samples = results["samples"]
     assert len(samples) == 5 and set(samples[0]) == {"dialogue", "reference", "generated"}
-    truncated = results["data_preparation"]["truncated"]
+    truncated = results["data_preparation"]["truncated"]["train"]
+    assert "data_preparation.truncated.train" in results["privacy"]["released_nonprivate_statistics"]
     assert truncated["num_truncated_prompt"] == 64  # every ~900-byte abstract is cut to fit 96
     assert 0 <= truncated["num_truncated_response"] <= 64
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -76,7 +76,8 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    print(format_table(plan_rows(cfg)))
+    with config_lib.exit_on_setting_error():
+        print(format_table(plan_rows(cfg)))
 
 
 if __name__ == "__main__":
