@@ -249,3 +249,43 @@ def test_untapped_parameter_falls_back_exactly_and_is_named(caplog):
     with caplog.at_level(logging.WARNING, logger="dpbench.privacy.clipping"):
         check_exact(losses_fn, params, data, np.arange(6), 3)
     assert "untapped_offset" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------
+# The start-up guard: a tapped parameter also used outside its tap is caught, not under-clipped
+
+
+class Leaky(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        layer = LoRADense(3, name="dense")
+        y = layer(x)
+        return y + jnp.tanh(x) @ layer.variables["params"]["kernel"]  # a second, untapped use
+
+
+def test_tap_coverage_check_catches_a_parameter_used_outside_its_tap():
+    module = Leaky()
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(4, 5)).astype(np.float32), "label": rng.integers(0, 3, 4).astype(np.int32)}
+    params = module.init(jax.random.PRNGKey(0), batch["x"][:1])["params"]
+
+    def losses_fn(trainable, batch):
+        logits = module.apply({"params": trainable}, batch["x"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}
+
+    ghost = clipping.per_example_norms(losses_fn, params, batch, clipping="ghost")
+    true = clipping.per_example_norms(losses_fn, params, batch, clipping="per_example")
+    assert not np.allclose(ghost, true, rtol=1e-3)  # without the guard the norms would be wrong
+    with pytest.raises(ValueError, match="dense/kernel"):
+        clipping.check_tap_coverage(losses_fn, params, batch)
+
+
+def test_tap_coverage_check_passes_on_every_model(cnn):
+    losses_fn, params, data = cnn
+    errors = clipping.check_tap_coverage(losses_fn, params, {k: v[:4] for k, v in data.items()})
+    assert errors and max(errors.values()) < 1e-4
+    for finetune in ("lora", "full"):
+        losses_fn, trainable, frozen, arrays = encoder_problem(finetune, False)
+        clipping.check_tap_coverage(losses_fn, trainable, {k: v[:3] for k, v in arrays.items()}, frozen)
+    losses_fn, trainable, frozen, arrays = gemma_problem("full", response_positions=True)
+    clipping.check_tap_coverage(losses_fn, trainable, {k: v[:2] for k, v in arrays.items()}, frozen)

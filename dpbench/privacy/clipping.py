@@ -306,6 +306,42 @@ def per_example_norms(
     return jnp.sqrt(_Tapped(losses_fn, trainable, batch, args, two_pass=False).squared_norms())
 
 
+def check_tap_coverage(
+    losses_fn: LossesFn, trainable: PyTree, batch: dict, *args, rtol: float = 1e-3
+) -> dict[str, float]:
+    """Guard for fast clipping: the gradient assembled from the taps must be the true gradient.
+
+    A parameter that a layer taps *and* uses elsewhere (outside ``dpbench.taps``) would get a
+    ghost norm that misses part of its gradient: an under-estimate, so a false guarantee. This
+    compares Σᵢ gᵢ contracted from the taps with ``jax.grad`` of Σᵢ Lᵢ on a few real examples and
+    raises, naming the parameters, if they differ. Returns the relative error of each parameter.
+    """
+    losses_fn, flat, _ = _flat(losses_fn, trainable)
+    rows = jnp.ones(jax.tree_util.tree_leaves(batch)[0].shape[0], bool)
+
+    def both(params):
+        tapped = _Tapped(losses_fn, params, batch, args, two_pass=False)
+        from_taps = tapped.bookkeeping_sum(rows.astype(jnp.float32), rows)
+        true = jax.grad(lambda p: jnp.sum(losses_fn(p, batch, *args)[0]))(params)
+        return from_taps, true
+
+    from_taps, true = jax.jit(both)(flat)
+    overall = max(float(jnp.max(jnp.abs(v))) for v in true.values())
+    errors, wrong = {}, []
+    for path, value in true.items():
+        # Relative to the leaf, with a floor for leaves whose true gradient is ~0 (key biases).
+        scale = max(float(jnp.max(jnp.abs(value))), 1e-3 * overall, 1e-30)
+        errors["/".join(path)] = float(jnp.max(jnp.abs(from_taps[path] - value))) / scale
+        if errors["/".join(path)] > rtol:
+            wrong.append("/".join(path))
+    if wrong:
+        raise ValueError(
+            "fast clipping would under-estimate per-example norms: the layer taps miss part of the "
+            f"gradient of {', '.join(wrong)} (used outside dpbench.taps?); use dp.clipping=per_example"
+        )
+    return errors
+
+
 def clip_factors(
     norms: jax.Array, losses: jax.Array, mask: jax.Array, clip_norm: float
 ) -> tuple[jax.Array, jax.Array]:
@@ -392,6 +428,7 @@ def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) 
 __all__ = [
     "CLIPPING_IMPLEMENTATIONS",
     "add_gaussian_noise",
+    "check_tap_coverage",
     "clip_factors",
     "clipped_grad_sum",
     "global_norms",
