@@ -44,6 +44,9 @@ class Checkpoints:
         if self._manager is None:
             import orbax.checkpoint as ocp
 
+            # orbax logs every save and close at INFO through absl; the run logs its own checkpoints.
+            logging.getLogger("absl").setLevel(logging.WARNING)
+
             self._ocp = ocp
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=self.keep, create=True, enable_async_checkpointing=False
