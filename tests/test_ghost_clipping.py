@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from dpbench.data import text
 from dpbench.data.sampling import physical_batches
-from dpbench.models.cnn import CNN
+from dpbench.models.cnn import CNN, TemperedCNN
 from dpbench.models.encoder import build_encoder
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
 from dpbench.models.layers import LoRADense
@@ -121,6 +121,22 @@ def test_cnn_fast_clipping_is_exact(cnn):
     losses_fn, params, data = cnn
     # 11 examples in physical batches of 4: 4 + 4 + 3 and a padded row.
     check_exact(losses_fn, params, data, np.arange(11), 4)
+
+
+def test_tempered_cnn_strided_valid_convolutions_are_exact():
+    module = TemperedCNN(num_classes=10, activation="tanh")
+    rng = np.random.default_rng(1)
+    data = {
+        "image": rng.uniform(size=(7, 28, 28, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, size=7).astype(np.int32),
+    }
+    params = module.init(jax.random.PRNGKey(0), data["image"][:1])["params"]
+
+    def losses_fn(trainable, batch):
+        logits = module.apply({"params": trainable}, batch["image"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}
+
+    check_exact(losses_fn, params, data, np.arange(7), 4)
 
 
 @pytest.mark.parametrize("implementation", clipping.CLIPPING_IMPLEMENTATIONS)
