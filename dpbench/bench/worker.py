@@ -54,13 +54,17 @@ def measure(workload: workloads.Workload, variant: Variant, steps: int) -> dict:
     start = time.perf_counter()
     step(0)  # compiles (JAX) / allocates; not timed
     first = time.perf_counter() - start
-    times = []
+    times, cpu_times = [], []
     for i in range(1, steps + 1):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(i)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     return {
         "step_seconds": times,
+        # CPU time of all this process's threads: what the step consumed, whether or not other jobs
+        # kept it waiting for a core (wall time on an oversubscribed machine mostly measures those).
+        "step_cpu_seconds": cpu_times,
         "setup_seconds": setup,
         "first_step_seconds": first,
         "rss_after_setup_mb": rss_setup,
