@@ -8,7 +8,7 @@ from typing import Any
 from dpbench.data.base import Dataset
 from dpbench.data.mnist import load_mnist
 from dpbench.data.samsum import load_samsum
-from dpbench.data.schema import ALLOWED_SOURCES, validate_config
+from dpbench.data.schema import ALLOWED_SOURCES, hold_out_validation, validate_config
 from dpbench.data.sst2 import load_sst2
 
 LOADERS: dict[str, Callable[[Any], Dataset]] = {
@@ -29,4 +29,4 @@ def load_dataset(cfg: Any) -> Dataset:
     except ValueError as error:
         allowed = "; ".join(f"{name}: {'|'.join(sources)}" for name, sources in ALLOWED_SOURCES.items())
         raise ValueError(f"{error} (allowed dataset.name: dataset.source -> {allowed})") from error
-    return LOADERS[cfg.name](cfg)
+    return hold_out_validation(LOADERS[cfg.name](cfg), cfg)

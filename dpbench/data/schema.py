@@ -51,6 +51,9 @@ class DatasetConfig:
     max_prompt_length: int = 384  # summarisation: left-padded prompt length for generation
     max_new_tokens: int = 64  # summarisation: generation budget at evaluation
     seed: int = 0  # only chooses the subset when max_*_examples is set
+    # Hold out this many training examples (seeded by `seed`) and evaluate on them instead of the
+    # test split: for tuning without touching the test set. Training (and ε) then uses the rest.
+    validation_examples: int | None = None
 
 
 def validate_config(cfg: Any) -> None:
@@ -64,7 +67,7 @@ def validate_config(cfg: Any) -> None:
         )
     if not cfg.display_name or cfg.display_name == "???":
         raise ValueError("dataset.display_name must be set (what tables show, e.g. 'SST-2 (RT stand-in)')")
-    for field in ("max_train_examples", "max_eval_examples"):
+    for field in ("max_train_examples", "max_eval_examples", "validation_examples"):
         value = getattr(cfg, field)
         if value is not None and value < 1:
             raise ValueError(f"dataset.{field}={value} must be a positive integer or null (= all examples)")
@@ -221,6 +224,35 @@ def apply_limits(dataset: Dataset, cfg: Any) -> Dataset:
     dataset.info["subset"] = note
     dataset.source = f"{dataset.source} [{note}]"
     log.warning("%s uses a %s", dataset.name, note)
+    return dataset
+
+
+def hold_out_validation(dataset: Dataset, cfg: Any) -> Dataset:
+    """With ``validation_examples`` set: a seeded held-out part of the training set becomes the
+    evaluation split (the test split is not used), and the rest is the training set.
+
+    >>> d = Dataset("toy", "mem", {"x": np.arange(10)}, {"x": np.arange(3)})
+    >>> cfg = type("Cfg", (), {"validation_examples": 4, "seed": 0})
+    >>> d = hold_out_validation(d, cfg)
+    >>> d.num_train, d.num_eval, d.eval_split, sorted(d.train["x"].tolist() + d.eval["x"].tolist())
+    (6, 4, 'validation', [0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    """
+    count = getattr(cfg, "validation_examples", None)
+    if count is None:
+        return dataset
+    if count >= dataset.num_train:
+        raise ValueError(
+            f"dataset.validation_examples={count} must be smaller than the training set ({dataset.num_train})"
+        )
+    order = np.random.default_rng(cfg.seed).permutation(dataset.num_train)
+    held, kept = np.sort(order[:count]), np.sort(order[count:])
+    dataset.eval = {k: v[held] for k, v in dataset.train.items()}
+    dataset.train = {k: v[kept] for k, v in dataset.train.items()}
+    dataset.eval_split = "validation"
+    note = f"validation: {count} held out of train (seed {cfg.seed}); test split unused"
+    dataset.info["validation"] = note
+    dataset.source = f"{dataset.source} [{note}]"
+    log.warning("%s: %s", dataset.name, note)
     return dataset
 
 
