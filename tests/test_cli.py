@@ -48,6 +48,11 @@ def test_cli_run_writes_results_and_an_offline_wandb_run(tmp_path):
     assert results["privacy"]["mechanism"]["logical_steps"] == 3
     offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and any(offline_runs[0].glob("*.wandb"))
+    # A DP run sends W&B no statistic of the training data (metric names are stored as plain text).
+    logged = b"".join(path.read_bytes() for path in offline_runs[0].glob("*.wandb"))
+    assert b"privacy/epsilon" in logged and b"eval/accuracy" in logged
+    for withheld in ("train/loss", "train/accuracy", "logical_batch_size", "clipped_fraction", "grad_norm"):
+        assert withheld.encode() not in logged
     assert "privacy: (ε=" in done.stderr + done.stdout
 
 
