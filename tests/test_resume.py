@@ -1,6 +1,7 @@
 """Checkpoints and resume in process: bit-identical continuation, refusals, skips, honest records."""
 
 import json
+import logging
 
 import pytest
 
@@ -132,3 +133,17 @@ def test_secure_noise_is_not_replayable_and_says_so(uninterrupted, tmp_path):
     assert run["final_params_sha256"] != reference["final_params_sha256"]
     assert run["epsilon"] == reference["epsilon"]  # the same mechanism, other noise
     assert json.loads((tmp_path / "results.json").read_text())["reproducibility"]["bit_reproducible"] is False
+
+
+def test_nonfinite_counts_are_withheld_and_the_log_says_only_that_some_were_zeroed(caplog):
+    policy = experiment.ReleasePolicy(private=True, opted_in=False)
+    with caplog.at_level(logging.WARNING, logger="dpbench"):
+        assert policy.train_record({"count": 10.0, "loss_sum": 3.0, "nonfinite_sum": 2.0}) == {}
+        assert policy.train_record({"count": 9.0, "loss_sum": 3.0, "nonfinite_sum": 1.0}) == {}
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warnings) == 1 and not any(char.isdigit() for char in warnings[0])
+    assert policy.released == set()
+    opted_in = experiment.ReleasePolicy(private=True, opted_in=True)
+    record = opted_in.train_record({"count": 10.0, "loss_sum": 3.0, "nonfinite_sum": 2.0})
+    assert record["train/nonfinite_examples"] == 2.0 and record["train/loss"] == pytest.approx(0.3)
+    assert {"train/nonfinite_examples", "train/loss", "train/logical_batch_size"} <= opted_in.released
