@@ -27,19 +27,27 @@ from pathlib import Path
 from dpbench.report import plots
 from dpbench.report.anchors import load_anchors
 from dpbench.report.runs import load_runs
-from dpbench.report.table import csv_text, markdown, rank_grid
+from dpbench.report.table import COLUMNS, csv_text, markdown, rank_grid
 
 BLOCK = re.compile(r"(<!-- report: (?P<args>.*?) -->\n)(?P<body>.*?)(<!-- /report -->)", re.DOTALL)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m dpbench.report", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m dpbench.report",
+        description="Tables (Markdown, CSV) and PNG plots of runs; --update regenerates committed tables.",
+    )
     p.add_argument("roots", nargs="*", help="run or sweep folders, or folders of committed record files")
     p.add_argument("--plot", action="store_true", help="also write PNG plots into --out")
     p.add_argument(
-        "--out", help="where report.md, runs.csv and plots go (default: the one DIR, else ./report)"
+        "--out",
+        help="where report.md, runs.csv and plots go (default: the one run or sweep folder, else ./report)",
     )
-    p.add_argument("--columns", help="comma-separated table columns (default: a standard set; see table.py)")
+    p.add_argument(
+        "--columns",
+        help=f"comma-separated table columns: {', '.join(COLUMNS)}, eval/<metric>, baseline:eval/<metric>, "
+        "history:eval/<metric> (default: a standard set)",
+    )
     p.add_argument("--grid", action="store_true", help="print the method x rank grid instead of the table")
     p.add_argument("--published", metavar="TASK", help="print the published points for TASK (anchors.yaml)")
     p.add_argument(
