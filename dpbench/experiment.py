@@ -127,7 +127,14 @@ def build(cfg: DictConfig) -> Experiment:
             "noise keys: fold_in(split(PRNGKey(runner.seed=%d))[1], step): replayable from the seed",
             cfg.runner.seed,
         )
-    bundle = build_model(cfg.model, init_key, freeze_lora_a=method.freezes_lora_a)
+    try:
+        mesh = sharding.mesh_from_config(cfg.compute)
+        rules = sharding.model_rules(cfg.model)
+    except ValueError as error:
+        raise config_lib.ConfigError(str(error)) from error
+    # Frozen weights go straight from the checkpoint into their shardings (never whole on a device).
+    placement = sharding.placement(mesh, rules)
+    bundle = build_model(cfg.model, init_key, freeze_lora_a=method.freezes_lora_a, placement=placement)
     log.info("model: %s, weights: %s", cfg.model.arch, bundle.weights_source)
     task_type = task_class(cfg.dataset.task)
     train_arrays, eval_arrays, preparation = task_type.prepare(dataset, bundle, cfg)
@@ -141,10 +148,6 @@ def build(cfg: DictConfig) -> Experiment:
         log.info("audit: %s", audit.describe())
 
     num_examples = len(next(iter(train_arrays.values())))
-    try:
-        mesh = sharding.make_mesh(cfg.compute.num_devices)
-    except ValueError as error:
-        raise config_lib.ConfigError(str(error)) from error
     config_lib.validate_with_data(cfg, num_examples, mesh.size)
     mechanism = plan_mechanism(cfg, num_examples)
     log.info(
@@ -187,7 +190,7 @@ def build(cfg: DictConfig) -> Experiment:
             method.clipping,
             max(errors.values()),
         )
-    frozen = sharding.put_replicated(frozen, mesh)
+    frozen = sharding.put_sharded(frozen, mesh, rules)
     trainer = Trainer(
         task.losses_fn,
         method,
@@ -195,6 +198,7 @@ def build(cfg: DictConfig) -> Experiment:
         mesh,
         noise_multiplier=mechanism.noise_multiplier or 0.0,
         expected_batch_size=cfg.runner.batch_size,
+        param_rules=rules,
     )
     state = trainer.init(trainable)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -297,15 +301,26 @@ def _flatten(values: Any, prefix: str = "") -> dict:
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Settings (dotted names) whose values differ, except those a resumed run may change.
 
+    A setting only one side has (added to or removed from dpbench since the checkpoint) is logged,
+    not refused: the mechanism and the parameter shapes are compared separately.
+
     >>> config_differences({"dp": {"epsilon": 1.0}, "compute": {"eval_batch_size": 8}},
-    ...                    {"dp": {"epsilon": 8.0}, "compute": {"eval_batch_size": 16}})
+    ...                    {"dp": {"epsilon": 8.0}, "compute": {"eval_batch_size": 16}, "new": 1})
     ['dp.epsilon=8.0 (the checkpoint has dp.epsilon=1.0)']
     """
     old, new = _flatten(saved), _flatten(current)
+    one_sided = sorted(
+        (set(old) ^ set(new)) - {k for k in set(old) | set(new) if k.startswith(RESUMABLE_CHANGES)}
+    )
+    if one_sided:
+        log.warning(
+            "settings present on one side only (dpbench changed since the checkpoint was written): %s",
+            ", ".join(f"{k}={new[k]!r} (new)" if k in new else f"{k} (gone)" for k in one_sided),
+        )
     return [
-        f"{key}={new.get(key)!r} (the checkpoint has {key}={old.get(key)!r})"
-        for key in sorted(set(old) | set(new))
-        if old.get(key) != new.get(key) and not key.startswith(RESUMABLE_CHANGES)
+        f"{key}={new[key]!r} (the checkpoint has {key}={old[key]!r})"
+        for key in sorted(set(old) & set(new))
+        if old[key] != new[key] and not key.startswith(RESUMABLE_CHANGES)
     ]
 
 

@@ -197,7 +197,8 @@ def test_tiny_dp_lora_run_reports_rouge_privacy_samples_and_truncation(tmp_path)
     assert len(samples) == 5 and set(samples[0]) == {"dialogue", "reference", "generated"}
     truncated = results["data_preparation"]["truncated"]["train"]
     assert "data_preparation.truncated.train" in results["privacy"]["released_nonprivate_statistics"]
-    assert truncated["num_truncated_prompt"] == 64  # every ~900-byte abstract is cut to fit 96
-    assert 0 <= truncated["num_truncated_response"] <= 64
+    n = results["train_examples"]  # the fixture split may hold fewer than max_train_examples=64
+    assert truncated["num_truncated_prompt"] == n  # every ~900-byte abstract is cut to fit 96
+    assert 0 <= truncated["num_truncated_response"] <= n
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["samples"] == results["samples"] and saved["dataset"] == "SAMSum (ACLSum stand-in)"
