@@ -127,14 +127,7 @@ def build(cfg: DictConfig) -> Experiment:
             "noise keys: fold_in(split(PRNGKey(runner.seed=%d))[1], step): replayable from the seed",
             cfg.runner.seed,
         )
-    try:
-        mesh = sharding.mesh_from_config(cfg.compute)
-        rules = sharding.model_rules(cfg.model)
-    except ValueError as error:
-        raise config_lib.ConfigError(str(error)) from error
-    # Frozen weights go straight from the checkpoint into their shardings (never whole on a device).
-    placement = sharding.placement(mesh, rules)
-    bundle = build_model(cfg.model, init_key, freeze_lora_a=method.freezes_lora_a, placement=placement)
+    bundle = build_model(cfg.model, init_key, freeze_lora_a=method.freezes_lora_a)
     log.info("model: %s, weights: %s", cfg.model.arch, bundle.weights_source)
     task_type = task_class(cfg.dataset.task)
     train_arrays, eval_arrays, preparation = task_type.prepare(dataset, bundle, cfg)
@@ -148,6 +141,10 @@ def build(cfg: DictConfig) -> Experiment:
         log.info("audit: %s", audit.describe())
 
     num_examples = len(next(iter(train_arrays.values())))
+    try:
+        mesh = sharding.make_mesh(cfg.compute.num_devices)
+    except ValueError as error:
+        raise config_lib.ConfigError(str(error)) from error
     config_lib.validate_with_data(cfg, num_examples, mesh.size)
     mechanism = plan_mechanism(cfg, num_examples)
     log.info(
@@ -190,7 +187,7 @@ def build(cfg: DictConfig) -> Experiment:
             method.clipping,
             max(errors.values()),
         )
-    frozen = sharding.put_sharded(frozen, mesh, rules)
+    frozen = sharding.put_replicated(frozen, mesh)
     trainer = Trainer(
         task.losses_fn,
         method,
@@ -198,7 +195,6 @@ def build(cfg: DictConfig) -> Experiment:
         mesh,
         noise_multiplier=mechanism.noise_multiplier or 0.0,
         expected_batch_size=cfg.runner.batch_size,
-        param_rules=rules,
     )
     state = trainer.init(trainable)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
