@@ -11,7 +11,7 @@ import pytest
 
 from dpbench import config as config_lib
 from dpbench import experiment, records
-from tests.compose import REPO, TINY, compose_config
+from tests.compose import FIXTURE_DATA, REPO, TINY, compose_config
 
 TINY_EVAL = [*TINY, "runner.steps=4", "runner.eval_every=2", "runner.eval_before_training=true"]
 
@@ -204,3 +204,25 @@ def test_planning_with_a_batch_larger_than_the_data_names_runner_batch_size():
 
     with pytest.raises(config_lib.ConfigError, match="runner.batch_size=256 is larger than the training set"):
         plan_mechanism(compose_config([]), 100)
+
+
+def test_the_planning_command_names_runner_batch_size_in_one_line(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dpbench.privacy",
+            f"paths.data_root={FIXTURE_DATA}",
+            "runner.batch_size=100000",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: runner.batch_size=100000 is larger than")
+    assert "Traceback" not in done.stderr
