@@ -199,6 +199,8 @@ def build(cfg: DictConfig) -> Experiment:
     state = trainer.init(trainable)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     output_dir = Path(cfg.paths.output_dir)
+    if cfg.runner.resume == "never":
+        (output_dir / loggers.WANDB_RUN_ID_FILE).unlink(missing_ok=True)  # a fresh start: a new W&B run
     logger = loggers.make_logger(cfg.logger, config_dict, str(output_dir), _run_name(cfg, dataset.name))
     return Experiment(
         cfg=cfg,

@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run continues the same W&B run
 
 
 class NullLogger:
@@ -42,7 +43,7 @@ class WandbLogger:
 
         self._wandb = wandb
         os.environ.setdefault("WANDB_SILENT", "true")
-        id_file = Path(output_dir) / "wandb_run_id"
+        id_file = Path(output_dir) / WANDB_RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.parent.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")
