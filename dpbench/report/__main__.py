@@ -114,13 +114,15 @@ def run_report(args: argparse.Namespace, write_files: bool) -> str:
     return text
 
 
-def update(files: list[str]) -> None:
+def update(files: list[str], plots: bool = True) -> None:
+    """Regenerate every report block of ``files`` (and, if ``plots``, the plots the blocks ask for)."""
     for name in files:
         path = Path(name)
         text = path.read_text()
 
         def regenerate(match: re.Match) -> str:
             args = parser().parse_args(shlex.split(match["args"]))
+            args.plot = args.plot and plots
             return f"{match.group(1)}{run_report(args, write_files=False)}\n{match.group(4)}"
 
         new_text, count = BLOCK.subn(regenerate, text)
