@@ -57,8 +57,10 @@ def test_quick_bench_writes_a_well_formed_table(tmp_path):
     # Same architecture in both frameworks: the tutorial CNN's 824,458 parameters.
     assert {m["params"] for m in rows.values()} == {"824,458"}
     assert "| all | no dpbench DP and non-private measurement | not measured |" in text
-    # The raw measurements are kept beside the logs.
-    assert (tmp_path / "logs" / "raw.json").exists()
+    # The raw measurements are kept beside the logs, and give the same tables again.
+    again = tmp_path / "again.md"
+    assert bench_main.main(["--rerender", str(tmp_path / "logs"), "--output", str(again)]) == 0
+    assert again.read_text() == text
 
 
 def test_regenerating_replaces_only_its_workloads_block(tmp_path):

@@ -37,6 +37,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--log-dir", type=Path, default=None, help="per-run logs and raw.json (default: a temp dir)"
     )
+    parser.add_argument(
+        "--rerender", type=Path, default=None, help="a --log-dir of an earlier run: its tables again, no runs"
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a subprocess is killed")
     return parser.parse_args(argv)
 
@@ -44,6 +47,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.rerender is not None:
+        harness.rerender(args.rerender, args.output, echo=lambda line: print(line, flush=True))
+        return 0
     keys = [k.strip() for k in args.workloads.split(",") if k.strip()]
     try:
         for key in keys:
