@@ -24,7 +24,7 @@ from dpbench.data.sampling import physical_batches
 from dpbench.models.cnn import CNN, TemperedCNN
 from dpbench.models.encoder import build_encoder
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
-from dpbench.models.layers import LoRADense
+from dpbench.models.layers import Embed, LayerNorm, LoRADense, RMSNorm
 from dpbench.privacy import clipping
 from dpbench.train.loop import split_params
 from dpbench.train.summarization import SummarizationTask
@@ -305,3 +305,50 @@ def test_tap_coverage_check_passes_on_every_model(cnn):
         clipping.check_tap_coverage(losses_fn, trainable, {k: v[:3] for k, v in arrays.items()}, frozen)
     losses_fn, trainable, frozen, arrays = gemma_problem("full", response_positions=True)
     clipping.check_tap_coverage(losses_fn, trainable, {k: v[:2] for k, v in arrays.items()}, frozen)
+
+
+# ---------------------------------------------------------------------------------------------
+# In float64 the agreement is far tighter than float32 rounding: exact, not an approximation
+
+
+class TinyTiedLM(nn.Module):
+    """Embed - LayerNorm - LoRA Dense - tanh - RMSNorm - tied output head, all in float64."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = Embed(13, 6, dtype=jnp.float64, name="embed")
+        x = LayerNorm(dtype=jnp.float64, name="norm")(embed(ids))
+        x = jnp.tanh(LoRADense(6, lora_rank=2, lora_alpha=2, dtype=jnp.float64, name="dense")(x))
+        x = RMSNorm(name="final_norm")(x)
+        return embed.attend(x)
+
+
+def test_float64_agreement_is_exact_to_1e_10():
+    with jax.enable_x64(True):
+        module = TinyTiedLM()
+        rng = np.random.default_rng(0)
+        data = {"ids": rng.integers(0, 13, size=(5, 7)).astype(np.int32)}
+        params = module.init(jax.random.PRNGKey(0), data["ids"][:1])["params"]
+        params = perturb_lora_b(jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params))
+        params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)
+
+        def losses_fn(trainable, batch):
+            logits = module.apply({"params": trainable}, batch["ids"])
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["ids"][:, 1:])
+            return jnp.mean(nll, axis=1), {}
+
+        norms = {
+            c: clipping.per_example_norms(losses_fn, params, data, clipping=c)
+            for c in clipping.CLIPPING_IMPLEMENTATIONS
+        }
+        assert norms["per_example"].dtype == jnp.float64
+        for c in FAST:
+            np.testing.assert_allclose(norms[c], norms["per_example"], rtol=1e-10)
+        clip = float(np.median(norms["per_example"]))
+        mask = jnp.asarray([1, 1, 1, 1, 0], bool)
+        sums = {
+            c: clipping.clipped_grad_sum(losses_fn, params, data, mask, clip, clipping=c)[0]
+            for c in clipping.CLIPPING_IMPLEMENTATIONS
+        }
+        for c in FAST:
+            assert_tree_close(sums[c], sums["per_example"], rtol=1e-10)

@@ -130,12 +130,13 @@ class LayerNorm(nn.Module):
         features = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
-        x32 = x.astype(jnp.float32)
+        stats = jnp.promote_types(x.dtype, jnp.float32)  # at least float32 (bf16 compute), float64 stays
+        x32 = x.astype(stats)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         # Flax's fast variance, E[x²] - E[x]², clipped at 0.
         var = jnp.maximum(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
         normalized = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-        y = normalized * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        y = normalized * scale.astype(stats) + bias.astype(stats)
         y = taps.output(
             y,
             [
@@ -154,8 +155,9 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
-        x32 = x.astype(jnp.float32)
+        stats = jnp.promote_types(x.dtype, jnp.float32)
+        x32 = x.astype(stats)
         normalized = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        y = normalized * (1.0 + scale.astype(jnp.float32))
+        y = normalized * (1.0 + scale.astype(stats))
         y = taps.output(y, [taps.Tap(self.path + ("scale",), taps.DIAG, value=normalized)])
         return y.astype(x.dtype)  # (x * w).to(dtype), as HF

@@ -49,6 +49,11 @@ CLIPPING_IMPLEMENTATIONS = ("per_example", "ghost", "bookkeeping")
 _LOGGED_FALLBACKS: set[tuple] = set()
 
 
+def _at_least_f32(x: jax.Array) -> jax.Array:
+    """Norms, clip factors and sums in float32 even for bfloat16 activations (float64 stays)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
     # where, not multiply: a padded row's inf/NaN must not leak into the sum as 0 * inf.
     return jnp.sum(jnp.where(mask, values, 0))
@@ -87,7 +92,7 @@ def global_norms(stacked_grads: PyTree) -> jax.Array:
 
 def _squared_norms(stacked_grads: PyTree) -> jax.Array:
     squares = [
-        jnp.sum(jnp.square(g.reshape(g.shape[0], -1).astype(jnp.float32)), axis=1)
+        jnp.sum(jnp.square(_at_least_f32(g.reshape(g.shape[0], -1))), axis=1)
         for g in jax.tree_util.tree_leaves(stacked_grads)
     ]
     return sum(squares)
@@ -163,28 +168,28 @@ class _Tapped:
         else:
             self.untapped_grads = {}
 
-    # -- the two factors of an outer tap, as [B, T, d] (or ids [B, T]) in float32 -----------------
+    # -- the two factors of an outer tap, as [B, T, d] (or ids [B, T]), at least float32 ----------
 
     def _outer_factors(self, spec: taps.TapSpec) -> tuple[jax.Array, jax.Array]:
         cot = self.cotangents[spec.point]
         batch = cot.shape[0]
         value = self.values[spec.tap_id]
-        cot = cot.reshape(batch, -1, cot.shape[-1]).astype(jnp.float32)
+        cot = _at_least_f32(cot.reshape(batch, -1, cot.shape[-1]))
         if spec.ids:
             return value.reshape(batch, -1), cot
-        value = value.reshape(batch, -1, value.shape[-1]).astype(jnp.float32)
+        value = _at_least_f32(value.reshape(batch, -1, value.shape[-1]))
         return (cot, value) if spec.cotangent_first else (value, cot)
 
     def _diag_grads(self, spec: taps.TapSpec) -> jax.Array:
         """Per-example gradient ``[B, D]`` of a diag tap (sums over every axis but the first and last)."""
-        cot = self.cotangents[spec.point].astype(jnp.float32)
-        product = cot if not spec.has_value else cot * self.values[spec.tap_id].astype(jnp.float32)
+        cot = _at_least_f32(self.cotangents[spec.point])
+        product = cot if not spec.has_value else cot * _at_least_f32(self.values[spec.tap_id])
         return jnp.sum(product.reshape(product.shape[0], -1, product.shape[-1]), axis=1)
 
     # -- norms ------------------------------------------------------------------------------------
 
     def squared_norms(self) -> jax.Array:
-        total = jnp.zeros(self.losses.shape, jnp.float32)
+        total = jnp.zeros(self.losses.shape, jnp.promote_types(self.losses.dtype, jnp.float32))
         for group in self.groups.values():
             if group[0].kind == taps.DIAG:
                 total = total + jnp.sum(jnp.square(sum(self._diag_grads(s) for s in group)), axis=1)
@@ -236,7 +241,7 @@ class _Tapped:
         left, right = self._outer_factors(spec)
         right = jnp.where(_rows(keep, right), right, 0) * weights[:, None, None]
         if spec.ids:
-            table = jnp.zeros((spec.num_ids, right.shape[-1]), jnp.float32)
+            table = jnp.zeros((spec.num_ids, right.shape[-1]), right.dtype)
             return table.at[left.reshape(-1)].add(right.reshape(-1, right.shape[-1]))
         left = jnp.where(_rows(keep, left), left, 0)
         return jnp.einsum("bti,bto->io", left, right)
@@ -271,7 +276,7 @@ def _like_rows_of(batch: dict, tree: dict) -> dict:
 def _gram(left_j: jax.Array, ids_j: bool, left_k: jax.Array, ids_k: bool) -> jax.Array:
     """``[B, Tj, Tk]`` inner products of the left factors; ids stand for one-hot rows."""
     if ids_j and ids_k:
-        return (left_j[:, :, None] == left_k[:, None, :]).astype(jnp.float32)
+        return (left_j[:, :, None] == left_k[:, None, :]).astype(jnp.result_type(float))
     if ids_j:  # onehot(id_t) · v_s = v_s[id_t]
         return jax.vmap(lambda ids, vectors: vectors[:, ids].T)(left_j, left_k)
     if ids_k:
@@ -350,7 +355,7 @@ def clip_factors(
     keep = mask & finite
     # Written so that a zero gradient gives factor 1, not NaN.
     factors = jnp.minimum(1.0, clip_norm / jnp.maximum(jnp.where(keep, norms, 1.0), 1e-12))
-    return jnp.where(keep, factors, 0.0).astype(jnp.float32), keep
+    return _at_least_f32(jnp.where(keep, factors, 0.0)), keep
 
 
 def clipped_grad_sum(
