@@ -189,6 +189,8 @@ def build(workload: Workload) -> tuple[nn.Module, Callable[[nn.Module, dict], to
             for layer in (model.classifier_dense, model.classifier_out):
                 for p in layer.parameters():
                     p.requires_grad_(True)
+    # from_pretrained returns eval mode, and Opacus records activations only in training mode.
+    model.train()
     tensors = {
         k: torch.from_numpy(v).long() if v.dtype.kind == "i" else torch.from_numpy(v)
         for k, v in batch.items()
