@@ -46,6 +46,20 @@ class Run:
         return rank if rank else None
 
     @property
+    def clipping(self) -> str | None:
+        """How the clipped sum was computed (per_example / ghost / bookkeeping): speed, never ε."""
+        if not self.private:
+            return None
+        dp = self.config["dp"]
+        # Records from before dp.clipping existed were computed per example (vmap).
+        clipping = dp.get("clipping", "per_example")
+        if clipping == "auto":
+            from dpbench.privacy.methods import resolve_clipping
+
+            clipping = resolve_clipping(dp["method"], clipping)
+        return clipping
+
+    @property
     def target_epsilon(self) -> float | None:
         return None if self.method == "none" else self.config["dp"].get("epsilon")
 

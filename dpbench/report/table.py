@@ -61,6 +61,7 @@ COLUMNS: dict[str, Column] = {
     "dataset": ("dataset", lambda r: r.dataset, lambda r: r.dataset),
     "model": ("model", lambda r: r.model, lambda r: r.model),
     "method": ("method", lambda r: r.method, lambda r: r.method),
+    "clipping": ("clipping", lambda r: r.clipping or "-", lambda r: r.clipping),
     "rank": ("LoRA rank", lambda r: fmt_number(r.lora_rank), lambda r: r.lora_rank),
     "target_epsilon": ("target ε", lambda r: fmt_number(r.target_epsilon), lambda r: r.target_epsilon),
     "epsilon": ("ε spent", lambda r: fmt_number(r.epsilon), lambda r: r.epsilon),

@@ -205,7 +205,10 @@ def transcribe(table: str, run: str, overrides: list[str], facts: dict) -> dict:
     from tests.compose import compose_config
 
     output_dir = f"outputs/{table}/{run}"
-    cfg = compose_config(overrides, output_dir=output_dir, data_root="../shared/data")
+    # These runs predate dp.clipping: their clipped sums were computed per example (vmap).
+    cfg = compose_config(
+        [*overrides, "dp.clipping=per_example"], output_dir=output_dir, data_root="../shared/data"
+    )
     n = facts["n"]
     sampler = make_sampler(cfg.dp.sampler, n, cfg.runner.batch_size, cfg.runner.seed)
     steps = cfg.runner.steps if cfg.runner.steps is not None else sampler.steps_for_epochs(cfg.runner.epochs)
