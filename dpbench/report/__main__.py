@@ -29,7 +29,10 @@ from dpbench.report.anchors import load_anchors
 from dpbench.report.runs import load_runs
 from dpbench.report.table import COLUMNS, csv_text, markdown, rank_grid
 
-BLOCK = re.compile(r"(<!-- report: (?P<args>.*?) -->\n)(?P<body>.*?)(<!-- /report -->)", re.DOTALL)
+# A block: its opening line (the whole line), the generated body, the closing line.
+BLOCK = re.compile(
+    r"^(<!-- report: (?P<args>[^\n]*) -->\n)(?P<body>.*?)^(<!-- /report -->)$", re.DOTALL | re.MULTILINE
+)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -92,7 +92,7 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
         return None
     metric = private[0].primary_metric
     scale = _scale(metric)
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(11, 4.8))
     labels = series_labels(runs)
     series: dict[tuple, list[Run]] = defaultdict(list)
     for run in private:
@@ -142,7 +142,7 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(f"{family}: utility against privacy (dotted: published non-private)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
     path = out / f"epsilon_utility_{family}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
