@@ -1,31 +1,50 @@
-"""Compare the uninterrupted and the interrupted twin: records, parameters, history."""
-import json, sys
+"""Compare the uninterrupted and the interrupted twin: records, parameters, history.
+
+Run from the repository root: ``python results/reliability/compare.py [DIR]`` (default: this folder).
+"""
+
+import sys
+
 sys.path.insert(0, ".")
-from dpbench import records
-base = sys.argv[1] if len(sys.argv) > 1 else "results/reliability"
-a, b = records.load_record(f"{base}/uninterrupted"), records.load_record(f"{base}/interrupted")
-def strip(lines):
-    return [{k: v for k, v in l.items() if k != "train/examples_per_s"} for l in lines]
-ha, hb = records.read_history(f"{base}/uninterrupted"), records.read_history(f"{base}/interrupted")
-print("| | uninterrupted | interrupted and resumed |\n|---|---|---|")
-rows = [
-    ("final test accuracy", a.metrics["eval/accuracy"], b.metrics["eval/accuracy"]),
-    ("final test loss", a.metrics["eval/loss"], b.metrics["eval/loss"]),
-    ("evaluations (step: accuracy)", ", ".join(f"{h['step']}: {h['eval/accuracy']:.4f}" for h in a.history),
-     ", ".join(f"{h['step']}: {h['eval/accuracy']:.4f}" for h in b.history)),
-    ("ε spent (δ=1e-5)", a.epsilon, b.epsilon),
-    ("σ", a.noise_multiplier, b.noise_multiplier),
-    ("logical steps", a.steps, b.steps),
-    ("resumed at steps", a.resumed_at or "-", b.resumed_at),
-    ("final_params_sha256", a.final_params_sha256[:16] + "…", b.final_params_sha256[:16] + "…"),
-    ("history.jsonl lines", len(ha), len(hb)),
-    ("training time (s, all sessions)", round(a.train_seconds), round(b.train_seconds)),
-]
-for name, x, y in rows:
-    print(f"| {name} | {x} | {y} |")
-print()
-print("parameters bit-identical:", a.final_params_sha256 == b.final_params_sha256)
-print("metrics and evaluation history identical:", a.metrics == b.metrics and a.history == b.history)
-print("history.jsonl identical apart from throughput:", strip(ha) == strip(hb))
-print("no (kind, step) repeated:", len({(l['kind'], l['step']) for l in hb}) == len(hb))
-print("released_nonprivate_statistics:", a.privacy.get("released_nonprivate_statistics"), b.privacy.get("released_nonprivate_statistics"))
+from dpbench import records  # noqa: E402
+
+BASE = sys.argv[1] if len(sys.argv) > 1 else "results/reliability"
+
+
+def without_throughput(lines: list[dict]) -> list[dict]:
+    return [{k: v for k, v in line.items() if k != "train/examples_per_s"} for line in lines]
+
+
+def main() -> None:
+    a, b = records.load_record(f"{BASE}/uninterrupted"), records.load_record(f"{BASE}/interrupted")
+    ha, hb = records.read_history(f"{BASE}/uninterrupted"), records.read_history(f"{BASE}/interrupted")
+
+    def evaluations(record):
+        return ", ".join(f"{h['step']}: {h['eval/accuracy']:.4f}" for h in record.history)
+
+    rows = [
+        ("final test accuracy", a.metrics["eval/accuracy"], b.metrics["eval/accuracy"]),
+        ("final test loss", a.metrics["eval/loss"], b.metrics["eval/loss"]),
+        ("evaluations (step: accuracy)", evaluations(a), evaluations(b)),
+        ("ε spent (δ=1e-5)", a.epsilon, b.epsilon),
+        ("σ", a.noise_multiplier, b.noise_multiplier),
+        ("logical steps", a.steps, b.steps),
+        ("resumed at steps", a.resumed_at or "-", b.resumed_at),
+        ("final_params_sha256", a.final_params_sha256[:16] + "…", b.final_params_sha256[:16] + "…"),
+        ("history.jsonl lines", len(ha), len(hb)),
+        ("training time (s, all sessions)", round(a.train_seconds), round(b.train_seconds)),
+    ]
+    print("| | uninterrupted | interrupted and resumed |\n|---|---|---|")
+    for name, x, y in rows:
+        print(f"| {name} | {x} | {y} |")
+    print()
+    print("parameters bit-identical:", a.final_params_sha256 == b.final_params_sha256)
+    print("metrics and evaluation history identical:", a.metrics == b.metrics and a.history == b.history)
+    print("history.jsonl identical apart from throughput:", without_throughput(ha) == without_throughput(hb))
+    print("no (kind, step) repeated:", len({(line["kind"], line["step"]) for line in hb}) == len(hb))
+    for name, record in (("uninterrupted", a), ("interrupted", b)):
+        print(f"released_nonprivate_statistics ({name}):", record.privacy["released_nonprivate_statistics"])
+
+
+if __name__ == "__main__":
+    main()
