@@ -31,6 +31,7 @@ from dpbench.models.gemma3 import Gemma3ModelConfig
 from dpbench.privacy.accounting import AccountantConfig
 from dpbench.privacy.methods import CLIPPING_CHOICES, METHODS, resolve_clipping
 from dpbench.train.optimizers import OPTIMIZERS
+from dpbench.train.sharding import MeshConfig
 from dpbench.train.tasks import TASKS
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,13 @@ class ComputeConfig:
     physical_batch_size: int = 64  # examples per device-parallel chunk of a logical batch
     eval_batch_size: int = 256
     num_devices: int | None = None  # None = all of jax.devices()
+    # Devices along (data, fsdp): -1 = the rest. fsdp > 1 shards parameters by model.sharding_rules.
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    device_memory_gb: float | None = None  # python -m dpbench.plan: does one device's share fit?
+    # Multi-process (jax.distributed): set all three, or leave null for SLURM's variables / one process.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclasses.dataclass

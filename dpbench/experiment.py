@@ -30,7 +30,7 @@ from dpbench.privacy import mechanism as mechanism_lib
 from dpbench.privacy.mechanism import Mechanism, plan_mechanism
 from dpbench.privacy.methods import GradientMethod, make_method
 from dpbench.summary import summary_block
-from dpbench.train import sharding
+from dpbench.train import distributed, sharding
 from dpbench.train.checkpoint import Cadence, Checkpoints, structure_matches
 from dpbench.train.loop import (
     LoopCallbacks,
@@ -106,6 +106,10 @@ def build(cfg: DictConfig) -> Experiment:
     """Load, build and check every part ``cfg`` names; nothing trains yet."""
     start = time.perf_counter()
     config_lib.validate_static(cfg)
+    try:  # before anything touches a device
+        distributed.initialize(cfg.compute)
+    except ValueError as error:
+        raise config_lib.ConfigError(str(error)) from error
     method = make_method(cfg.dp)
     dataset = _load_dataset(cfg)
     log.info(
@@ -127,7 +131,14 @@ def build(cfg: DictConfig) -> Experiment:
             "noise keys: fold_in(split(PRNGKey(runner.seed=%d))[1], step): replayable from the seed",
             cfg.runner.seed,
         )
-    bundle = build_model(cfg.model, init_key, freeze_lora_a=method.freezes_lora_a)
+    try:
+        mesh = sharding.mesh_from_config(cfg.compute)
+        rules = sharding.model_rules(cfg.model)
+    except ValueError as error:
+        raise config_lib.ConfigError(str(error)) from error
+    # Frozen weights go straight from the checkpoint into their shardings (never whole on a device).
+    placement = sharding.placement(mesh, rules)
+    bundle = build_model(cfg.model, init_key, freeze_lora_a=method.freezes_lora_a, placement=placement)
     log.info("model: %s, weights: %s", cfg.model.arch, bundle.weights_source)
     task_type = task_class(cfg.dataset.task)
     train_arrays, eval_arrays, preparation = task_type.prepare(dataset, bundle, cfg)
@@ -141,10 +152,6 @@ def build(cfg: DictConfig) -> Experiment:
         log.info("audit: %s", audit.describe())
 
     num_examples = len(next(iter(train_arrays.values())))
-    try:
-        mesh = sharding.make_mesh(cfg.compute.num_devices)
-    except ValueError as error:
-        raise config_lib.ConfigError(str(error)) from error
     config_lib.validate_with_data(cfg, num_examples, mesh.size)
     mechanism = plan_mechanism(cfg, num_examples)
     log.info(
@@ -187,7 +194,7 @@ def build(cfg: DictConfig) -> Experiment:
             method.clipping,
             max(errors.values()),
         )
-    frozen = sharding.put_replicated(frozen, mesh)
+    frozen = sharding.put_sharded(frozen, mesh, rules)
     trainer = Trainer(
         task.losses_fn,
         method,
@@ -195,13 +202,15 @@ def build(cfg: DictConfig) -> Experiment:
         mesh,
         noise_multiplier=mechanism.noise_multiplier or 0.0,
         expected_batch_size=cfg.runner.batch_size,
+        param_rules=rules,
     )
     state = trainer.init(trainable)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     output_dir = Path(cfg.paths.output_dir)
     if cfg.runner.resume == "never":
         (output_dir / loggers.WANDB_RUN_ID_FILE).unlink(missing_ok=True)  # a fresh start: a new W&B run
-    logger = loggers.make_logger(cfg.logger, config_dict, str(output_dir), _run_name(cfg, dataset.name))
+    logger_cfg = cfg.logger if distributed.is_main() else OmegaConf.merge(cfg.logger, {"name": "none"})
+    logger = loggers.make_logger(logger_cfg, config_dict, str(output_dir), _run_name(cfg, dataset.name))
     return Experiment(
         cfg=cfg,
         dataset=dataset,
@@ -469,7 +478,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
     cfg, mechanism, state = exp.cfg, exp.mechanism, exp.state
     checkpoints = Checkpoints(exp.output_dir, cfg.runner.keep_checkpoints)
     start, meta = _resume(exp, checkpoints)
-    history = records.History(exp.output_dir / records.HISTORY_FILE, resume_step=start)
+    history = records.History(distributed.side_path(exp.output_dir / records.HISTORY_FILE), resume_step=start)
     policy = ReleasePolicy(exp.private, cfg.runner.release_nonprivate_stats)
     cadence = Cadence(cfg.runner.checkpoint_every, mechanism.steps)
     resumed_at = [*meta.get("resumed_at", []), *([start] if start else [])]
@@ -613,7 +622,7 @@ def _finish(
         **claim,
     )
     record.wall_seconds = time.perf_counter() - exp.start_time
-    path = records.write_record(exp.output_dir, record)
+    path = records.write_record(distributed.side_path(exp.output_dir / records.RESULTS_FILE).parent, record)
     # W&B gets the same privacy claim (and audit) as results.json, for reviewers of a dashboard.
     values = record.to_dict()
     exp.logger.summary({k: values[k] for k in SUMMARY_KEYS if values.get(k) is not None})

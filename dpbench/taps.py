@@ -135,6 +135,11 @@ def recording(recorder: Recorder) -> Iterator[Recorder]:
         _STATE.recorder = previous
 
 
+def active() -> bool:
+    """Whether a recording is open (code that would re-trace layers, e.g. remat, must not then)."""
+    return getattr(_STATE, "recorder", None) is not None
+
+
 def wants(path: Path) -> bool:
     """Whether a recording is open and wants ``path`` (layers skip tap-only work otherwise)."""
     recorder = getattr(_STATE, "recorder", None)

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 from pathlib import Path
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -76,6 +77,8 @@ class EncoderModelConfig:
     random_init: RandomInitConfig | None = None
     dtype: str = "float32"  # compute dtype; parameters stay float32
     dropout: float = 0.0  # HF uses 0.1; DP training uses none by default
+    # [regex, spec] pairs on parameter paths (dpbench.train.sharding); null = the default rules.
+    sharding_rules: list[Any] | None = None
 
 
 def position_ids(input_ids: jax.Array, arch: EncoderArch) -> jax.Array:
@@ -303,7 +306,9 @@ def _overlay(params, loaded: dict, allowed_missing: tuple[str, ...]):
     return unflatten_dict(flat, sep="/")
 
 
-def build_encoder(cfg: EncoderModelConfig, rng: jax.Array, freeze_lora_a: bool = False) -> ModelBundle:
+def build_encoder(
+    cfg: EncoderModelConfig, rng: jax.Array, freeze_lora_a: bool = False, placement=None
+) -> ModelBundle:
     """The classifier of ``cfg`` with pretrained weights (or random ones for ``random_init``).
 
     Trainable: ``lora_b``, ``lora_a`` unless ``freeze_lora_a`` (FFA), and parameters matching
@@ -340,6 +345,8 @@ def build_encoder(cfg: EncoderModelConfig, rng: jax.Array, freeze_lora_a: bool =
     params = module.init(rng, dummy, jnp.ones_like(dummy))["params"]
     if loaded is not None:
         params = _overlay(params, loaded.params, head_layers)
+    if placement is not None:  # onto the mesh by sharding rule (encoders are small: built, then moved)
+        params = unflatten_dict(placement(flatten_dict(params)))
 
     def inputs(batch: dict):
         return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from dpbench import taps
 from dpbench.models import gemma3_loading as loading
 from dpbench.models.base import ModelBundle
 from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
@@ -307,6 +308,28 @@ class DecoderLayer(nn.Module):
         return x + RMSNorm(c.rms_norm_eps, name="post_feedforward_layernorm")(h), new_cache
 
 
+# model.remat: what a decoder block keeps for the backward pass (the rest is recomputed).
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,  # keep every activation (no remat)
+    "full": "nothing_saveable",  # keep only each block's inputs
+    "dots": "dots_saveable",  # keep matmul outputs, recompute the elementwise rest
+    "dots_no_batch": "dots_with_no_batch_dims_saveable",  # keep weight matmuls, not attention ones
+}
+
+
+def remat_layer(remat: str):
+    """``DecoderLayer`` under ``nn.remat`` with the named policy, or plain when ``remat=none`` or when a
+    layer-tap recording is open (ghost / book-keeping clipping): taps are a trace-time side channel,
+    and rematerialisation would trace the tapped layers again in another trace (escaped tracers).
+    Those implementations store the layers' inputs and output-gradients anyway, which is what remat
+    would drop; per-example clipping and non-private steps get the saving."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={remat!r} is not known; choose one of {', '.join(REMAT_POLICIES)}")
+    if REMAT_POLICIES[remat] is None or taps.active():
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]))
+
+
 def tied_logits(
     hidden: jax.Array,
     embedding: jax.Array,
@@ -336,6 +359,7 @@ class Gemma3(nn.Module):
     lora: LoraSpec | None = None
     dtype: Any = jnp.float32
     head: bool = True
+    remat: str = "none"  # a key of REMAT_POLICIES
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, positions=None, cache: dict | None = None):
@@ -360,9 +384,10 @@ class Gemma3(nn.Module):
         )
         x = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
         new_layers = []
+        layer_type = remat_layer(self.remat) if cache is None else DecoderLayer
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, new_layer = DecoderLayer(c, i, self.lora, self.dtype, name=f"layer_{i}")(
+            x, new_layer = layer_type(c, i, self.lora, self.dtype, name=f"layer_{i}")(
                 x, positions, masks[c.layer_types[i]], layer_cache, cache_end
             )
             new_layers.append(new_layer)
@@ -421,6 +446,12 @@ class Gemma3ModelConfig:
     random_init: bool = False
     tokenizer: str = "checkpoint"
     cache_dir: str = loading.DEFAULT_CACHE_DIR
+    # Decoder blocks under jax.checkpoint: none | full | dots | dots_no_batch (REMAT_POLICIES). Applies
+    # to per_example clipping and non-private steps; ghost / bookkeeping run without (see remat_layer).
+    remat: str = "none"
+    # [regex, spec] pairs on parameter paths (dpbench.train.sharding); null = LoRA replicated, the
+    # rest sharded over compute.mesh.fsdp on its largest divisible dimension.
+    sharding_rules: list[Any] | None = None
 
 
 def _validate(cfg) -> None:
@@ -437,6 +468,8 @@ def _validate(cfg) -> None:
     check_finetune(cfg.finetune)
     if cfg.max_seq_len < 1:
         raise ValueError(f"model.max_seq_len={cfg.max_seq_len} must be >= 1")
+    if getattr(cfg, "remat", "none") not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={cfg.remat!r} is not known; choose one of {', '.join(REMAT_POLICIES)}")
     if cfg.tokenizer not in TOKENIZERS:
         raise ValueError(f"model.tokenizer={cfg.tokenizer!r} is not known; choose one of {list(TOKENIZERS)}")
     if cfg.tokenizer == "bytes" and (not cfg.random_init or cfg.checkpoint is not None):
@@ -485,11 +518,20 @@ def _random_weights(shapes: dict[tuple[str, ...], tuple[int, ...]], rng: jax.Arr
     }
 
 
-def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = False) -> ModelBundle:
+def _on_default_device(flat: dict, dtype: Any = None) -> dict:
+    return {p: jnp.asarray(v, dtype) for p, v in flat.items()}
+
+
+def build_gemma3(
+    cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = False, placement=None
+) -> ModelBundle:
     """Gemma 3 with pretrained (or, for ``random_init``, random) weights and LoRA on ``lora_targets``.
 
     Only LoRA factors train (``lora_b``; ``lora_a`` unless ``freeze_lora_a``). ``apply_fn(params, batch)``
     gives float32 logits ``[B, T, V]`` from ``batch["input_ids"]`` and ``batch["attention_mask"]``.
+    ``placement(flat, dtype)`` puts the weights on devices (``dpbench.train.sharding.placement``: each
+    device reads its own slice of the checkpoint); by default they go whole to the default device.
+    Frozen weights are stored in ``model.dtype``; trainable ones in float32 (what the optimizer updates).
     """
     _validate(cfg)
     dtype = DTYPES[cfg.dtype]
@@ -520,7 +562,7 @@ def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = F
             f"tokenizer has {tokenizer.vocab_size} ids, more than the model's {config.vocab_size}"
         )
 
-    module = Gemma3(config, lora, dtype)
+    module = Gemma3(config, lora, dtype, remat=getattr(cfg, "remat", "none"))
     dummy = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
     expected = flatten_dict(jax.eval_shape(module.init, rng, *dummy)["params"])
     base_paths = {p for p in expected if not is_lora_param(p)}
@@ -536,8 +578,13 @@ def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = F
         raise ValueError(
             f"{source}: tensor shapes differ from the architecture (path, got, expected): {wrong[:4]}"
         )
-    flat = {p: jnp.asarray(v, dtype) for p, v in weights.items()}
-    flat.update(_lora_params(module, rng, dummy))
+    is_trainable = trainable_rule(
+        cfg.finetune, freeze_lora_a, head_pattern=None if cfg.finetune == "lora" else "^embed_tokens/"
+    )
+    placement = placement or _on_default_device
+    flat = placement({p: v for p, v in weights.items() if not is_trainable(p)}, dtype=dtype)
+    flat.update(placement({p: v for p, v in weights.items() if is_trainable(p)}, dtype=jnp.float32))
+    flat.update(placement(_lora_params(module, rng, dummy)))
     params = unflatten_dict(flat)
 
     def apply_fn(params, batch):
@@ -556,9 +603,7 @@ def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = F
         apply_fn=apply_fn,
         params=params,
         # LoRA trains the adapters alone; "head" is the tied embedding, Gemma's output layer.
-        is_trainable=trainable_rule(
-            cfg.finetune, freeze_lora_a, head_pattern=None if cfg.finetune == "lora" else "^embed_tokens/"
-        ),
+        is_trainable=is_trainable,
         weights_source=source,
         tokenizer=tokenizer,
         module=module,

@@ -223,15 +223,50 @@ def safetensors_files(checkpoint_dir: Path) -> list[Path]:
     )
 
 
-def read_hf_tensors(checkpoint_dir: Path) -> dict[str, Any]:
-    """All tensors of a safetensors checkpoint, as JAX arrays (bfloat16 stays bfloat16)."""
-    from safetensors import safe_open  # "flax" framework: numpy has no bfloat16
+_SAFETENSORS_DTYPES = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "bfloat16",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
 
+
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    """The tensors of one ``.safetensors`` file as memory-mapped NumPy arrays (bfloat16 as ml_dtypes'):
+    nothing is read until sliced, so each device can read just its shard (``dpbench.train.sharding``).
+    The format: 8 bytes header length, a JSON header (dtype, shape, byte offsets), raw little-endian data.
+    """
+    import ml_dtypes
+
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len)
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, not supported")
+        kind = _SAFETENSORS_DTYPES[info["dtype"]]
+        dtype = np.dtype(ml_dtypes.bfloat16) if kind == "bfloat16" else np.dtype(kind)
+        start, end = info["data_offsets"]
+        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
+    return tensors
+
+
+def read_hf_tensors(checkpoint_dir: Path) -> dict[str, Any]:
+    """All tensors of a safetensors checkpoint, memory-mapped (bfloat16 stays bfloat16): see
+    :func:`read_safetensors`."""
     tensors = {}
     for file in safetensors_files(checkpoint_dir):
-        with safe_open(str(file), framework="flax") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        tensors.update(read_safetensors(file))
     return tensors
 
 

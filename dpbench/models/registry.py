@@ -13,10 +13,14 @@ _BUILDERS = {
     "encoder": ("dpbench.models.encoder", "build_encoder"),
     "gemma3": ("dpbench.models.gemma3", "build_gemma3"),
 }
+PLACED = ("gemma3", "encoder")  # builders that place their weights by sharding rule themselves
 
 
-def build_model(cfg, rng: jax.Array, freeze_lora_a: bool) -> ModelBundle:
+def build_model(cfg, rng: jax.Array, freeze_lora_a: bool, placement=None) -> ModelBundle:
+    """``placement`` (dpbench.train.sharding.placement): where builders that take it put weights."""
     if cfg.arch not in _BUILDERS:
         raise ValueError(f"model.arch={cfg.arch!r} is not known; choose one of {', '.join(_BUILDERS)}")
     module_name, fn_name = _BUILDERS[cfg.arch]
-    return getattr(importlib.import_module(module_name), fn_name)(cfg, rng, freeze_lora_a=freeze_lora_a)
+    extra = {"placement": placement} if placement is not None and cfg.arch in PLACED else {}
+    builder = getattr(importlib.import_module(module_name), fn_name)
+    return builder(cfg, rng, freeze_lora_a=freeze_lora_a, **extra)

@@ -67,7 +67,13 @@ class Trainer:
         mesh: jax.sharding.Mesh,
         noise_multiplier: float,
         expected_batch_size: float,
+        param_rules=None,
     ):
+        # param_rules: sharding rules (dpbench.train.sharding) of the trainable parameters, their
+        # optimizer state and gradient sums; None replicates them (LoRA). Frozen ones come placed.
+        self.param_rules = param_rules
+        self.param_shardings = None
+        self.opt_shardings = None
         self.losses_fn = losses_fn
         self.method = method
         self.optimizer = optimizer
@@ -80,12 +86,15 @@ class Trainer:
 
     def init(self, trainable: dict) -> TrainState:
         # A fresh copy: the update donates its buffers, and the caller may still hold ``trainable``.
-        copy = jax.jit(
-            lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=sharding.replicated(self.mesh)
-        )
+        rules = self.param_rules if self.param_rules is not None else [(".*", sharding.REPLICATED)]
+        self.param_shardings = sharding.shardings_for(trainable, self.mesh, rules)
+        copy = jax.jit(lambda t: jax.tree_util.tree_map(jnp.copy, t), out_shardings=self.param_shardings)
         trainable = copy(trainable)
-        # Replicated outputs from the start, so the step functions compile once (not again at step 2).
-        opt_state = jax.jit(self.optimizer.init, out_shardings=sharding.replicated(self.mesh))(trainable)
+        # Fixed output shardings from the start (optimizer state like its parameter, counts
+        # replicated), so the step functions compile once (not again at step 2).
+        shapes = jax.eval_shape(self.optimizer.init, trainable)
+        self.opt_shardings = sharding.like_params(shapes, self.param_shardings, self.mesh)
+        opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(trainable)
         return TrainState(step=0, trainable=trainable, opt_state=opt_state)
 
     def zero_accumulator(self, trainable: dict, frozen: dict, batch: dict, mask: jax.Array) -> tuple:
@@ -93,7 +102,9 @@ class Trainer:
         if self._acc_shapes is None:
             self._acc_shapes = jax.eval_shape(self._global_grad_sum, trainable, frozen, batch, mask)
         zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), self._acc_shapes)
-        return sharding.put_replicated(zeros, self.mesh)
+        if self.param_shardings is None:
+            return sharding.put_replicated(zeros, self.mesh)
+        return jax.device_put(zeros, sharding.like_params(zeros, self.param_shardings, self.mesh))
 
     def _global_grad_sum(self, trainable, frozen, batch, mask):
         """Each device sums its shard of the physical batch; one psum makes the global sum.
@@ -112,10 +123,15 @@ class Trainer:
             grad_sum, stats = self.method.grad_sum(self.losses_fn, trainable, batch, mask, frozen)
             return jax.lax.psum((grad_sum, stats), sharding.DATA_AXIS)
 
+        # Manual over `data` only: `fsdp` (sharded parameters, batch rows) is left to the partitioner.
         data, rep = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
-        return jax.shard_map(local, mesh=self.mesh, in_specs=(rep, rep, data, data), out_specs=rep)(
-            trainable, frozen, batch, mask
-        )
+        return jax.shard_map(
+            local,
+            mesh=self.mesh,
+            in_specs=(rep, rep, data, data),
+            out_specs=rep,
+            axis_names={sharding.DATA_AXIS},
+        )(trainable, frozen, batch, mask)
 
     def _accumulate(self, acc, trainable, frozen, batch, mask):
         return jax.tree_util.tree_map(jnp.add, acc, self._global_grad_sum(trainable, frozen, batch, mask))
@@ -127,6 +143,8 @@ class Trainer:
         )
         updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
+        trainable = sharding.constrain(trainable, self.param_shardings)
+        opt_state = sharding.constrain(opt_state, self.opt_shardings)
         return trainable, opt_state, stats
 
     def logical_step(
@@ -136,7 +154,7 @@ class Trainer:
         acc = None
         for batch, mask in chunks:
             batch = sharding.put_batch(batch, self.mesh)
-            mask = jax.device_put(mask, sharding.batch_sharding(self.mesh))
+            mask = sharding.put_rows(mask, self.mesh)
             if acc is None:
                 acc = self.zero_accumulator(state.trainable, frozen, batch, mask)
             acc = self.accumulate(acc, state.trainable, frozen, batch, mask)

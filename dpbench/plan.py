@@ -1,0 +1,398 @@
+"""``python -m dpbench.plan [overrides]``: will this run fit, and under which mechanism? No training.
+
+Composes the same config as ``python -m dpbench``, then, on ``compute.mesh.data x compute.mesh.fsdp``
+fake CPU devices (``compute.num_devices`` when an axis is -1), builds the training step on *abstract*
+inputs: parameter shapes from ``jax.eval_shape`` with their sharding rules, a physical batch of
+``compute.physical_batch_size`` rows of the dataset's sequence length. No weights are read. It lowers
+and compiles one physical-batch accumulation and the per-logical-step update (noise + optimizer) and
+prints, per device: bytes of frozen and trainable parameters, optimizer state, the gradient
+accumulator, XLA's temporaries (``compiled.memory_analysis()``), their total against
+``compute.device_memory_gb``, and the mechanism (n, q, σ, steps, ε).
+
+The compile is XLA:CPU's: buffer assignment and fusion differ on GPU/TPU, so the numbers are an
+estimate of the accelerator's (the output says so). Generation (evaluation) is not planned.
+
+    python -m dpbench.plan +experiment=samsum_gemma model.preset=12b compute.mesh.fsdp=8 \\
+        compute.mesh.data=1 compute.device_memory_gb=80 +plan.num_examples=14732
+
+Without the dataset on this machine, ``+plan.num_examples=N`` gives n (SAMSum's train split: 14,732).
+``+plan.measure_steps=S`` then builds the real run on this machine and measures S logical steps (peak
+resident memory above the state before them), to check the estimate. For summarisation,
+``+plan.max_targets=K`` sets how many response positions per example get logits
+(the runner uses the longest tokenised training summary + eos; default ``dataset.max_new_tokens + 1``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from dpbench import config as config_lib
+
+config_lib.register_configs()
+
+GB = 1024**3
+
+
+def plan_devices(compute_cfg) -> int:
+    """How many fake devices the plan needs: data x fsdp (an axis at -1 takes compute.num_devices;
+    without it, data=-1 means one data group: fsdp devices)."""
+    mesh = compute_cfg.mesh
+    if mesh.data != -1 and mesh.fsdp != -1:
+        return int(mesh.data) * int(mesh.fsdp)
+    if compute_cfg.num_devices is None and mesh.data == -1:
+        return int(mesh.fsdp)  # data=-1 with no device count: one data group
+    if compute_cfg.num_devices is None:
+        raise config_lib.ConfigError(
+            f"compute.mesh.data={mesh.data}, compute.mesh.fsdp={mesh.fsdp}: the plan needs a device count; "
+            "set both axes (e.g. compute.mesh.data=1 compute.mesh.fsdp=8) or compute.num_devices"
+        )
+    return int(compute_cfg.num_devices)
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    devices: int
+    mesh: dict
+    frozen: int
+    trainable: int
+    optimizer: int
+    accumulator: int
+    batch: int
+    accumulate_temp: int
+    update_temp: int
+    compile_seconds: float
+    platform: str
+
+    @property
+    def total(self) -> int:
+        resident = self.frozen + self.trainable + self.optimizer + self.accumulator
+        return resident + self.batch + max(self.accumulate_temp, self.update_temp)
+
+
+def _abstract(tree, shardings):
+    import jax
+
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
+
+
+def _gemma_parts(cfg, mesh, method, plan_cfg):
+    """Abstract Gemma 3 parameters (nothing read or initialised) and the summarisation losses."""
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict
+
+    from dpbench.models import gemma3
+    from dpbench.models.base import ModelBundle
+    from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer
+    from dpbench.models.lora import LoraSpec, effective_rank, trainable_rule
+    from dpbench.train.summarization import SummarizationTask
+
+    m = cfg.model
+    if m.preset is None:
+        raise config_lib.ConfigError("the plan needs model.preset (the architecture) for arch=gemma3")
+    config = gemma3.PRESETS[m.preset]
+    dtype = gemma3.DTYPES[m.dtype]
+    lora = LoraSpec(
+        rank=effective_rank(m.finetune, m.lora_rank), alpha=m.lora_alpha, targets=tuple(m.lora_targets)
+    )
+    module = gemma3.Gemma3(config, lora, dtype, remat=m.remat)
+    dummy = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
+    shapes = flatten_dict(jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy)["params"])
+    is_trainable = trainable_rule(
+        m.finetune, method.freezes_lora_a, None if m.finetune == "lora" else "^embed_tokens/"
+    )
+    params = {
+        p: jax.ShapeDtypeStruct(
+            s.shape, jnp.float32 if is_trainable(p) or p[-1].startswith("lora_") else dtype
+        )
+        for p, s in shapes.items()
+    }
+    body = module.clone(head=False)
+
+    def apply_fn(params, batch):
+        return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+
+    def hidden_states_fn(params, batch):
+        return body.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+
+    def logits_fn(params, hidden):
+        return gemma3.tied_logits(hidden, params["embed_tokens"]["embedding"], config, dtype)
+
+    bundle = ModelBundle(
+        apply_fn=apply_fn,
+        params=params,
+        is_trainable=is_trainable,
+        weights_source="none (plan)",
+        tokenizer=Gemma3ByteTokenizer(),
+        module=module,
+        extras={"hidden_states_fn": hidden_states_fn, "logits_fn": logits_fn},
+    )
+    task = SummarizationTask(bundle, cfg.dataset, progress_bar=False)
+    length = int(cfg.dataset.max_length)
+    task.max_targets = min(int(plan_cfg.get("max_targets") or cfg.dataset.max_new_tokens + 1), length - 1)
+    rows = int(cfg.compute.physical_batch_size)
+    batch = {
+        k: jax.ShapeDtypeStruct((rows, length), jnp.int32)
+        for k in ("input_ids", "attention_mask", "loss_mask")
+    }
+    notes = [f"summarisation loss on {task.max_targets} response positions per example"]
+    return params, is_trainable, task.losses_fn, batch, notes
+
+
+def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str]]:
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import unflatten_dict
+
+    from dpbench.train import sharding
+    from dpbench.train.loop import Trainer, split_params
+    from dpbench.train.optimizers import make_optimizer
+
+    if cfg.model.arch != "gemma3":
+        raise config_lib.ConfigError(
+            f"python -m dpbench.plan plans model.arch=gemma3 (got {cfg.model.arch}); smaller models fit "
+            "anyway"
+        )
+    try:
+        mesh = sharding.mesh_from_config(cfg.compute)
+        rules = sharding.model_rules(cfg.model)
+    except ValueError as error:
+        raise config_lib.ConfigError(str(error)) from error
+    config_lib.validate_with_data(cfg, int(plan_cfg.get("num_examples") or 10**9), mesh.size)
+    params, is_trainable, losses_fn, batch, notes = _gemma_parts(cfg, mesh, method, plan_cfg)
+    trainable, frozen = split_params(unflatten_dict(params), is_trainable)
+    frozen_sh = sharding.shardings_for(frozen, mesh, rules)
+    trainer = Trainer(
+        losses_fn, method, make_optimizer(cfg.optimizer), mesh, 1.0, cfg.runner.batch_size, param_rules=rules
+    )
+    trainer.param_shardings = sharding.shardings_for(trainable, mesh, rules)
+    opt_shapes = jax.eval_shape(trainer.optimizer.init, trainable)
+    trainer.opt_shardings = sharding.like_params(opt_shapes, trainer.param_shardings, mesh)
+    a_trainable = _abstract(trainable, trainer.param_shardings)
+    a_frozen = _abstract(frozen, frozen_sh)
+    a_opt = _abstract(opt_shapes, trainer.opt_shardings)
+    batch_sh = sharding.batch_sharding(mesh)
+    a_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in batch.items()}
+    rows = next(iter(batch.values())).shape[0]
+    a_mask = jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=batch_sh)
+    acc_shapes = jax.eval_shape(trainer._global_grad_sum, a_trainable, a_frozen, a_batch, a_mask)
+    acc_sh = sharding.like_params(acc_shapes, trainer.param_shardings, mesh)
+    a_acc = _abstract(acc_shapes, acc_sh)
+    start = time.perf_counter()
+    accumulate = trainer.accumulate.lower(a_acc, a_trainable, a_frozen, a_batch, a_mask).compile()
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
+    update = trainer.update.lower(a_trainable, a_opt, a_acc, key).compile()
+    seconds = time.perf_counter() - start
+    stats_acc, stats_upd = accumulate.memory_analysis(), update.memory_analysis()
+    plan = MemoryPlan(
+        devices=mesh.size,
+        mesh=dict(mesh.shape),
+        frozen=sharding.bytes_per_device(a_frozen),
+        trainable=sharding.bytes_per_device(a_trainable),
+        optimizer=sharding.bytes_per_device(a_opt),
+        accumulator=sharding.bytes_per_device(a_acc),
+        batch=sharding.bytes_per_device(a_batch) + sharding.bytes_per_device(a_mask),
+        accumulate_temp=int(stats_acc.temp_size_in_bytes),
+        update_temp=int(stats_upd.temp_size_in_bytes),
+        compile_seconds=seconds,
+        platform=jax.devices()[0].platform,
+    )
+    return plan, notes
+
+
+def mechanism_rows(cfg: DictConfig, plan_cfg) -> list[tuple[str, str]]:
+    from dpbench.data.registry import load_dataset
+    from dpbench.privacy import accounting
+    from dpbench.privacy.mechanism import plan_mechanism
+
+    num_examples = plan_cfg.get("num_examples")
+    source = "+plan.num_examples"
+    if num_examples is None:
+        try:
+            dataset = load_dataset(cfg.dataset)
+        except (FileNotFoundError, ValueError) as error:
+            raise config_lib.ConfigError(
+                f"the plan needs n, the number of training examples: cannot load {cfg.dataset.name} "
+                f"({error}); give +plan.num_examples=N (SAMSum's train split: 14732)"
+            ) from None
+        num_examples, source = dataset.num_train, f"{dataset.name} ({dataset.source})"
+    num_examples = int(num_examples)
+    mechanism = plan_mechanism(cfg, num_examples)
+    sampler = mechanism.sampler
+    rows = [
+        ("training examples n", f"{num_examples} from {source}"),
+        ("sampler", f"{sampler.name}, q={sampler.sampling_rate:.6g} (batch {cfg.runner.batch_size})"),
+        ("logical steps", str(mechanism.steps)),
+    ]
+    if mechanism.noise_multiplier is None:
+        return rows + [("privacy", "none (dp.method=none)")]
+    sigma = mechanism.noise_multiplier
+    epsilon = accounting.compute_epsilon(sampler, sigma, mechanism.steps, mechanism.delta, cfg.accountant)
+    rows += [
+        ("σ (noise multiplier)", f"{sigma:.6f}" + (" given" if cfg.dp.noise_multiplier is not None else "")),
+        ("clip norm C, δ", f"{cfg.dp.clip_norm:g}, {mechanism.delta:.3g}"),
+        ("ε", f"{epsilon:.4f} ({cfg.accountant.name})"),
+    ]
+    return rows
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(cfg: DictConfig, exp, steps: int) -> list[tuple[str, str]]:
+    """Build the real run (weights, data) on this machine's devices, take one logical step to compile,
+    then ``steps`` more while a thread samples the resident set: the step's transient memory is the peak
+    above the resident set before it (freed blocks returned with malloc_trim). CPU only (Linux)."""
+    import ctypes
+    import threading
+
+    import jax
+
+    from dpbench.train.loop import gather_chunks
+
+    libc = ctypes.CDLL("libc.so.6")
+
+    def step(index: int) -> None:
+        indices = exp.mechanism.sampler.batch_indices(index)
+        chunks = gather_chunks(exp.train_arrays, indices, cfg.compute.physical_batch_size)
+        stats = exp.trainer.logical_step(
+            exp.state, exp.frozen, chunks, jax.random.fold_in(exp.noise_key, index)
+        )
+        jax.block_until_ready((exp.state.trainable, stats))
+
+    start = time.perf_counter()
+    step(0)
+    first = time.perf_counter() - start
+    libc.malloc_trim(0)
+    before = _rss()
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    for index in range(1, steps + 1):
+        step(index)
+    seconds = (time.perf_counter() - start) / steps
+    done.set()
+    sampler.join()
+    import resource
+
+    return [
+        ("measured: resident set before the steps", _gib(before)),
+        ("measured: step transient (peak - before)", _gib(peak[0] - before)),
+        (
+            "measured: process peak (ru_maxrss)",
+            _gib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        ),
+        ("measured: seconds per logical step", f"{seconds:.1f} (first, with compilation: {first:.0f})"),
+    ]
+
+
+def _gib(value: int) -> str:
+    """Bytes in GiB, or MiB below 1 GiB.
+
+    >>> _gib(3 * GB // 2), _gib(5 * 1024**2)
+    ('   1.500 GiB', '   5.000 MiB')
+    """
+    if value >= GB:
+        return f"{value / GB:8.3f} GiB"
+    return f"{value / 1024**2:8.3f} MiB"
+
+
+def plan_report(cfg: DictConfig) -> str:
+    from omegaconf import OmegaConf
+
+    from dpbench.privacy.methods import make_method
+
+    config_lib.validate_static(cfg)
+    plan_cfg = OmegaConf.to_container(cfg.plan) if "plan" in cfg else {}
+    method = make_method(cfg.dp)
+    rows = [
+        (
+            "model",
+            f"{cfg.model.arch} {cfg.model.get('preset')} ({cfg.model.dtype}, finetune={cfg.model.finetune}, "
+            f"lora_rank={cfg.model.lora_rank}, remat={cfg.model.remat})",
+        ),
+        ("dp", f"{cfg.dp.method}, clipping={method.clipping if method.private else '-'}"),
+        ("physical batch", f"{cfg.compute.physical_batch_size} x {cfg.dataset.max_length} tokens"),
+    ]
+    rows += mechanism_rows(cfg, plan_cfg)
+    experiment = None
+    if plan_cfg.get("measure_steps"):  # the real run, built first: its response length sizes the plan
+        from dpbench.experiment import build
+
+        experiment = build(cfg)
+        if getattr(experiment.task, "max_targets", None):
+            plan_cfg["max_targets"] = experiment.task.max_targets
+    plan, notes = memory_plan(cfg, method, plan_cfg)
+    rows += [
+        ("mesh", f"{plan.devices} device(s): data={plan.mesh['data']} x fsdp={plan.mesh['fsdp']}"),
+        ("per device: frozen params", _gib(plan.frozen)),
+        ("per device: trainable params", _gib(plan.trainable)),
+        ("per device: optimizer state", _gib(plan.optimizer)),
+        ("per device: gradient accumulator", _gib(plan.accumulator)),
+        ("per device: physical batch", _gib(plan.batch)),
+        ("per device: temporaries (accumulate)", _gib(plan.accumulate_temp)),
+        ("per device: temporaries (update)", _gib(plan.update_temp)),
+        ("per device: total", _gib(plan.total)),
+    ]
+    budget = cfg.compute.device_memory_gb
+    if budget is not None:
+        verdict = "fits" if plan.total <= budget * 1e9 else "does NOT fit"
+        rows.append(
+            (
+                "fits compute.device_memory_gb",
+                f"{verdict} in {budget:g} GB ({plan.total / 1e9:.2f} GB needed)",
+            )
+        )
+    rows += [("note", n) for n in notes]
+    if experiment is not None:
+        rows += measure(cfg, experiment, int(plan_cfg["measure_steps"]))
+    rows.append(
+        (
+            "estimate",
+            f"compiled by XLA:{plan.platform.upper()} on {plan.devices} fake devices in "
+            f"{plan.compile_seconds:.0f} s; GPU/TPU buffer assignment differs, so treat the numbers as "
+            "an estimate (leave ~10-20% headroom)",
+        )
+    )
+    return format_table(rows)
+
+
+def format_table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _set_devices(cfg: DictConfig) -> None:
+    import jax
+
+    count = plan_devices(cfg.compute)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    with config_lib.exit_on_setting_error():
+        _set_devices(cfg)
+        print(plan_report(cfg), flush=True)
+
+
+if __name__ == "__main__":
+    main()

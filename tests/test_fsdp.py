@@ -1,0 +1,110 @@
+"""FSDP on 8 fake CPU devices: a (data, fsdp) mesh gives the one-device clipped sums and parameters.
+
+Each group of cases runs in one subprocess (tests/fsdp_check.py). The default suite checks tiny Gemma 3
++ LoRA on (data=2, fsdp=4) against one device; the slow suite adds (data=8), ghost and book-keeping
+clipping, full fine-tuning (sharded trainable weights and Adam state), the tiny encoder, bfloat16 and
+rematerialisation.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REFERENCE = "gemma:lora:per_example:1:1"
+
+
+def run_cases(*cases: str) -> dict:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    script = Path(__file__).with_name("fsdp_check.py")
+    proc = subprocess.run(
+        [sys.executable, str(script), *cases], env=env, capture_output=True, text=True, timeout=3000
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def assert_same(reference: dict, other: dict, sum_tol=(1e-4, 1e-7), param_tol=(1e-4, 1e-5)):
+    assert reference["names"] == other["names"]
+    assert reference["count"] == other["count"] > 0
+    for a, b in zip(reference["sum"], other["sum"]):
+        np.testing.assert_allclose(b, a, rtol=sum_tol[0], atol=sum_tol[1])
+    assert max(np.abs(np.asarray(s)).max() for s in reference["sum"]) > 1e-4  # not trivially zero
+    for a, b in zip(reference["params"], other["params"]):
+        np.testing.assert_allclose(b, a, rtol=param_tol[0], atol=param_tol[1])
+
+
+@pytest.fixture(scope="module")
+def gemma_fsdp():
+    return run_cases(REFERENCE, "gemma:lora:per_example:2:4")
+
+
+def test_gemma_lora_on_data2_fsdp4_equals_one_device(gemma_fsdp):
+    assert_same(gemma_fsdp[REFERENCE], gemma_fsdp["gemma:lora:per_example:2:4"])
+
+
+def test_frozen_weights_are_sharded_over_fsdp_and_lora_replicated(gemma_fsdp):
+    one, fsdp = gemma_fsdp[REFERENCE], gemma_fsdp["gemma:lora:per_example:2:4"]
+    assert fsdp["frozen_specs"]["layer_0/mlp/up_proj/kernel"] != "P()"
+    assert fsdp["frozen_specs"]["embed_tokens/embedding"] != "P()"
+    assert fsdp["frozen_specs"]["layer_0/input_layernorm/scale"] == "P()"  # 1-D: replicated
+    assert set(fsdp["trainable_specs"].values()) == {"P()"}
+    # Every 2-D weight split 4 ways; the norms (1-D, a few hundred floats) stay whole.
+    assert fsdp["frozen_bytes_per_device"] < 0.3 * one["frozen_bytes_per_device"]
+    assert one["frozen_bytes_per_device"] == one["frozen_bytes"]
+
+
+@pytest.mark.slow
+def test_every_mesh_clipping_and_model_equals_one_device():
+    cases = [
+        "gemma:lora:per_example:8:1",
+        "gemma:lora:ghost:2:4",
+        "gemma:lora:bookkeeping:2:4",
+        "gemma:full:per_example:1:1",
+        "gemma:full:bookkeeping:2:4",
+        "encoder:lora:per_example:1:1",
+        "encoder:lora:per_example:2:4",
+        "encoder:lora:bookkeeping:8:1",
+    ]
+    results = run_cases(REFERENCE, *cases)
+    for case in cases[:3]:
+        assert_same(results[REFERENCE], results[case])
+    full = results["gemma:full:bookkeeping:2:4"]
+    assert_same(results["gemma:full:per_example:1:1"], full)
+    assert "P()" not in {full["trainable_specs"]["layer_0/mlp/up_proj/kernel"]}
+    assert any("fsdp" in spec for spec in full["opt_specs"])  # Adam moments sharded like their weights
+    for case in cases[6:]:
+        assert_same(results["encoder:lora:per_example:1:1"], results[case])
+
+
+@pytest.mark.slow
+def test_bfloat16_and_remat():
+    cases = [
+        "gemma:lora:per_example:2:4:bfloat16",
+        "gemma:lora:per_example:2:4:float32:full",
+        "gemma:lora:ghost:2:4:float32:full",
+        "gemma:lora:bookkeeping:2:4:float32:dots",
+    ]
+    results = run_cases(REFERENCE, *cases)
+    bf16 = results[cases[0]]
+    assert bf16["finite"]
+    assert bf16["frozen_dtypes"] == ["bfloat16"]
+    # The optimizer's side stays float32: trainable weights, Adam moments, clipped sums.
+    assert bf16["trainable_dtypes"] == bf16["opt_dtypes"] == bf16["sum_dtypes"] == ["float32"]
+    reference = results[REFERENCE]
+    sums = np.concatenate(reference["sum"]), np.concatenate(bf16["sum"])
+    assert np.linalg.norm(sums[1] - sums[0]) < 0.05 * np.linalg.norm(sums[0])
+
+    # Adam's steps are nearly sign(g) x lr: a coordinate whose gradient is ~0 may step the other way in
+    # bfloat16, so the updates are compared as whole vectors (float32 vs bfloat16 forward passes).
+    def update(result):
+        return np.concatenate(result["params"]) - np.concatenate(result["initial"])
+
+    assert np.linalg.norm(update(bf16) - update(reference)) < 0.1 * np.linalg.norm(update(reference))
+    # Remat changes what is stored, never the result; ghost / book-keeping run under it without leaks.
+    for case in cases[1:]:
+        assert_same(reference, results[case])

@@ -1,0 +1,80 @@
+"""Two local CPU processes (jax.distributed, gloo collectives), one device each, train the same run as one
+process with two devices: same parameters (bit for bit), same ε, and only process 0 writes the record."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.compose import FIXTURE_DATA, REPO, TINY
+
+RUN = [
+    "dataset=sst2_rt",
+    "model=tiny_encoder",
+    "dp.epsilon=8",
+    "runner.checkpoint_every=0",
+    f"paths.data_root={FIXTURE_DATA}",
+    "hydra.output_subdir=null",
+    *TINY,
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "HYDRA_FULL_ERROR": "1",
+    }
+
+
+def _command(run_dir, *overrides):
+    return [sys.executable, "-m", "dpbench", *RUN, f"hydra.run.dir={run_dir}", *overrides]
+
+
+@pytest.mark.slow  # three training runs of the tiny encoder: minutes on 2 shared cores
+def test_two_processes_equal_one_process_with_two_devices(tmp_path):
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    single = subprocess.run(
+        _command(one_dir), cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=900
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [
+        subprocess.Popen(
+            _command(
+                two_dir,
+                f"compute.coordinator_address={address}",
+                "compute.num_processes=2",
+                f"compute.process_id={i}",
+            ),
+            cwd=REPO,
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=900) for p in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    one = json.loads((one_dir / "results.json").read_text())
+    two = json.loads((two_dir / "results.json").read_text())
+    assert one["devices"] == two["devices"] == 2
+    assert two["final_params_sha256"] == one["final_params_sha256"]
+    assert two["epsilon"] == pytest.approx(one["epsilon"], rel=1e-12) and one["epsilon"] <= 8
+    assert two["metrics"] == pytest.approx(one["metrics"])
+    # Process 1 logs warnings only and wrote no record of its own into the run folder.
+    logs = [out + err for out, err in outputs]
+    assert "results:" in logs[0] and "results:" not in logs[1]
+    assert len(list(two_dir.glob("**/results.json"))) == 1
