@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 REFERENCE = "gemma:lora:per_example:1:1"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cases(*cases: str) -> dict:
@@ -108,3 +109,35 @@ def test_bfloat16_and_remat():
     # Remat changes what is stored, never the result; ghost / book-keeping run under it without leaks.
     for case in cases[1:]:
         assert_same(reference, results[case])
+
+
+GENERATE = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, numpy as np
+from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
+from dpbench.models.generate import greedy_generate
+from dpbench.train import sharding
+
+cfg = Gemma3ModelConfig(preset="tiny", random_init=True, tokenizer="bytes", lora_rank=4, lora_alpha=8)
+rng = np.random.default_rng(0)
+ids = rng.integers(3, 261, (8, 12)).astype(np.int32)
+mask = np.ones_like(ids)
+mask[1, :5] = 0  # left padding
+plain = build_gemma3(cfg, jax.random.PRNGKey(0))
+mesh = sharding.make_mesh(8, 2, 4)
+placed = build_gemma3(cfg, jax.random.PRNGKey(0), placement=sharding.placement(mesh, None))
+one = greedy_generate(plain.module, plain.params, ids, mask, 6)
+spread = greedy_generate(placed.module, placed.params, ids, mask, 6, mesh=mesh)
+print(json.dumps({"equal": bool(np.array_equal(one, spread)), "shape": list(spread.shape)}))
+"""
+
+
+@pytest.mark.slow
+def test_generation_sharded_over_the_mesh_equals_one_device():
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, "-c", GENERATE], env=env, capture_output=True, text=True, timeout=1200, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout) == {"equal": True, "shape": [8, 6]}

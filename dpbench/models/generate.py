@@ -28,11 +28,14 @@ def greedy_generate(
     max_new_tokens: int,
     stop_ids: Sequence[int] = (),
     pad_id: int = 0,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> np.ndarray:
     """Greedy continuations ``[B, max_new_tokens]`` of LEFT-padded prompts ``[B, P]``.
 
     Each row keeps its first stop token; every later slot holds ``pad_id``. ``params`` is the
-    ``"params"`` collection (``ModelBundle.params``; LoRA factors are applied unmerged).
+    ``"params"`` collection (``ModelBundle.params``; LoRA factors are applied unmerged). With a
+    ``mesh`` (and a batch its devices divide), the rows are split over all its devices like a training
+    batch, each process transferring its own rows; the tokens come back whole on every process.
     """
     prompt_ids, prompt_mask = np.asarray(prompt_ids), np.asarray(prompt_mask)
     if prompt_ids.ndim != 2 or prompt_ids.shape != prompt_mask.shape:
@@ -44,7 +47,21 @@ def greedy_generate(
     if not np.all(prompt_mask[:, -1]):
         raise ValueError("prompts must be LEFT-padded: the last position of every row must be a real token")
     run = _compiled(module, max_new_tokens, tuple(int(s) for s in stop_ids), int(pad_id))
-    return np.asarray(run(params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32)))
+    if mesh is None or len(prompt_ids) % mesh.size:
+        return np.asarray(
+            run(params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_mask, jnp.int32))
+        )
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    count, index = jax.process_count(), jax.process_index()
+    per = len(prompt_ids) // count  # the mesh orders devices process by process: contiguous rows each
+    ids, mask = (
+        jax.make_array_from_process_local_data(
+            rows, x[index * per : (index + 1) * per].astype(np.int32), x.shape
+        )
+        for x in (prompt_ids, prompt_mask)
+    )
+    return np.asarray(jax.jit(lambda x: x, out_shardings=whole)(run(params, ids, mask)))
 
 
 @functools.lru_cache(maxsize=16)

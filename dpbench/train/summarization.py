@@ -150,7 +150,7 @@ class SummarizationTask:
         targets = jnp.take_along_axis(batch["input_ids"], positions + 1, axis=1)
         return _masked_mean(_token_nll(self.logits_fn(params, hidden), targets), real), {}
 
-    def generate(self, params, dialogues, batch_size: int) -> tuple[list[str], dict]:
+    def generate(self, params, dialogues, batch_size: int, mesh=None) -> tuple[list[str], dict]:
         prompts, stats = text.build_prompts(dialogues, self.tokenizer, self.max_prompt_length)
         outputs = []
         n = len(dialogues)
@@ -164,6 +164,7 @@ class SummarizationTask:
                 self.max_new_tokens,
                 stop_ids=self.stop_ids,
                 pad_id=self.tokenizer.pad_id,
+                mesh=mesh,
             )
             for row in tokens[: min(batch_size, n - start)]:
                 ids = [int(t) for t in row if int(t) not in self.stop_ids and int(t) != self.tokenizer.pad_id]
@@ -171,9 +172,8 @@ class SummarizationTask:
         return outputs, stats
 
     def evaluate(self, trainable, frozen, arrays: dict, batch_size: int, mesh) -> dict:
-        del mesh  # generation runs on the default device; it is evaluation, not the DP step
-        params = merge_params(trainable, frozen)
-        predictions, stats = self.generate(params, list(arrays["dialogue"]), batch_size)
+        params = merge_params(trainable, frozen)  # generation rows split over the mesh like training's
+        predictions, stats = self.generate(params, list(arrays["dialogue"]), batch_size, mesh)
         references = [str(s) for s in arrays["summary"]]
         scores = rouge_f1(predictions, references)
         self.samples = [
