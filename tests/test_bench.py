@@ -18,7 +18,8 @@ from dpbench.bench.variants import BY_ID
 ROW = re.compile(
     r"^\| (?P<label>[^|]+) \| (?P<seconds>[\d.]+) \| (?P<range>[\d.]+-[\d.]+ \(\d+\)) \| "
     r"(?P<ratio>[\d.]+x) \| (?P<cpu>[\d.]+) \| (?P<cpu_ratio>[\d.]+x) \| "
-    r"(?P<rss>\d+) MB \| (?P<mem_ratio>[\d.]+x) \| (?P<params>[\d,]+) \|$"
+    r"(?P<rss>\d+) MB \| (?P<mem_ratio>[\d.]+x) \| (?P<steps_rss>\d+) MB \| "
+    r"(?P<steps_mem_ratio>[\d.]+x) \| (?P<params>[\d,]+) \|$"
 )
 
 
@@ -52,8 +53,10 @@ def test_quick_bench_writes_a_well_formed_table(tmp_path):
     rows = table_rows(text, "a")
     assert len(rows) == 2, text
     assert all(m["ratio"] == m["cpu_ratio"] == m["mem_ratio"] == "1.00x" for m in rows.values())
+    assert all(m["steps_mem_ratio"] == "1.00x" for m in rows.values())
     for match in rows.values():
         assert float(match["seconds"]) > 0 and float(match["cpu"]) > 0 and int(match["rss"]) > 100
+        assert 0 < int(match["steps_rss"]) <= int(match["rss"])  # the steps' peak is part of the process's
     # Same architecture in both frameworks: the tutorial CNN's 824,458 parameters.
     assert {m["params"] for m in rows.values()} == {"824,458"}
     assert "| all | no dpbench DP and non-private measurement | not measured |" in text

@@ -9,6 +9,7 @@ the framework the variant needs is imported (a torch variant never loads JAX, an
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import sys
 import time
@@ -25,6 +26,27 @@ def rss_mb() -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (VmHWM) since start, or since ``restart_peak_rss``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def restart_peak_rss() -> None:
+    """Start the peak-RSS count afresh (Linux >= 4.0), after handing freed heap back to the OS.
+
+    The process peak includes one-off costs of the warm-up step (XLA compiling the step function
+    can take hundreds of MB); the peak over the timed steps is the memory training itself holds.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def make_step(workload: workloads.Workload, variant: Variant):
@@ -54,6 +76,9 @@ def measure(workload: workloads.Workload, variant: Variant, steps: int) -> dict:
     start = time.perf_counter()
     step(0)  # compiles (JAX) / allocates; not timed
     first = time.perf_counter() - start
+    # The count restarts below, and the kernel then forgets the earlier peak for wait4 too: keep it.
+    warmup_peak = peak_rss_mb()
+    restart_peak_rss()
     times, cpu_times = [], []
     for i in range(1, steps + 1):
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -69,6 +94,8 @@ def measure(workload: workloads.Workload, variant: Variant, steps: int) -> dict:
         "first_step_seconds": first,
         "rss_after_setup_mb": rss_setup,
         "rss_end_mb": rss_mb(),
+        "warmup_peak_rss_mb": warmup_peak,
+        "steps_peak_rss_mb": peak_rss_mb(),
         "info": info,
     }
 
