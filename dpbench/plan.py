@@ -25,6 +25,7 @@ resident memory above the state before them), to check the estimate. For summari
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import time
 
@@ -331,13 +332,16 @@ def plan_report(cfg: DictConfig) -> str:
         ("physical batch", f"{cfg.compute.physical_batch_size} x {cfg.dataset.max_length} tokens"),
     ]
     rows += mechanism_rows(cfg, plan_cfg)
-    experiment = None
+    measured = []
     if plan_cfg.get("measure_steps"):  # the real run, built first: its response length sizes the plan
         from dpbench.experiment import build
 
         experiment = build(cfg)
         if getattr(experiment.task, "max_targets", None):
             plan_cfg["max_targets"] = experiment.task.max_targets
+        measured = measure(cfg, experiment, int(plan_cfg["measure_steps"]))
+        del experiment  # its weights and buffers, before the plan compiles
+        gc.collect()
     plan, notes = memory_plan(cfg, method, plan_cfg)
     rows += [
         ("mesh", f"{plan.devices} device(s): data={plan.mesh['data']} x fsdp={plan.mesh['fsdp']}"),
@@ -360,8 +364,8 @@ def plan_report(cfg: DictConfig) -> str:
             )
         )
     rows += [("note", n) for n in notes]
-    if experiment is not None:
-        rows += measure(cfg, experiment, int(plan_cfg["measure_steps"]))
+    if plan_cfg.get("measure_steps"):
+        rows += measured
     rows.append(
         (
             "estimate",
