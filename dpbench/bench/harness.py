@@ -231,7 +231,10 @@ NOISE_TOLERANCE = 0.05  # "no regression": within 5% of per_example's ratio meas
 
 
 def _verdict(value: float, bound: float) -> str:
-    return "met" if value <= bound else f"missed by {value / bound:.2f}x"
+    if value <= bound:
+        return "met"
+    over = value / bound
+    return f"missed by {100 * (over - 1):.1f}%" if over < 1.1 else f"missed by {over:.2f}x"
 
 
 def _with_cpu(wall: str, cpu_value: float | None, bound: float) -> str:
