@@ -219,15 +219,15 @@ def render_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-# Issue 10's targets, per workload: (DP / non-private time bound or "no regression", beat Opacus ghost?,
-# DP peak memory / non-private bound).
+# Issue 10's targets, per workload: DP / non-private time bound, beat Opacus ghost?, DP peak memory /
+# non-private bound. "No regression" on (b) and (c), where DP cost about 1.0x before fast clipping
+# (0.93x and 1.06x in the issue), is read as <= 1.1x.
 TARGETS = {
     "a": {"time_ratio": 2.0, "vs_opacus_ghost": True, "memory_ratio": None},
-    "b": {"time_ratio": "no regression", "vs_opacus_ghost": False, "memory_ratio": 1.2},
-    "c": {"time_ratio": "no regression", "vs_opacus_ghost": False, "memory_ratio": 1.2},
+    "b": {"time_ratio": 1.1, "vs_opacus_ghost": False, "memory_ratio": 1.2},
+    "c": {"time_ratio": 1.1, "vs_opacus_ghost": False, "memory_ratio": 1.2},
     "d": {"time_ratio": 1.5, "vs_opacus_ghost": True, "memory_ratio": 1.2},
 }
-NOISE_TOLERANCE = 0.05  # "no regression": within 5% of per_example's ratio measured side by side
 
 
 def _verdict(value: float, bound: float) -> str:
@@ -242,43 +242,33 @@ def _with_cpu(wall: str, cpu_value: float | None, bound: float) -> str:
     return wall if cpu_value is None else f"{wall}; CPU time: {_verdict(cpu_value, bound)}"
 
 
-def evaluate_targets(key: str, rows: list[Row]) -> list[tuple[str, str, str]]:
-    """(target, measured, verdict) lines for one workload; the best DP variant is the fastest by wall time."""
-    by_id = {r.variant.id: r for r in rows}
+def best_dp(rows: list[Row]) -> Row | None:
+    """dpbench's fastest DP variant: by CPU time when every DP row has it (other jobs on the cores
+    distort wall time far more), else by wall time."""
     dp = [r for r in rows if r.variant.framework == "dpbench" and r.variant.private and r.seconds]
+    if not dp:
+        return None
+    if all(r.cpu_seconds for r in dp):
+        return min(dp, key=lambda r: r.cpu_seconds)
+    return min(dp, key=lambda r: r.seconds)
+
+
+def evaluate_targets(key: str, rows: list[Row]) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) lines for one workload, for dpbench's fastest DP variant."""
+    by_id = {r.variant.id: r for r in rows}
+    best = best_dp(rows)
     none = by_id.get("dpbench-none")
-    if not dp or not none or not none.seconds:
+    if best is None or not none or not none.seconds:
         return [("all", "no dpbench DP and non-private measurement", "not measured")]
-    best = min(dp, key=lambda r: r.seconds)
+    dp = [r for r in rows if r.variant.framework == "dpbench" and r.variant.private and r.seconds]
     name = f"`{best.variant.clipping}`"
     cpu = f"; CPU time {best.cpu_ratio:.2f}x" if best.cpu_ratio is not None else ""
     out = []
     target = TARGETS[key]
     bound = target["time_ratio"]
-    if isinstance(bound, float):
-        verdict = _with_cpu(_verdict(best.time_ratio, bound), best.cpu_ratio, bound)
-        out.append((f"DP / non-private time <= {bound}x", f"{best.time_ratio:.2f}x ({name}{cpu})", verdict))
-    else:
-        reference = by_id.get("dpbench-per_example")
-        if best.variant.clipping == "per_example":
-            out.append(("no regression (today about 1.0x)", f"{best.time_ratio:.2f}x ({name}{cpu})", "met"))
-        elif not reference or not reference.time_ratio:
-            out.append(("no regression (today about 1.0x)", f"{best.time_ratio:.2f}x ({name}{cpu})", "-"))
-        else:
-            limit = 1 + NOISE_TOLERANCE  # relative to per_example's ratio, measured side by side
-            relative = best.time_ratio / reference.time_ratio
-            cpu_relative = (
-                best.cpu_ratio / reference.cpu_ratio if best.cpu_ratio and reference.cpu_ratio else None
-            )
-            reference_cpu = f"; CPU time {reference.cpu_ratio:.2f}x" if reference.cpu_ratio else ""
-            out.append(
-                (
-                    f"no regression vs per_example (within {NOISE_TOLERANCE:.0%}; today about 1.0x)",
-                    f"{best.time_ratio:.2f}x ({name}{cpu}) vs {reference.time_ratio:.2f}x "
-                    f"(`per_example`{reference_cpu})",
-                    _with_cpu(_verdict(relative, limit), cpu_relative, limit),
-                )
-            )
+    label = f"DP / non-private time <= {bound}x" + (" (no regression)" if key in "bc" else "")
+    verdict = _with_cpu(_verdict(best.time_ratio, bound), best.cpu_ratio, bound)
+    out.append((label, f"{best.time_ratio:.2f}x ({name}{cpu})", verdict))
     if target["vs_opacus_ghost"]:
         ghost = by_id.get("opacus-ghost")
         if ghost and ghost.seconds:
