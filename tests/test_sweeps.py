@@ -61,7 +61,7 @@ def test_every_job_of_the_sweep_composes_and_validates(sweep):
 def test_sweep_header_gives_its_command(sweep):
     text = Path(CONF_DIR, "sweep", f"{sweep}.yaml").read_text()
     assert f"python -m dpbench -m +sweep={sweep}" in text
-    assert f"multirun/{sweep}/" in text  # its own sweep folder, which the report command reads
+    assert f"multirun/{sweep}" in text  # its own sweep folder, which the report command reads
 
 
 def test_dp_lora_grid_is_method_by_rank_by_epsilon_on_the_dp_lora_setting():
