@@ -258,6 +258,8 @@ def _privacy_claim(exp: Experiment) -> dict:
         cfg.accountant,
         epsilon,
     )
+    # Which exact implementation computed the clipped sums (dp.clipping=auto resolved): speed only.
+    privacy["clipping_implementation"] = exp.method.clipping
     log.info(
         "privacy: (ε=%.4f, δ=%.3g) with σ=%.4f over %d logical steps",
         epsilon,

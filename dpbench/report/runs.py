@@ -50,6 +50,9 @@ class Run:
         """How the clipped sum was computed (per_example / ghost / bookkeeping): speed, never ε."""
         if not self.private:
             return None
+        recorded = (self.privacy or {}).get("clipping_implementation")
+        if recorded:
+            return recorded
         dp = self.config["dp"]
         # Records from before dp.clipping existed were computed per example (vmap).
         clipping = dp.get("clipping", "per_example")
