@@ -273,8 +273,8 @@ def test_tiny_encoder_yaml_builds_and_trains_lora_b():
         bundle.apply_fn(bundle.params, too_long)
 
 
-def test_all_padding_row_stays_finite_and_dropout_only_in_train_apply():
-    cfg = EncoderModelConfig(random_init=RandomInitConfig(), dropout=0.5)
+def test_all_padding_row_stays_finite():
+    cfg = EncoderModelConfig(random_init=RandomInitConfig())
     bundle = build_encoder(cfg, jax.random.PRNGKey(0))
     ids = np.array([[0, 50, 60, 2], [1, 1, 1, 1]], np.int32)  # second row: a padding-only example
     batch = {"input_ids": ids, "attention_mask": (ids != 1).astype(np.int32)}
@@ -282,8 +282,6 @@ def test_all_padding_row_stays_finite_and_dropout_only_in_train_apply():
     logits = apply_fn(bundle.params, batch)
     assert np.isfinite(logits).all()
     np.testing.assert_array_equal(apply_fn(bundle.params, batch), logits)
-    dropped = jax.jit(bundle.extras["train_apply_fn"])(bundle.params, batch, jax.random.PRNGKey(1))
-    assert np.abs(dropped - logits).max() > 1e-4
 
 
 def test_config_errors_are_clear(tmp_path):

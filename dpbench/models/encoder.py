@@ -76,7 +76,6 @@ class EncoderModelConfig:
     head_pattern: str = "classifier"  # regex on "/"-joined param paths of parameters that always train
     random_init: RandomInitConfig | None = None
     dtype: str = "float32"  # compute dtype; parameters stay float32
-    dropout: float = 0.0  # HF uses 0.1; DP training uses none by default
     # [regex, spec] pairs on parameter paths (dpbench.train.sharding); null = the default rules.
     sharding_rules: list[Any] | None = None
 
@@ -263,8 +262,6 @@ def _validate(cfg) -> None:
     if cfg.lora_rank < 0:
         raise ValueError(f"model.lora_rank={cfg.lora_rank} must be >= 0 (0 = no LoRA)")
     check_finetune(cfg.finetune)
-    if not 0.0 <= cfg.dropout < 1.0:
-        raise ValueError(f"model.dropout={cfg.dropout} must be in [0, 1)")
 
 
 def _arch_from_random_init(r) -> EncoderArch:
@@ -337,9 +334,7 @@ def build_encoder(
         random_head = [layer for layer in head_layers if layer not in loaded.head_loaded]
         source = f"hf:{path} (random init: {', '.join(random_head) or 'nothing'})"
 
-    module = EncoderForSequenceClassification(
-        arch, cfg.num_labels, lora, DTYPES[cfg.dtype], dropout_rate=cfg.dropout
-    )
+    module = EncoderForSequenceClassification(arch, cfg.num_labels, lora, DTYPES[cfg.dtype])
     dummy = jnp.zeros((1, 2), jnp.int32)
     # Eager, not jitted: op-by-op compilations are cached across builds (tests build many models).
     params = module.init(rng, dummy, jnp.ones_like(dummy))["params"]
@@ -354,10 +349,6 @@ def build_encoder(
     def apply_fn(params, batch):
         return module.apply({"params": params}, *inputs(batch))
 
-    def train_apply_fn(params, batch, rng):
-        """With dropout (only differs from apply_fn when model.dropout > 0)."""
-        return module.apply({"params": params}, *inputs(batch), deterministic=False, rngs={"dropout": rng})
-
     def hidden_states_fn(params, batch):
         return module.apply({"params": params}, *inputs(batch), method="hidden_states")
 
@@ -368,5 +359,5 @@ def build_encoder(
         weights_source=source,
         tokenizer=tokenizer,
         module=module,
-        extras={"arch": arch, "hidden_states_fn": hidden_states_fn, "train_apply_fn": train_apply_fn},
+        extras={"arch": arch, "hidden_states_fn": hidden_states_fn},
     )

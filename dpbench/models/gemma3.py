@@ -442,7 +442,6 @@ class Gemma3ModelConfig:
     lora_alpha: float = 32.0  # alpha = rank: scale 1, as keras-hub's enable_lora
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["q_proj", "v_proj"])
     dtype: str = "float32"
-    max_seq_len: int = 512  # longest input (prompt + target) the data code should build
     random_init: bool = False
     tokenizer: str = "checkpoint"
     cache_dir: str = loading.DEFAULT_CACHE_DIR
@@ -466,8 +465,6 @@ def _validate(cfg) -> None:
     if cfg.lora_rank < 0:
         raise ValueError(f"model.lora_rank={cfg.lora_rank} must be >= 0 (0 = no LoRA)")
     check_finetune(cfg.finetune)
-    if cfg.max_seq_len < 1:
-        raise ValueError(f"model.max_seq_len={cfg.max_seq_len} must be >= 1")
     if getattr(cfg, "remat", "none") not in REMAT_POLICIES:
         raise ValueError(f"model.remat={cfg.remat!r} is not known; choose one of {', '.join(REMAT_POLICIES)}")
     if cfg.tokenizer not in TOKENIZERS:
@@ -609,7 +606,6 @@ def build_gemma3(
         module=module,
         extras={
             "config": config,
-            "max_seq_len": cfg.max_seq_len,
             "lora_scale": lora.scale if lora.rank else None,
             "hidden_states_fn": hidden_states_fn,
             "logits_fn": logits_fn,
