@@ -152,31 +152,3 @@ def output(y: jax.Array, taps: Sequence[Tap]) -> jax.Array:
     if recorder is None:
         return y
     return recorder.add(y, taps)
-
-
-def conv_patches(x: jax.Array, kernel_shape: Sequence[int], strides, padding, dilation) -> jax.Array:
-    """Patches of an NHWC input for a ``[kh, kw, C, F]`` kernel: ``[B, H', W', C * kh * kw]``,
-    features ordered (C, kh, kw) — the layout ``(C, kh, kw, F)`` then permutation ``(1, 2, 0, 3)``
-    turns ``patchesᵀ dy`` into the kernel's gradient."""
-    return jax.lax.conv_general_dilated_patches(
-        x,
-        filter_shape=tuple(kernel_shape[:2]),
-        window_strides=tuple(strides),
-        padding=padding,
-        rhs_dilation=tuple(dilation),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        precision=jax.lax.Precision.HIGHEST,
-    )
-
-
-def dense_tap(path: Path, x: jax.Array, kernel_name: str = "kernel") -> Tap:
-    """The tap of ``y = x @ W`` for ``W [d_in, d_out]`` at ``path + (kernel_name,)``."""
-    return Tap(path + (kernel_name,), OUTER, value=x)
-
-
-def bias_tap(path: Path, name: str = "bias") -> Tap:
-    return Tap(path + (name,), DIAG, value=None)
-
-
-def scale_tap(path: Path, normalized: jax.Array, name: str = "scale") -> Tap:
-    return Tap(path + (name,), DIAG, value=normalized)

@@ -99,13 +99,12 @@ def check_exact(losses_fn, trainable, data: dict, indices, physical: int, *args,
 # CNN (Conv through patches, Dense, biases)
 
 
-@pytest.fixture(scope="module")
-def cnn():
-    module = CNN(num_classes=10)
-    rng = np.random.default_rng(0)
+def image_problem(module: nn.Module, count: int, size: int, seed: int):
+    """(losses_fn, params, data) of an image classifier on ``count`` random ``size``² images."""
+    rng = np.random.default_rng(seed)
     data = {
-        "image": rng.uniform(size=(11, 10, 10, 1)).astype(np.float32),
-        "label": rng.integers(0, 10, size=11).astype(np.int32),
+        "image": rng.uniform(size=(count, size, size, 1)).astype(np.float32),
+        "label": rng.integers(0, 10, size=count).astype(np.int32),
     }
     params = module.init(jax.random.PRNGKey(0), data["image"][:1])["params"]
 
@@ -117,6 +116,11 @@ def cnn():
     return losses_fn, params, data
 
 
+@pytest.fixture(scope="module")
+def cnn():
+    return image_problem(CNN(num_classes=10), count=11, size=10, seed=0)
+
+
 def test_cnn_fast_clipping_is_exact(cnn):
     losses_fn, params, data = cnn
     # 11 examples in physical batches of 4: 4 + 4 + 3 and a padded row.
@@ -124,19 +128,8 @@ def test_cnn_fast_clipping_is_exact(cnn):
 
 
 def test_tempered_cnn_strided_valid_convolutions_are_exact():
-    module = TemperedCNN(num_classes=10, activation="tanh")
-    rng = np.random.default_rng(1)
-    data = {
-        "image": rng.uniform(size=(7, 28, 28, 1)).astype(np.float32),
-        "label": rng.integers(0, 10, size=7).astype(np.int32),
-    }
-    params = module.init(jax.random.PRNGKey(0), data["image"][:1])["params"]
-
-    def losses_fn(trainable, batch):
-        logits = module.apply({"params": trainable}, batch["image"])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}
-
-    check_exact(losses_fn, params, data, np.arange(7), 4)
+    problem = image_problem(TemperedCNN(num_classes=10, activation="tanh"), count=7, size=28, seed=1)
+    check_exact(*problem, np.arange(7), 4)
 
 
 @pytest.mark.parametrize("implementation", clipping.CLIPPING_IMPLEMENTATIONS)

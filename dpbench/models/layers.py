@@ -85,10 +85,25 @@ class Conv(nn.Module):
         tapped = [taps.Tap(self.path + ("bias",), taps.DIAG)]
         kernel_path = self.path + ("kernel",)
         if taps.wants(kernel_path):  # patches only while a recording asks for this kernel
-            patches = taps.conv_patches(x, shape, self.strides, self.padding, self.dilation)
+            patches = conv_patches(x, shape, self.strides, self.padding, self.dilation)
             layout = ((shape[2], shape[0], shape[1], shape[3]), (1, 2, 0, 3))
             tapped.append(taps.Tap(kernel_path, taps.OUTER, value=patches, layout=layout))
         return taps.output(y, tapped)
+
+
+def conv_patches(x: jax.Array, kernel_shape: Sequence[int], strides, padding, dilation) -> jax.Array:
+    """Patches of an NHWC input for a ``[kh, kw, C, F]`` kernel: ``[B, H', W', C * kh * kw]``,
+    features ordered (C, kh, kw) — the layout ``(C, kh, kw, F)`` then permutation ``(1, 2, 0, 3)``
+    turns ``patchesᵀ dy`` into the kernel's gradient."""
+    return jax.lax.conv_general_dilated_patches(
+        x,
+        filter_shape=tuple(kernel_shape[:2]),
+        window_strides=tuple(strides),
+        padding=padding,
+        rhs_dilation=tuple(dilation),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
 
 
 class Embed(nn.Module):

@@ -38,14 +38,13 @@ class MethodSpec:
     private: bool
     freezes_lora_a: bool = False
     required_clipping: str | None = None  # e.g. ghost: the method *is* that implementation
-    description: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {
-    "none": MethodSpec(private=False, description="non-private baseline"),
-    "vanilla": MethodSpec(private=True, description="DP-SGD"),
-    "ffa": MethodSpec(private=True, freezes_lora_a=True, description="DP-SGD on LoRA with A frozen"),
-    "ghost": MethodSpec(private=True, required_clipping="ghost", description="DP-SGD, exact ghost clipping"),
+    "none": MethodSpec(private=False),
+    "vanilla": MethodSpec(private=True),
+    "ffa": MethodSpec(private=True, freezes_lora_a=True),
+    "ghost": MethodSpec(private=True, required_clipping="ghost"),
 }
 
 
