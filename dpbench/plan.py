@@ -10,7 +10,9 @@ accumulator, XLA's temporaries (``compiled.memory_analysis()``), their total aga
 ``compute.device_memory_gb``, and the mechanism (n, q, σ, steps, ε).
 
 The compile is XLA:CPU's: buffer assignment and fusion differ on GPU/TPU, so the numbers are an
-estimate of the accelerator's (the output says so). Generation (evaluation) is not planned.
+estimate of the accelerator's (the output says so). The plan keeps XLA's optimization barriers, as
+GPU/TPU compilers do, so that ``model.remat`` saves in the CPU compile what it saves there
+(``KEEP_REMAT``). Generation (evaluation) is not planned.
 
     python -m dpbench.plan +experiment=samsum_gemma model.preset=12b compute.mesh.fsdp=8 \\
         compute.mesh.data=1 compute.device_memory_gb=80 +plan.num_examples=14732
@@ -382,10 +384,19 @@ def format_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+# XLA:CPU removes optimization barriers early in its pipeline (the pass is named cse_barrier_expander),
+# and CSE then merges jax.checkpoint's recomputed forward with the original one: model.remat would
+# save nothing in a CPU compile. GPU and TPU keep the barriers through scheduling, so the plan does too.
+KEEP_REMAT = "--xla_disable_hlo_passes=cse_barrier_expander"
+
+
 def _set_devices(cfg: DictConfig) -> None:
     import jax
 
     count = plan_devices(cfg.compute)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if KEEP_REMAT not in flags:  # read when the backend starts, which is after this
+        os.environ["XLA_FLAGS"] = f"{flags} {KEEP_REMAT}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", count)

@@ -19,7 +19,10 @@ Rows of every tapped array are examples (axis 0); examples must not interact (no
 
 The recording is a trace-time side channel: a tapped layer must run in the same JAX trace as the
 function that opened the recording (no ``jax.jit``/``vmap``/``scan``/``remat`` in between), else
-JAX reports an escaped tracer. That is an error, never a silent miscount.
+JAX reports an escaped tracer. That is an error, never a silent miscount. A block traced in an inner
+trace (a ``jax.checkpoint``-ed decoder block) records through :func:`nested` instead: its
+perturbations come in as arguments and its values go out as results, and
+:meth:`Recorder.adopt` files them with the outer recording.
 """
 
 from __future__ import annotations
@@ -81,20 +84,24 @@ class Recorder:
     adds ``perturbations[tap_id]`` to each tapped output and keeps the layers' values.
     """
 
-    def __init__(self, wanted: frozenset[Path], perturbations: dict[str, jax.Array] | None = None):
+    def __init__(
+        self, wanted: frozenset[Path], perturbations: dict[str, jax.Array] | None = None, prefix: str = ""
+    ):
         self.wanted = wanted
         self.perturbations = perturbations
+        self.prefix = prefix  # of point names: a nested block's points are told apart by it
         self.specs: list[TapSpec] = []
         self.values: dict[str, jax.Array] = {}
         self.output_shapes: dict[str, jax.ShapeDtypeStruct] = {}
         self._uses: dict[Path, int] = {}
         self._outputs = 0
+        self._nested: dict[str, Recorder] = {}
 
     def add(self, y: jax.Array, taps: Sequence[Tap]) -> jax.Array:
         taps = [t for t in taps if t.path in self.wanted]
         if not taps:
             return y
-        point = f"y{self._outputs}"
+        point = f"{self.prefix}y{self._outputs}"
         self._outputs += 1
         for tap in taps:
             use = self._uses.get(tap.path, 0)
@@ -120,6 +127,21 @@ class Recorder:
             return y
         return y + self.perturbations[point].astype(y.dtype)
 
+    def perturbations_of(self, prefix: str) -> dict[str, jax.Array] | None:
+        """The perturbations of the points a block nested under ``prefix`` makes (its explicit input)."""
+        if self.perturbations is None:
+            return None
+        return {k: v for k, v in self.perturbations.items() if k.startswith(prefix)}
+
+    def adopt(self, prefix: str, values: dict[str, jax.Array]) -> None:
+        """File what the block nested under ``prefix`` recorded (its last trace), with ``values``: its
+        recorded values as returned from the inner trace into this one."""
+        child = self._nested.pop(prefix)
+        self.specs += child.specs
+        self.output_shapes.update(child.output_shapes)
+        self._uses = dict(child._uses)
+        self.values.update(values)
+
 
 _STATE = threading.local()
 
@@ -136,8 +158,31 @@ def recording(recorder: Recorder) -> Iterator[Recorder]:
 
 
 def active() -> bool:
-    """Whether a recording is open (code that would re-trace layers, e.g. remat, must not then)."""
+    """Whether a recording is open (code that traces layers in an inner trace must use :func:`nested`)."""
     return getattr(_STATE, "recorder", None) is not None
+
+
+def current() -> Recorder | None:
+    """The open recording, if any."""
+    return getattr(_STATE, "recorder", None)
+
+
+@contextlib.contextmanager
+def nested(prefix: str, perturbations: dict[str, jax.Array] | None) -> Iterator[Recorder]:
+    """Record a block traced in an inner JAX trace (``jax.checkpoint``, a scan body) explicitly.
+
+    Opened inside the inner trace: ``perturbations`` (``outer.perturbations_of(prefix)``) are the
+    inner function's argument, the yielded recorder's ``values`` must be returned from it, and the
+    outer trace then calls ``outer.adopt(prefix, values)``. Point names start with ``prefix`` (unique
+    per block); tap ids continue the outer recording's count of uses per parameter. Re-tracing the
+    block replaces what an earlier trace recorded.
+    """
+    outer = _STATE.recorder
+    inner = Recorder(outer.wanted, perturbations, prefix=prefix)
+    inner._uses = dict(outer._uses)
+    outer._nested[prefix] = inner
+    with recording(inner):
+        yield inner
 
 
 def wants(path: Path) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -289,23 +290,31 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One block. With ``explicit_taps`` (set under remat while layer taps record) the block's tap
+    perturbations are an argument and its recorded values a result, ``((x, cache), values)``, so
+    nothing recorded leaks out of ``jax.checkpoint`` (see ``dpbench.taps.nested``)."""
+
     config: Gemma3Config
     layer_index: int
     lora: LoraSpec | None
     dtype: Any
+    explicit_taps: bool = False
 
     @nn.compact
-    def __call__(self, x, positions, mask, cache, cache_end):
+    def __call__(self, x, positions, mask, cache, cache_end, perturbations=None):
         c, i = self.config, self.layer_index
-        h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x)
-        h, new_cache = Attention(c, i, self.lora, self.dtype, name="attn")(
-            h, positions, mask, cache, cache_end
-        )
-        x = x + RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
-        h = MLP(c, i, self.lora, self.dtype, name="mlp")(
-            RMSNorm(c.rms_norm_eps, name="pre_feedforward_layernorm")(x)
-        )
-        return x + RMSNorm(c.rms_norm_eps, name="post_feedforward_layernorm")(h), new_cache
+        recording = taps.nested(f"layer_{i}:", perturbations) if self.explicit_taps else nullcontext()
+        with recording as recorder:
+            h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x)
+            h, new_cache = Attention(c, i, self.lora, self.dtype, name="attn")(
+                h, positions, mask, cache, cache_end
+            )
+            x = x + RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
+            h = MLP(c, i, self.lora, self.dtype, name="mlp")(
+                RMSNorm(c.rms_norm_eps, name="pre_feedforward_layernorm")(x)
+            )
+            out = x + RMSNorm(c.rms_norm_eps, name="post_feedforward_layernorm")(h), new_cache
+        return out if recorder is None else (out, recorder.values)
 
 
 # model.remat: what a decoder block keeps for the backward pass (the rest is recomputed).
@@ -318,14 +327,14 @@ REMAT_POLICIES: dict[str, Any] = {
 
 
 def remat_layer(remat: str):
-    """``DecoderLayer`` under ``nn.remat`` with the named policy, or plain when ``remat=none`` or when a
-    layer-tap recording is open (ghost / book-keeping clipping): taps are a trace-time side channel,
-    and rematerialisation would trace the tapped layers again in another trace (escaped tracers).
-    Those implementations store the layers' inputs and output-gradients anyway, which is what remat
-    would drop; per-example clipping and non-private steps get the saving."""
+    """``DecoderLayer`` under ``nn.remat`` with the named policy (plain for ``remat=none``).
+
+    Under ghost / book-keeping clipping the block records its layer taps explicitly (``explicit_taps``):
+    the taps' inputs and output-gradients are still stored (they are results of the checkpointed
+    block), everything else in the block, including FSDP-gathered weights, is recomputed."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat={remat!r} is not known; choose one of {', '.join(REMAT_POLICIES)}")
-    if REMAT_POLICIES[remat] is None or taps.active():
+    if REMAT_POLICIES[remat] is None:
         return DecoderLayer
     return nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]))
 
@@ -385,11 +394,20 @@ class Gemma3(nn.Module):
         x = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
         new_layers = []
         layer_type = remat_layer(self.remat) if cache is None else DecoderLayer
+        recorder = taps.current() if layer_type is not DecoderLayer else None
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, new_layer = layer_type(c, i, self.lora, self.dtype, name=f"layer_{i}")(
-                x, positions, masks[c.layer_types[i]], layer_cache, cache_end
+            layer = layer_type(
+                c, i, self.lora, self.dtype, explicit_taps=recorder is not None, name=f"layer_{i}"
             )
+            if recorder is None:
+                x, new_layer = layer(x, positions, masks[c.layer_types[i]], layer_cache, cache_end)
+            else:  # remat while taps record: the block's taps go in and out explicitly
+                prefix = f"layer_{i}:"
+                (x, new_layer), values = layer(
+                    x, positions, masks[c.layer_types[i]], None, 0, recorder.perturbations_of(prefix)
+                )
+                recorder.adopt(prefix, values)
             new_layers.append(new_layer)
         x = RMSNorm(c.rms_norm_eps, name="final_norm")(x)
         logits = (
@@ -445,8 +463,8 @@ class Gemma3ModelConfig:
     random_init: bool = False
     tokenizer: str = "checkpoint"
     cache_dir: str = loading.DEFAULT_CACHE_DIR
-    # Decoder blocks under jax.checkpoint: none | full | dots | dots_no_batch (REMAT_POLICIES). Applies
-    # to per_example clipping and non-private steps; ghost / bookkeeping run without (see remat_layer).
+    # Decoder blocks under jax.checkpoint: none | full | dots | dots_no_batch (REMAT_POLICIES), with every
+    # dp.clipping (ghost / bookkeeping: the layer taps are explicit inputs and results of each block).
     remat: str = "none"
     # [regex, spec] pairs on parameter paths (dpbench.train.sharding); null = LoRA replicated, the
     # rest sharded over compute.mesh.fsdp on its largest divisible dimension.
