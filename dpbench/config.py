@@ -110,6 +110,9 @@ class ComputeConfig:
 
     physical_batch_size: int = 64  # examples per device-parallel chunk of a logical batch
     eval_batch_size: int = 256
+    # Text: > 0 orders each logical batch by length and pads each physical batch only to the next
+    # multiple of this many tokens (0: every batch padded to dataset.max_length).
+    sequence_bucket: int = 0
     num_devices: int | None = None  # None = all of jax.devices()
     # Devices along (data, fsdp): -1 = the rest. fsdp > 1 shards parameters by model.sharding_rules.
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
@@ -261,6 +264,11 @@ def validate_static(cfg: DictConfig) -> None:
         raise ConfigError(f"runner.batch_size={runner.batch_size} must be > 0")
     if cfg.compute.physical_batch_size <= 0:
         raise ConfigError(f"compute.physical_batch_size={cfg.compute.physical_batch_size} must be > 0")
+    if cfg.compute.sequence_bucket < 0:
+        raise ConfigError(
+            f"compute.sequence_bucket={cfg.compute.sequence_bucket} must be >= 0 "
+            "(0 = pad to dataset.max_length)"
+        )
     if runner.eval_every < 0:
         raise ConfigError(f"runner.eval_every={runner.eval_every} must be >= 0")
     _choice("runner.resume", runner.resume, RESUME_MODES)

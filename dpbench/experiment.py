@@ -151,6 +151,11 @@ def build(cfg: DictConfig) -> Experiment:
         train_arrays = audit.train_arrays
         log.info("audit: %s", audit.describe())
 
+    if cfg.compute.sequence_bucket and "attention_mask" not in train_arrays:
+        raise config_lib.ConfigError(
+            f"compute.sequence_bucket={cfg.compute.sequence_bucket} needs token sequences with an "
+            f"attention_mask; dataset {cfg.dataset.name} has none (set compute.sequence_bucket=0)"
+        )
     num_examples = len(next(iter(train_arrays.values())))
     config_lib.validate_with_data(cfg, num_examples, mesh.size)
     mechanism = plan_mechanism(cfg, num_examples)
@@ -554,6 +559,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
                 eval_every,
                 callbacks,
                 progress_bar=cfg.runner.progress_bar,
+                sequence_bucket=cfg.compute.sequence_bucket,
             )
         except StopTraining as stop:
             checkpoints.close()

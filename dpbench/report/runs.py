@@ -41,9 +41,15 @@ class Run:
         return model.get("checkpoint") or model["arch"]
 
     @property
+    def finetune(self) -> str | None:
+        """What trained (model.finetune: lora | full | head); None for models without the setting."""
+        return self.config["model"].get("finetune")
+
+    @property
     def lora_rank(self) -> int | None:
+        """The LoRA rank, if LoRA trained (full or head fine-tuning ignores model.lora_rank)."""
         rank = self.config["model"].get("lora_rank")
-        return rank if rank else None
+        return rank if rank and self.finetune in (None, "lora") else None
 
     @property
     def clipping(self) -> str | None:
@@ -78,6 +84,8 @@ class Run:
     def label(self) -> str:
         """Short legend text: method, rank, ε."""
         parts = ["non-private" if self.method == "none" else self.method]
+        if self.finetune in ("full", "head"):
+            parts.append(self.finetune)
         if self.lora_rank:
             parts.append(f"r{self.lora_rank}")
         if self.private:
