@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
 
 from dpbench import config as config_lib
 from tests.compose import CONF_DIR, FIXTURE_DATA, REPO, TINY, compose_config
@@ -61,7 +62,10 @@ def test_every_job_of_the_sweep_composes_and_validates(sweep):
 def test_sweep_header_gives_its_command(sweep):
     text = Path(CONF_DIR, "sweep", f"{sweep}.yaml").read_text()
     assert f"python -m dpbench -m +sweep={sweep}" in text
-    assert f"multirun/{sweep}" in text  # its own sweep folder, which the report command reads
+    # the folder its jobs go to (several sweeps may share one), which the report command reads
+    hydra_sweep = compose_config([f"+sweep={sweep}"], return_hydra_config=True).hydra.sweep
+    folder = OmegaConf.to_container(hydra_sweep, resolve=False)["dir"].split("/${now:")[0]
+    assert folder.startswith("multirun/") and f"python -m dpbench.report {folder}" in text
 
 
 def test_dp_lora_grid_is_method_by_rank_by_epsilon_on_the_dp_lora_setting():
