@@ -94,6 +94,13 @@ def test_full_fine_tuning_has_no_lora_rank_and_says_what_trained(sweep):
     assert "70.00%" not in grid  # full fine-tuning is not a point of the LoRA rank grid
 
 
+def test_config_columns_show_any_setting(sweep):
+    runs = load_runs([str(sweep / "0"), str(sweep / "nonprivate")])
+    text = markdown(runs, ["method", "config:model.lora_rank", "config:runner.seed", "config:no.such"])
+    assert text.splitlines()[0] == "| method | model.lora_rank | runner.seed | no.such |"
+    assert "| vanilla | 2 | 0 | - |" in text and "| none | 8 | 0 | - |" in text
+
+
 def test_table_has_a_row_per_run_with_its_numbers(sweep):
     runs = load_runs([str(sweep)])
     assert len(runs) == 9

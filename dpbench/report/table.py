@@ -119,8 +119,32 @@ def column(name: str) -> Column:
         return COLUMNS[name]
     if name.rpartition(":")[2].startswith("eval/"):
         return _metric_column(name)
-    allowed = ", ".join([*COLUMNS, "eval/<metric>", "baseline:eval/<metric>", "history:eval/<metric>"])
+    if name.startswith("config:"):
+        return _config_column(name.removeprefix("config:"))
+    allowed = ", ".join(
+        [
+            *COLUMNS,
+            "eval/<metric>",
+            "baseline:eval/<metric>",
+            "history:eval/<metric>",
+            "config:<dotted.setting>",
+        ]
+    )
     raise ValueError(f"unknown report column {name!r}; choose from {allowed}")
+
+
+def _config_column(setting: str) -> Column:
+    """A setting of the run's composed config, e.g. ``config:optimizer.learning_rate``."""
+
+    def value(run: Run):
+        node = run.config
+        for part in setting.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    return (setting, lambda r: fmt_number(value(r)), value)
 
 
 def default_columns(runs: list[Run]) -> list[str]:
