@@ -77,12 +77,6 @@ def test_tiny_gemma_plan_shards_frozen_weights_remat_saves_and_reports_the_mecha
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: with compute.mesh.data=1 and fsdp > 1 XLA's SPMD partitioner rejects the psum over "
-    "data in Trainer._global_grad_sum for some shapes (RET_CHECK 'Cross-partition allreduce must be in "
-    "(partial) manual partitioning mode'); training hits it too (fsdp_check.py gemma:lora:bookkeeping:1:4)",
-)
 def test_tiny_gemma_plan_on_data1_fsdp4(tmp_path):
     done = _plan(tmp_path, *TINY, "compute.mesh.data=1", "compute.mesh.fsdp=4")
     assert done.returncode == 0, done.stderr[-2000:]

@@ -118,9 +118,17 @@ class Trainer:
           gradients for a batch-sharded vmap (jax 0.10.2, CPU).
         """
 
+        # A one-device `data` axis has nothing to sum over; its psum (with fsdp > 1) also trips XLA's
+        # SPMD partitioner ("Cross-partition allreduce must be in (partial) manual partitioning mode",
+        # jax 0.10.2), so that case skips the cast and the psum (tests/test_fsdp.py, test_plan.py).
+        single = self.mesh.shape[sharding.DATA_AXIS] == 1
+
         def local(trainable, frozen, batch, mask):
-            trainable = jax.lax.pcast(trainable, sharding.DATA_AXIS, to="varying")
+            if not single:
+                trainable = jax.lax.pcast(trainable, sharding.DATA_AXIS, to="varying")
             grad_sum, stats = self.method.grad_sum(self.losses_fn, trainable, batch, mask, frozen)
+            if single:
+                return grad_sum, stats
             return jax.lax.psum((grad_sum, stats), sharding.DATA_AXIS)
 
         # Manual over `data` only: `fsdp` (sharded parameters, batch rows) is left to the partitioner.
@@ -131,6 +139,7 @@ class Trainer:
             in_specs=(rep, rep, data, data),
             out_specs=rep,
             axis_names={sharding.DATA_AXIS},
+            check_vma=not single,
         )(trainable, frozen, batch, mask)
 
     def _accumulate(self, acc, trainable, frozen, batch, mask):
