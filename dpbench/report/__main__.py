@@ -64,12 +64,14 @@ def published_table(task: str) -> str:
     if not anchors:
         raise SystemExit(f"no published points for task {task!r} in results/anchors.yaml")
     metrics = sorted({m for a in anchors for m in a.metrics})
-    header = ["published", "model", "method", "ε", *(m.removeprefix("eval/") for m in metrics), "source"]
+    header = ["published", "model", "method", "LoRA rank", "ε", *(m.removeprefix("eval/") for m in metrics)]
+    header.append("source")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for a in anchors:
         values = [f"{'~' if a.approx else ''}{a.metrics[m]:g}" if m in a.metrics else "-" for m in metrics]
         epsilon = "-" if a.epsilon is None else f"{a.epsilon:g}"
-        lines.append("| " + " | ".join([a.label, a.model, a.method, epsilon, *values, a.source]) + " |")
+        rank = str(a.lora_rank) if a.lora_rank else "-"
+        lines.append("| " + " | ".join([a.label, a.model, a.method, rank, epsilon, *values, a.source]) + " |")
     return "\n".join(lines)
 
 
