@@ -140,6 +140,18 @@ def build(cfg: DictConfig) -> Experiment:
     placement = sharding.placement(mesh, rules)
     bundle = build_model(cfg.model, init_key, freeze_lora_a=method.freezes_lora_a, placement=placement)
     log.info("model: %s, weights: %s", cfg.model.arch, bundle.weights_source)
+    remat = cfg.model.get("remat", "none")
+    if (
+        remat != "none"
+        and jax.default_backend() == "cpu"
+        and CPU_KEEP_REMAT not in os.environ.get("XLA_FLAGS", "")
+    ):
+        # XLA:CPU expands jax.checkpoint's optimization barriers and CSE undoes the recomputation.
+        log.warning(
+            "model.remat=%s saves no memory on XLA:CPU unless XLA_FLAGS contains %s (set it before starting)",
+            remat,
+            CPU_KEEP_REMAT,
+        )
     task_type = task_class(cfg.dataset.task)
     train_arrays, eval_arrays, preparation = task_type.prepare(dataset, bundle, cfg)
 
@@ -280,6 +292,8 @@ def _privacy_claim(exp: Experiment) -> dict:
         "privacy": privacy,
     }
 
+
+CPU_KEEP_REMAT = "--xla_disable_hlo_passes=cse_barrier_expander"  # as dpbench.plan compiles
 
 # Settings that may differ between a checkpoint and the run resuming it: performance, logging,
 # paths and the checkpoint/resume knobs themselves. Every other setting must match.

@@ -77,3 +77,20 @@ def test_remat_changes_nothing_in_the_clipped_sum():
     ]
     for path, value in sums[0].items():
         np.testing.assert_allclose(sums[1][path], value, rtol=1e-5, atol=1e-8)
+
+
+def test_cpu_run_warns_when_remat_would_save_nothing(tmp_path, caplog, monkeypatch):
+    from dpbench import experiment
+    from tests.compose import TINY, compose_config
+
+    monkeypatch.setenv("XLA_FLAGS", "")
+    overrides = [*TINY, "model=tiny_gemma3", "dataset=samsum_aclsum", "model.remat=full"]
+    with caplog.at_level("WARNING", logger="dpbench"):
+        experiment.build(compose_config(overrides, tmp_path))
+    assert "model.remat=full saves no memory on XLA:CPU" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("XLA_FLAGS", experiment.CPU_KEEP_REMAT)
+    with caplog.at_level("WARNING", logger="dpbench"):
+        experiment.build(compose_config([*overrides[:-1], "model.remat=none"], tmp_path / "none"))
+        experiment.build(compose_config(overrides, tmp_path / "kept"))
+    assert "saves no memory" not in caplog.text
