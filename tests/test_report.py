@@ -94,6 +94,12 @@ def test_full_fine_tuning_has_no_lora_rank_and_says_what_trained(sweep):
     assert "70.00%" not in grid  # full fine-tuning is not a point of the LoRA rank grid
 
 
+def test_plot_titles_name_the_dataset_as_labelled(sweep):
+    from dpbench.report.plots import dataset_labels
+
+    assert dataset_labels(load_runs([str(sweep)])) == "SST-2 (RT stand-in)"  # a stand-in says so
+
+
 def test_config_columns_show_any_setting(sweep):
     runs = load_runs([str(sweep / "0"), str(sweep / "nonprivate")])
     text = markdown(runs, ["method", "config:model.lora_rank", "config:runner.seed", "config:no.such"])

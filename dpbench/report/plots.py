@@ -98,6 +98,11 @@ def _log_epsilon_axis(ax) -> None:
     ax.xaxis.set_minor_formatter(ticker.NullFormatter())
 
 
+def dataset_labels(runs: list[Run]) -> str:
+    """The datasets as the records label them ("SST-2 (RT stand-in)"): plots of stand-ins say so."""
+    return ", ".join(sorted({run.record.dataset for run in runs}))
+
+
 def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: str) -> Path | None:
     """Metric against ε spent (log axis): one line per (dataset, model, method, rank), non-private runs
     as dashed lines, published points as open markers labelled with their source."""
@@ -154,7 +159,7 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
     _log_epsilon_axis(ax)
     ax.set_xlabel("ε spent (log scale)")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    ax.set_title(f"{family}: utility against privacy (dotted: published non-private)")
+    ax.set_title(f"{dataset_labels(runs)}: utility against privacy (dotted: published non-private)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
     path = out / f"epsilon_utility_{family}.png"
@@ -200,7 +205,7 @@ def rank_grid(runs: list[Run], anchors: list[Anchor], out: Path, family: str) ->
     ax.set_xscale("log", base=2)
     ax.set_xlabel("LoRA rank")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    ax.set_title(f"{family}: method x LoRA rank (open squares: published)")
+    ax.set_title(f"{dataset_labels(runs)}: method x LoRA rank (open squares: published)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     path = out / f"rank_grid_{family}.png"
@@ -263,7 +268,7 @@ def training_curves(runs: list[Run], out: Path, family: str) -> Path | None:
             ax.text(0.5, 0.5, "not in these records", ha="center", va="center", transform=ax.transAxes)
     if ax_metric.has_data():
         ax_metric.legend(fontsize=7)
-    fig.suptitle(f"{family}: training curves")
+    fig.suptitle(f"{dataset_labels(with_history)}: training curves")
     path = out / f"training_curves_{family}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=110)
