@@ -35,6 +35,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dpbench import config as config_lib
+from dpbench.experiment import CPU_KEEP_REMAT
 
 config_lib.register_configs()
 
@@ -387,7 +388,7 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 # XLA:CPU removes optimization barriers early in its pipeline (the pass is named cse_barrier_expander),
 # and CSE then merges jax.checkpoint's recomputed forward with the original one: model.remat would
 # save nothing in a CPU compile. GPU and TPU keep the barriers through scheduling, so the plan does too.
-KEEP_REMAT = "--xla_disable_hlo_passes=cse_barrier_expander"
+KEEP_REMAT = CPU_KEEP_REMAT  # one flag for plans and runs (a CPU run warns without it)
 
 
 def _set_devices(cfg: DictConfig) -> None:
