@@ -120,3 +120,26 @@ def test_privacy_summary_is_recomputable():
         rdp.RdpAccountant(), mechanism["sampling_rate"], 1.12, mechanism["logical_steps"]
     )
     assert summary["epsilon"] == pytest.approx(recomputed)
+
+
+def test_rdp_convergence_warning_is_said_once_and_epsilon_unchanged(caplog):
+    """dp_accounting warns at every ε computation when a fractional order's series does not converge
+    (small σ, here the SST-2 grid's σ = 0.60 at q = 0.028); dpbench lets it through once per process.
+    The ε itself is dp_accounting's, untouched by the filter."""
+    import logging
+
+    from dpbench.privacy import accounting
+
+    (once,) = [
+        f for f in logging.getLogger("absl").filters if isinstance(f, accounting._OnceRdpConvergenceWarning)
+    ]
+    once.seen = False
+    sampler = PoissonSampler(num_examples=9_200, expected_batch_size=256, seed=0)
+    cfg = AccountantConfig(name="rdp")
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        epsilons = [compute_epsilon(sampler, 0.6006, steps, 4.36e-5, cfg) for steps in (100, 108)]
+    warnings = [r for r in caplog.records if "failed to converge" in r.getMessage()]
+    assert len(warnings) == 1 and "shown once" in warnings[0].getMessage()
+    raw = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    raw.compose(sampler.dp_event(0.6006, 108))
+    assert epsilons[1] == raw.get_epsilon(4.36e-5)

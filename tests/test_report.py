@@ -94,6 +94,23 @@ def test_full_fine_tuning_has_no_lora_rank_and_says_what_trained(sweep):
     assert "70.00%" not in grid  # full fine-tuning is not a point of the LoRA rank grid
 
 
+def test_rank_grid_plot_draws_full_fine_tuning_across_the_ranks(sweep, tmp_path, monkeypatch):
+    from dpbench.report import plots
+
+    write_run(sweep / "full", "vanilla", 8.0, 0.7, rank=8, finetune="full")
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plots.rank_grid(load_runs([str(sweep)]), [], tmp_path, "sst2")
+    handles, labels = figures[0].axes[0].get_legend_handles_labels()
+    lines = dict(zip(labels, handles))
+    assert list(lines["full fine-tuning, ε=8"].get_ydata()) == [70.0, 70.0]  # a horizontal line
+    assert list(lines["vanilla, ε=8"].get_ydata()) == [78.0, 92.0]  # r2, r16
+    # one colour per method, one line style per ε: equal series (ghost = vanilla) stay distinguishable
+    assert lines["vanilla, ε=8"].get_color() == lines["vanilla, ε=1"].get_color()
+    assert lines["vanilla, ε=8"].get_linestyle() != lines["vanilla, ε=1"].get_linestyle()
+    assert lines["vanilla, ε=8"].get_color() != lines["ffa, ε=8"].get_color()
+
+
 def test_plot_titles_name_the_dataset_as_labelled(sweep):
     from dpbench.report.plots import dataset_labels
 

@@ -19,7 +19,11 @@ from matplotlib import ticker  # noqa: E402
 from dpbench.report.anchors import Anchor  # noqa: E402
 from dpbench.report.runs import Run  # noqa: E402
 
-METRIC_LABELS = {"eval/accuracy": "test accuracy (%)", "eval/rougeL": "ROUGE-L F1", "eval/loss": "eval loss"}
+METRIC_LABELS = {
+    "eval/accuracy": "accuracy on the eval split (%)",
+    "eval/rougeL": "ROUGE-L F1",
+    "eval/loss": "eval loss",
+}
 
 
 def _scale(metric: str) -> float:
@@ -176,16 +180,41 @@ def rank_grid(runs: list[Run], anchors: list[Anchor], out: Path, family: str) ->
         return None
     metric = lora[0].primary_metric
     scale = _scale(metric)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     series: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in lora:
         if metric in run.metrics:
             series[(run.method, run.target_epsilon)][run.lora_rank].append(scale * run.metrics[metric])
+    # Colour and marker name the method, line style the ε: series that coincide (ghost is vanilla
+    # computed another way) stay visible as a second marker on the same line.
+    methods = sorted({method for method, _ in series})
+    others = [r for r in runs if r.finetune in ("full", "head") and metric in r.metrics]
+    targets = sorted({r.target_epsilon for r in lora + others if r.target_epsilon}, reverse=True)
+    line_styles = dict(zip(targets, ["-", "--", "-.", (0, (5, 1, 1, 1))] * len(targets)))
     for (method, target), by_rank in sorted(series.items(), key=lambda item: str(item[0])):
         ranks = sorted(by_rank)
         means = [sum(by_rank[k]) / len(by_rank[k]) for k in ranks]
         label = f"{method}, " + ("non-private" if target is None else f"ε={target:g}")
-        ax.plot(ranks, means, "o-", label=label)
+        index = methods.index(method)
+        ax.plot(
+            ranks,
+            means,
+            color=f"C{index % 10}",
+            marker="os^DvP"[index % 6],
+            markerfacecolor="none" if index % 2 else None,
+            linestyle=":" if target is None else line_styles[target],
+            label=label,
+        )
+    # Full (or head-only) fine-tuning has no rank: a horizontal line across the ranks, per ε.
+    for run in sorted(others, key=lambda r: (r.finetune, -(r.target_epsilon or 1e9))):
+        target = run.target_epsilon
+        ax.axhline(
+            scale * run.metrics[metric],
+            color="grey",
+            linestyle=":" if target is None else line_styles.get(target, "-"),
+            linewidth=1,
+            label=f"{run.finetune} fine-tuning, " + ("non-private" if target is None else f"ε={target:g}"),
+        )
     published = [a for a in anchors if a.task == family and a.lora_rank and metric in a.metrics]
     for anchor in published:
         ax.scatter(
@@ -207,7 +236,7 @@ def rank_grid(runs: list[Run], anchors: list[Anchor], out: Path, family: str) ->
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(f"{dataset_labels(runs)}: method x LoRA rank (open squares: published)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the grid is busy
     path = out / f"rank_grid_{family}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
