@@ -91,7 +91,12 @@ def test_full_fine_tuning_has_no_lora_rank_and_says_what_trained(sweep):
     text = markdown(list(runs.values()), ["method", "finetune", "rank", "eval/accuracy"])
     assert "| vanilla | full | - | 70.00% |" in text
     grid = rank_grid(list(runs.values()))
-    assert "70.00%" not in grid  # full fine-tuning is not a point of the LoRA rank grid
+    block = grid.split("target ε=8, eval/accuracy")[1].split("\n\n")[1]
+    # not a point of the LoRA rank axis: a column of its own, after the ranks
+    assert block.splitlines()[0] == "| method | r2 | r8 | r16 | full |"
+    assert (
+        "| vanilla | 78.00% | - | 92.00% | 70.00% |" in block and "| ffa | 81.00% | - | 95.00% | - |" in block
+    )
 
 
 def test_rank_grid_plot_draws_full_fine_tuning_across_the_ranks(sweep, tmp_path, monkeypatch):

@@ -180,25 +180,32 @@ def csv_text(runs: list[Run]) -> str:
 
 
 def rank_grid(runs: list[Run]) -> str | None:
-    """Method x LoRA rank table of the primary metric, one block per target ε; None if < 2 ranks."""
+    """Method x LoRA rank table of the primary metric, one block per target ε; None if < 2 ranks.
+
+    Full (or head-only) fine-tuning has no rank: it gets its own column after the ranks."""
     lora = [r for r in runs if r.lora_rank]
     ranks = sorted({r.lora_rank for r in lora})
     if len(ranks) < 2:
         return None
+    other = [r for r in runs if r.finetune in ("full", "head")]
+    columns = [(f"r{k}", lambda r, k=k: r.lora_rank == k) for k in ranks]
+    columns += [
+        (mode, lambda r, m=mode: r.finetune == m)
+        for mode in ("full", "head")
+        if any(r.finetune == mode for r in other)
+    ]
     blocks = []
-    for target in sorted({r.target_epsilon for r in lora}, key=lambda e: (e is None, e or 0)):
-        cell_runs = [r for r in lora if r.target_epsilon == target]
+    for target in sorted({r.target_epsilon for r in lora + other}, key=lambda e: (e is None, e or 0)):
+        cell_runs = [r for r in lora + other if r.target_epsilon == target]
         methods = sorted({r.method for r in cell_runs})
-        metric = cell_runs[0].primary_metric
+        metric = lora[0].primary_metric
         title = "non-private" if target is None else f"target ε={target:g}"
-        lines = [f"{title}, {metric}", "", "| method | " + " | ".join(f"r{k}" for k in ranks) + " |"]
-        lines.append("|" + "---|" * (len(ranks) + 1))
+        lines = [f"{title}, {metric}", "", "| method | " + " | ".join(name for name, _ in columns) + " |"]
+        lines.append("|" + "---|" * (len(columns) + 1))
         for method in methods:
             cells = []
-            for rank in ranks:
-                values = [
-                    r.metrics.get(metric) for r in cell_runs if r.method == method and r.lora_rank == rank
-                ]
+            for _, in_column in columns:
+                values = [r.metrics.get(metric) for r in cell_runs if r.method == method and in_column(r)]
                 values = [v for v in values if v is not None]
                 if not values:
                     cells.append("-")
