@@ -189,11 +189,7 @@ def rank_grid(runs: list[Run]) -> str | None:
         return None
     other = [r for r in runs if r.finetune in ("full", "head")]
     columns = [(f"r{k}", lambda r, k=k: r.lora_rank == k) for k in ranks]
-    columns += [
-        (mode, lambda r, m=mode: r.finetune == m)
-        for mode in ("full", "head")
-        if any(r.finetune == mode for r in other)
-    ]
+    columns += [(mode, lambda r, m=mode: r.finetune == m) for mode in sorted({r.finetune for r in other})]
     blocks = []
     for target in sorted({r.target_epsilon for r in lora + other}, key=lambda e: (e is None, e or 0)):
         cell_runs = [r for r in lora + other if r.target_epsilon == target]
