@@ -30,6 +30,7 @@ from dpbench.models.encoder import EncoderModelConfig
 from dpbench.models.gemma3 import Gemma3ModelConfig
 from dpbench.privacy.accounting import AccountantConfig
 from dpbench.privacy.methods import CLIPPING_CHOICES, METHODS, resolve_clipping
+from dpbench.privacy.randomness import MODES as RANDOMNESS_MODES
 from dpbench.train.optimizers import OPTIMIZERS
 from dpbench.train.sharding import MeshConfig
 from dpbench.train.tasks import TASKS
@@ -66,9 +67,12 @@ class DPConfig:
     delta_exponent: float | None = None  # δ = n^-exponent (dp-lora uses 1.1); needs delta=null
     clip_norm: float = 1.0
     sampler: str = "poisson"  # poisson | shuffle
-    # Draw the noise key from the OS's entropy (never logged or stored): seed and records alone then
-    # cannot replay the noise, and the run is not bit-reproducible (its record says so).
-    secure_noise: bool = False
+    # Where batch selection and noise get their randomness (dpbench/privacy/randomness.py): secret = a
+    # per-run 256-bit secret from the OS, stored owner-only in the run folder and never published;
+    # seeded = a hash of runner.seed and the mechanism (reproducible from the record: tests, debugging;
+    # the claim then does not hold against anyone who knows runner.seed).
+    randomness: str = "secret"
+    secret_file: str | None = None  # reuse a stored secret (a run folder's privacy_secret): bit for bit
 
 
 @dataclasses.dataclass
@@ -210,6 +214,11 @@ def validate_static(cfg: DictConfig) -> None:
     _choice("dp.method", dp.method, DP_METHODS)
     _choice("dp.sampler", dp.sampler, SAMPLERS)
     _choice("dp.clipping", dp.clipping, CLIPPING_CHOICES)
+    _choice("dp.randomness", dp.randomness, RANDOMNESS_MODES)
+    if dp.secret_file is not None and dp.randomness != "secret":
+        raise ConfigError(
+            f"dp.secret_file={dp.secret_file} needs dp.randomness=secret (got dp.randomness={dp.randomness})"
+        )
     if dp.method != "none":
         try:
             resolve_clipping(dp.method, dp.clipping)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from dpbench import config as config_lib
@@ -27,8 +26,10 @@ from dpbench.models.base import ModelBundle
 from dpbench.models.registry import build_model
 from dpbench.privacy import accounting, clipping
 from dpbench.privacy import mechanism as mechanism_lib
+from dpbench.privacy import randomness as randomness_lib
 from dpbench.privacy.mechanism import Mechanism, plan_mechanism
 from dpbench.privacy.methods import GradientMethod, make_method
+from dpbench.privacy.randomness import PrivacyRandomness
 from dpbench.summary import summary_block
 from dpbench.train import distributed, sharding
 from dpbench.train.checkpoint import Cadence, Checkpoints, structure_matches
@@ -69,8 +70,7 @@ class Experiment:
     train_arrays: dict
     eval_arrays: dict
     preparation: dict  # what preparing the arrays did to each split (e.g. truncation counts)
-    noise_key: jax.Array
-    secure_noise: bool  # noise key from OS entropy (dp.secure_noise): not reproducible
+    randomness: PrivacyRandomness  # batch selection and noise (a per-run secret by default)
     tracker: accounting.EpsilonTracker | None
     audit: Any  # dpbench.privacy.audit_run.CanaryAudit or None
     config_dict: dict
@@ -102,6 +102,46 @@ def _load_dataset(cfg: DictConfig) -> Dataset:
         raise config_lib.ConfigError(str(error)) from error
 
 
+def resolve_randomness(cfg: DictConfig, mechanism: Mechanism, output_dir: Path) -> PrivacyRandomness:
+    """The privacy randomness of this run (``dp.randomness``), the same on every process.
+
+    ``secret``: process 0 reads ``dp.secret_file``, or, when resuming a checkpoint, the run's own
+    secret file (missing: one line naming it); otherwise it draws a fresh secret and stores it in the
+    run folder. Then every process receives process 0's secret. ``seeded`` (and non-private runs,
+    which have no privacy to protect): a hash of ``runner.seed`` and the whole mechanism.
+    """
+    if not mechanism.private or cfg.dp.randomness == "seeded":
+        randomness = PrivacyRandomness.seeded(cfg.runner.seed, mechanism.describe())
+        if mechanism.private:
+            log.warning("%s", randomness_lib.SEEDED_WARNING)
+        return randomness
+    placeholder = PrivacyRandomness("secret", bytes(randomness_lib.SECRET_BYTES))
+    randomness = placeholder
+    if distributed.is_main():
+        own_file = output_dir / randomness_lib.SECRET_FILE
+        resuming = cfg.runner.resume != "never" and Checkpoints(output_dir, 1).latest_step() is not None
+        try:
+            if cfg.dp.secret_file:
+                randomness = randomness_lib.read_secret(cfg.dp.secret_file, "dp.secret_file")
+                source = f"dp.secret_file={cfg.dp.secret_file}"
+            elif resuming:
+                randomness = randomness_lib.read_secret(own_file, "runner.resume")
+                source = str(own_file)
+            else:
+                randomness = PrivacyRandomness.draw()
+                randomness_lib.write_secret(own_file, randomness)
+                source = f"a fresh 256-bit secret from the OS, stored (owner-only) in {own_file}"
+        except randomness_lib.SecretError as error:
+            hint = (
+                "; restore it, or start afresh with runner.resume=never"
+                if resuming and not cfg.dp.secret_file
+                else ""
+            )
+            raise config_lib.ConfigError(f"{error}{hint}") from None
+        log.info("privacy randomness (batches, noise): %s; never published", source)
+    return randomness_lib.share_across_processes(randomness)
+
+
 def build(cfg: DictConfig) -> Experiment:
     """Load, build and check every part ``cfg`` names; nothing trains yet."""
     start = time.perf_counter()
@@ -120,17 +160,8 @@ def build(cfg: DictConfig) -> Experiment:
         dataset.num_eval,
         dataset.eval_split,
     )
-    init_key, noise_key = jax.random.split(jax.random.PRNGKey(cfg.runner.seed))
-    secure_noise = bool(cfg.dp.secure_noise) and method.private
-    if secure_noise:
-        # A raw threefry key (two uint32) from the OS: seed and records alone cannot replay the noise.
-        noise_key = jax.numpy.asarray(np.frombuffer(os.urandom(8), dtype=np.uint32))
-        log.info("noise key: from the OS's entropy (dp.secure_noise=true), not stored; not bit-reproducible")
-    elif method.private:
-        log.info(
-            "noise keys: fold_in(split(PRNGKey(runner.seed=%d))[1], step): replayable from the seed",
-            cfg.runner.seed,
-        )
+    # Model randomness only (initialisation); batches and noise come from the privacy randomness.
+    init_key, _ = jax.random.split(jax.random.PRNGKey(cfg.runner.seed))
     try:
         mesh = sharding.mesh_from_config(cfg.compute)
         rules = sharding.model_rules(cfg.model)
@@ -171,6 +202,9 @@ def build(cfg: DictConfig) -> Experiment:
     num_examples = len(next(iter(train_arrays.values())))
     config_lib.validate_with_data(cfg, num_examples, mesh.size)
     mechanism = plan_mechanism(cfg, num_examples)
+    output_dir = Path(cfg.paths.output_dir)
+    randomness = resolve_randomness(cfg, mechanism, output_dir)
+    mechanism.bind(randomness)
     log.info(
         "devices: %d x %s; logical steps: %d; sampler: %s",
         mesh.size,
@@ -223,11 +257,12 @@ def build(cfg: DictConfig) -> Experiment:
     )
     state = trainer.init(trainable)
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    output_dir = Path(cfg.paths.output_dir)
     if cfg.runner.resume == "never":
         (output_dir / loggers.WANDB_RUN_ID_FILE).unlink(missing_ok=True)  # a fresh start: a new W&B run
     logger_cfg = cfg.logger if distributed.is_main() else OmegaConf.merge(cfg.logger, {"name": "none"})
-    logger = loggers.make_logger(logger_cfg, config_dict, str(output_dir), _run_name(cfg, dataset.name))
+    logger = loggers.make_logger(
+        logger_cfg, config_dict, str(output_dir), _run_name(cfg, dataset.name), private=method.private
+    )
     return Experiment(
         cfg=cfg,
         dataset=dataset,
@@ -243,8 +278,7 @@ def build(cfg: DictConfig) -> Experiment:
         train_arrays=train_arrays,
         eval_arrays=eval_arrays,
         preparation=preparation,
-        noise_key=noise_key,
-        secure_noise=secure_noise,
+        randomness=randomness,
         tracker=tracker,
         audit=audit,
         config_dict=config_dict,
@@ -305,6 +339,7 @@ RESUMABLE_CHANGES = (
     "runner.checkpoint_every",
     "runner.keep_checkpoints",
     "runner.resume",
+    "dp.secret_file",  # where the secret is read from; the checkpoint's fingerprint checks it is the same
 )
 # dataset_info keys that describe the dataset, not its training examples (released in DP runs).
 PUBLIC_DATASET_INFO = (
@@ -375,13 +410,16 @@ def completed_record(cfg: DictConfig) -> records.RunRecord | None:
     return record
 
 
+THROUGHPUT = "train/examples_per_s"
+
+
 class ReleasePolicy:
     """What a run may publish (results.json, history.jsonl, W&B, progress bar).
 
     A DP run publishes only what is covered by its (ε, δ) claim or does not depend on the training
-    data: evaluation-split metrics, ε, σ, throughput at the expected batch size. Statistics of the
-    training data computed without noise (per-batch loss, accuracy, clipped fraction, gradient
-    norm, realised batch size, non-finite counts, class counts, truncation counts) are withheld
+    data: evaluation-split metrics, ε, σ, total wall time. Statistics of the training data computed
+    without noise (per-batch loss, accuracy, clipped fraction, gradient norm, realised batch size,
+    throughput, non-finite counts, class counts, truncation counts) are withheld
     unless ``runner.release_nonprivate_stats=true``; ``released`` lists what was published.
     """
 
@@ -406,6 +444,16 @@ class ReleasePolicy:
             self._warned_nonfinite = True
         return {}
 
+    def throughput(self, record: dict) -> dict:
+        """Examples per second grows with the realised batch size (and, bucketed, with the sampled
+        text lengths): a statistic of the training data, withheld with the others."""
+        if not self.private or THROUGHPUT not in record:
+            return record
+        if self.withhold:
+            return {k: v for k, v in record.items() if k != THROUGHPUT}
+        self.released.add(THROUGHPUT)
+        return record
+
     def dataset_info(self, info: dict) -> dict:
         if not self.private:
             return info
@@ -428,20 +476,8 @@ class ReleasePolicy:
 
 
 def _reproducibility(exp: Experiment) -> dict:
-    batches = (
-        f"{exp.mechanism.sampler.name} sampler: batch_indices(step) from numpy "
-        "SeedSequence([runner.seed, stream, step])"
-    )
-    if exp.secure_noise:
-        noise = (
-            "drawn from the operating system's entropy (dp.secure_noise=true), never stored: not replayable"
-        )
-        return {"batches": batches, "noise": noise, "bit_reproducible": False}
-    return {
-        "batches": batches,
-        "noise": "fold_in(split(PRNGKey(runner.seed))[1], step)",
-        "bit_reproducible": True,
-    }
+    """How batches and noise were drawn (public: nothing derived from the secret)."""
+    return {"sampler": exp.mechanism.sampler.name, **exp.randomness.describe()}
 
 
 def _resume(exp: Experiment, checkpoints: Checkpoints) -> tuple[int | None, dict]:
@@ -470,6 +506,14 @@ def _resume(exp: Experiment, checkpoints: Checkpoints) -> tuple[int | None, dict
     if mechanism_differences:
         raise _different_run(
             f"the mechanism of the checkpoint at step {latest}", exp.output_dir, mechanism_differences
+        )
+    saved_randomness = meta.get("randomness", {})
+    if saved_randomness.get("fingerprint") != exp.randomness.fingerprint():
+        saved_mode = saved_randomness.get("mode", "from runner.seed, before dp.randomness existed")
+        raise config_lib.ConfigError(
+            f"runner.resume: the checkpoint at step {latest} in {checkpoints.directory} was trained with "
+            f"other privacy randomness ({saved_mode}) than this run ({exp.randomness.mode}); resume with "
+            "the run's own secret file or dp.secret_file, or start afresh with runner.resume=never"
         )
     if not structure_matches(meta, exp.state.trainable, exp.state.opt_state):
         raise _different_run(
@@ -518,6 +562,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
         return metrics
 
     def log_train(record: dict, step: int) -> None:
+        record = policy.throughput(record)
         if mechanism.noise_multiplier is not None:
             record = {**record, "privacy/sigma": mechanism.noise_multiplier}
         if history.append("train", step, record):
@@ -534,7 +579,10 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
                 {
                     "mechanism": mechanism.describe(),
                     "config": exp.config_dict,
-                    "randomness": _reproducibility(exp),
+                    "randomness": {
+                        "mode": exp.randomness.mode,
+                        "fingerprint": exp.randomness.fingerprint(),
+                    },
                     "resumed_at": resumed_at,
                     "train_seconds": seconds_before + time.perf_counter() - train_start,
                 },
@@ -569,7 +617,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
                 mechanism.sampler,
                 mechanism.steps,
                 cfg.compute.physical_batch_size,
-                exp.noise_key,
+                exp.randomness.noise_key(),
                 eval_every,
                 callbacks,
                 progress_bar=cfg.runner.progress_bar,
@@ -617,7 +665,9 @@ def _finish(
     preparation = policy.preparation(exp.preparation)
     if exp.private:
         claim["privacy"]["released_nonprivate_statistics"] = sorted(policy.released)
-        claim["privacy"]["noise_randomness"] = _reproducibility(exp)["noise"]
+        claim["privacy"]["randomness"] = exp.randomness.mode
+        if exp.randomness.mode == "seeded":
+            claim["privacy"]["warning"] = randomness_lib.SEEDED_WARNING
     final = {k: v for k, v in during[-1].items() if k != "step"}
     record = records.RunRecord(
         dataset=exp.dataset.name,

@@ -18,7 +18,9 @@ WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run continues
 class NullLogger:
     """``logger=none``: metrics go nowhere but the console log, history.jsonl and results.json."""
 
-    def __init__(self, cfg=None, config: dict | None = None, output_dir: str = "", run_name: str = ""):
+    def __init__(
+        self, cfg=None, config: dict | None = None, output_dir: str = "", run_name: str = "", private=False
+    ):
         pass
 
     def log(self, metrics: dict, step: int) -> None:
@@ -35,10 +37,12 @@ class WandbLogger:
     """Thin wrapper over ``wandb``; offline by default so a run never waits on the network.
 
     The W&B run id is kept in ``<output_dir>/wandb_run_id``, so a resumed dpbench run continues
-    the same W&B run (``resume="allow"``).
+    the same W&B run (``resume="allow"``). A DP run (``private``) does not capture the console: the
+    log may name training-data statistics that the release policy withholds (e.g. the one-time
+    warning that some examples had non-finite gradients), so W&B gets only what dpbench logs to it.
     """
 
-    def __init__(self, cfg, config: dict, output_dir: str, run_name: str):
+    def __init__(self, cfg, config: dict, output_dir: str, run_name: str, private: bool = False):
         import wandb
 
         self._wandb = wandb
@@ -58,6 +62,7 @@ class WandbLogger:
             mode=cfg.mode,
             dir=output_dir,
             reinit="finish_previous",
+            settings=wandb.Settings(console="off" if private else "auto"),
         )
         self.run.define_metric("*", step_metric="train/step")
         log.info("W&B run %s (mode=%s) in %s", run_name, cfg.mode, self.run.dir)
@@ -76,12 +81,12 @@ class WandbLogger:
 LOGGERS = {"wandb": WandbLogger, "none": NullLogger}
 
 
-def make_logger(cfg, config: dict, output_dir: str, run_name: str):
+def make_logger(cfg, config: dict, output_dir: str, run_name: str, private: bool = False):
     if cfg.name not in LOGGERS:
         from dpbench.config import ConfigError
 
         raise ConfigError(f"logger.name={cfg.name!r} is not allowed; choose one of {', '.join(LOGGERS)}")
-    return LOGGERS[cfg.name](cfg, config, output_dir, run_name)
+    return LOGGERS[cfg.name](cfg, config, output_dir, run_name, private=private)
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

@@ -269,7 +269,7 @@ def measure(cfg: DictConfig, exp, steps: int) -> list[tuple[str, str]]:
         indices = exp.mechanism.sampler.batch_indices(index)
         chunks = gather_chunks(exp.train_arrays, indices, cfg.compute.physical_batch_size)
         stats = exp.trainer.logical_step(
-            exp.state, exp.frozen, chunks, jax.random.fold_in(exp.noise_key, index)
+            exp.state, exp.frozen, chunks, jax.random.fold_in(exp.randomness.noise_key(), index)
         )
         jax.block_until_ready((exp.state.trainable, stats))
 

@@ -28,6 +28,13 @@ def _wandb_run(output_dir: Path) -> Path | None:
     return runs[-1] if runs else None
 
 
+def privacy_randomness(record: RunRecord) -> str | None:
+    """``secret`` or ``seeded`` for a DP record (records from before ``dp.randomness`` are seeded)."""
+    if record.epsilon is None:
+        return None
+    return record.privacy.get("randomness", "seeded")
+
+
 def summary_block(record: RunRecord, output_dir: str | Path) -> str:
     """Metric, ε, δ, σ, steps, wall time, and where the results, plots and W&B run are."""
     output_dir = Path(output_dir)
@@ -49,6 +56,14 @@ def summary_block(record: RunRecord, output_dir: str | Path) -> str:
             f"σ = {record.noise_multiplier:.4g}, clip {dp.get('clip_norm')}, sampling rate q = "
             f"{record.sampling_rate:.4g} ({dp.get('sampler')})"
         )
+        randomness = privacy_randomness(record)
+        if randomness == "secret":
+            lines.append("  randomness secret (batches and noise from a per-run secret, never published)")
+        else:
+            lines.append(
+                "  randomness SEEDED: batches and noise follow runner.seed, which this record publishes; "
+                "the claim does not hold against anyone who knows it"
+            )
     if record.audit:
         lines.append(f"  audit      empirical ε lower bound {record.audit['epsilon_lower_bound']:.3f} (95%)")
     lines.append(

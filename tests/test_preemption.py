@@ -10,6 +10,7 @@ import time
 import pytest
 
 from dpbench import experiment, records
+from dpbench.privacy.randomness import SECRET_FILE
 from dpbench.train.checkpoint import Checkpoints
 from tests.compose import FIXTURE_DATA, REPO, TINY, compose_config
 
@@ -49,18 +50,20 @@ def _wait_for_checkpoint(process, run_dir, at_least: int, timeout: float = 240) 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    return experiment.run(compose_config(JOB, out))
+    # Its privacy secret, reused by the interrupted runs (dp.secret_file): the same batches and noise.
+    return experiment.run(compose_config(JOB, out)), f"dp.secret_file={out / SECRET_FILE}"
 
 
 def test_kill_9_loses_at_most_checkpoint_every_steps_and_resumes_identically(uninterrupted, tmp_path):
-    process = _start(tmp_path)
+    uninterrupted, same_secret = uninterrupted
+    process = _start(tmp_path, same_secret)
     _wait_for_checkpoint(process, tmp_path, at_least=8)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (tmp_path / "results.json").exists()
     killed_at = max(int(p.name) for p in (tmp_path / "checkpoints").glob("*") if p.name.isdigit())
     assert killed_at < 40
-    resumed = _start(tmp_path)
+    resumed = _start(tmp_path, same_secret)
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr[-3000:]
     record = records.load_record(tmp_path)
@@ -72,7 +75,8 @@ def test_kill_9_loses_at_most_checkpoint_every_steps_and_resumes_identically(uni
 
 
 def test_sigterm_checkpoints_exits_nonzero_and_prints_the_resume_command(uninterrupted, tmp_path):
-    process = _start(tmp_path)
+    uninterrupted, same_secret = uninterrupted
+    process = _start(tmp_path, same_secret)
     _wait_for_checkpoint(process, tmp_path, at_least=4)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

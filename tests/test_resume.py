@@ -1,12 +1,12 @@
 """Checkpoints and resume in process: bit-identical continuation, refusals, skips, honest records."""
 
-import json
 import logging
 
 import pytest
 
 from dpbench import config as config_lib
 from dpbench import experiment, records
+from dpbench.privacy.randomness import SECRET_FILE
 from dpbench.train.checkpoint import Checkpoints
 from dpbench.train.preemption import Preempted
 from tests.compose import TINY, compose_config
@@ -36,7 +36,9 @@ def uninterrupted(tmp_path_factory):
 
 def test_a_resumed_run_is_bit_identical_across_evaluations(uninterrupted, tmp_path):
     reference, reference_dir = uninterrupted
-    cfg = compose_config(JOB, tmp_path)
+    # The reference run's own secret: the same batches and noise (tests/test_randomness.py: resuming
+    # with the run folder's own secret file).
+    cfg = compose_config([*JOB, f"dp.secret_file={reference_dir / SECRET_FILE}"], tmp_path)
     with pytest.raises(Preempted) as stopped:
         experiment.run(cfg, stop_after=2)  # an evaluation step: checkpoint, evaluate, stop
     assert stopped.value.step == 2 and stopped.value.exit_status == 143
@@ -84,7 +86,11 @@ def test_resume_must_needs_a_checkpoint_and_never_starts_afresh(uninterrupted, t
     with pytest.raises(config_lib.ConfigError, match="runner.resume=must but .* holds no checkpoint"):
         experiment.run(compose_config([*JOB, "runner.resume=must"], tmp_path))
     reference, out = uninterrupted
-    again = experiment.run(compose_config([*JOB, "runner.resume=never"], tmp_path / "fresh"))
+    again = experiment.run(
+        compose_config(
+            [*JOB, "runner.resume=never", f"dp.secret_file={out / SECRET_FILE}"], tmp_path / "fresh"
+        )
+    )
     assert again["resumed_at"] == [] and again["final_params_sha256"] == reference["final_params_sha256"]
 
 
@@ -98,11 +104,11 @@ def test_a_dp_run_publishes_no_training_statistics_by_default(uninterrupted):
     assert {key for line in train_lines for key in line} == {
         "kind",
         "step",
-        "train/examples_per_s",
         "privacy/sigma",
         "privacy/epsilon",
     }
-    assert reference["reproducibility"]["bit_reproducible"] is True
+    assert "examples_per_s" not in published  # grows with the realised batch size: withheld
+    assert reference["reproducibility"]["privacy_randomness"] == "secret"
 
 
 def test_opting_in_releases_them_and_the_privacy_section_says_so(tmp_path):
@@ -110,9 +116,11 @@ def test_opting_in_releases_them_and_the_privacy_section_says_so(tmp_path):
         compose_config([*JOB, "runner.steps=2", "runner.release_nonprivate_stats=true"], tmp_path)
     )
     released = run["privacy"]["released_nonprivate_statistics"]
-    assert set(TRAIN_STATISTICS) | {"train/logical_batch_size", "dataset_info.train_class_counts"} <= set(
-        released
-    )
+    assert set(TRAIN_STATISTICS) | {
+        "train/logical_batch_size",
+        "train/examples_per_s",
+        "dataset_info.train_class_counts",
+    } <= set(released)
     assert run["dataset_info"]["train_class_counts"]
     train = [line for line in records.read_history(tmp_path) if line["kind"] == "train"]
     assert all("train/loss" in line and "train/logical_batch_size" in line for line in train)
@@ -123,16 +131,6 @@ def test_a_nonprivate_run_logs_everything(tmp_path):
     assert run["privacy"] == {"mechanism": "none (non-private)"} and run["dataset_info"]["train_class_counts"]
     train = [line for line in records.read_history(tmp_path) if line["kind"] == "train"]
     assert all("train/loss" in line and "train/accuracy" in line for line in train)
-
-
-def test_secure_noise_is_not_replayable_and_says_so(uninterrupted, tmp_path):
-    reference, _ = uninterrupted
-    run = experiment.run(compose_config([*JOB, "dp.secure_noise=true"], tmp_path))
-    assert run["reproducibility"]["bit_reproducible"] is False
-    assert "entropy" in run["privacy"]["noise_randomness"]
-    assert run["final_params_sha256"] != reference["final_params_sha256"]
-    assert run["epsilon"] == reference["epsilon"]  # the same mechanism, other noise
-    assert json.loads((tmp_path / "results.json").read_text())["reproducibility"]["bit_reproducible"] is False
 
 
 def test_nonfinite_counts_are_withheld_and_the_log_says_only_that_some_were_zeroed(caplog):

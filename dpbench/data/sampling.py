@@ -46,9 +46,11 @@ def _check_sizes(num_examples: int, batch_size: int, batch_setting: str) -> None
         raise ValueError(f"{batch_setting} must be in [1, num_examples={num_examples}], got {batch_size}")
 
 
-def _check_step(step: int) -> None:
+def _check_step(step: int, seed: int | None) -> None:
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if seed is None:
+        raise ValueError("the sampler has no seed yet: bind the run's privacy randomness first")
 
 
 class PoissonSampler:
@@ -58,7 +60,8 @@ class PoissonSampler:
     standard DP-SGD analysis assumes (``PoissonSampledDpEvent``, add/remove-one neighbours).
 
     Any step's batch is reproducible without replaying earlier steps: the generator is seeded
-    with the pair (seed, step).
+    with the pair (seed, step). In a run, ``seed`` is 256 bits derived from the run's privacy
+    secret (``dpbench.privacy.randomness``), never ``runner.seed`` itself.
 
     >>> sampler = PoissonSampler(num_examples=1000, expected_batch_size=100, seed=0)
     >>> sampler.sampling_rate
@@ -75,7 +78,7 @@ class PoissonSampler:
     name = "poisson"
     neighbouring = "add_remove"
 
-    def __init__(self, num_examples: int, expected_batch_size: int, seed: int):
+    def __init__(self, num_examples: int, expected_batch_size: int, seed: int | None):
         _check_sizes(num_examples, expected_batch_size, "expected_batch_size")
         self.num_examples = num_examples
         self.expected_batch_size = expected_batch_size
@@ -83,7 +86,7 @@ class PoissonSampler:
         self.sampling_rate = expected_batch_size / num_examples
 
     def batch_indices(self, step: int) -> np.ndarray:
-        _check_step(step)
+        _check_step(step, self.seed)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, _POISSON_STREAM, step]))
         return np.flatnonzero(rng.random(self.num_examples) < self.sampling_rate).astype(np.int64)
 
@@ -157,7 +160,7 @@ class ShuffleSampler:
     name = "shuffle"
     neighbouring = "replace_one"
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int):
+    def __init__(self, num_examples: int, batch_size: int, seed: int | None):
         _check_sizes(num_examples, batch_size, "batch_size")
         self.num_examples = num_examples
         self.batch_size = batch_size
@@ -165,19 +168,19 @@ class ShuffleSampler:
         self.steps_per_epoch = num_examples // batch_size
         # Descriptive only (fraction of the data per step); the accounting does not use it.
         self.sampling_rate = batch_size / num_examples
-        self._cached_epoch: int | None = None
+        self._cached_epoch: tuple | None = None
         self._cached_permutation: np.ndarray | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         # The loop asks for consecutive steps, so one cached permutation avoids redrawing it per step.
-        if epoch != self._cached_epoch:
+        if (self.seed, epoch) != self._cached_epoch:
             rng = np.random.default_rng(np.random.SeedSequence([self.seed, _SHUFFLE_STREAM, epoch]))
             self._cached_permutation = rng.permutation(self.num_examples).astype(np.int64)
-            self._cached_epoch = epoch
+            self._cached_epoch = (self.seed, epoch)
         return self._cached_permutation
 
     def batch_indices(self, step: int) -> np.ndarray:
-        _check_step(step)
+        _check_step(step, self.seed)
         epoch, position = divmod(step, self.steps_per_epoch)
         start = position * self.batch_size
         return self._permutation(epoch)[start : start + self.batch_size].copy()
@@ -208,7 +211,9 @@ class ShuffleSampler:
         }
 
 
-def make_sampler(name: str, num_examples: int, batch_size: int, seed: int) -> PoissonSampler | ShuffleSampler:
+def make_sampler(
+    name: str, num_examples: int, batch_size: int, seed: int | None
+) -> PoissonSampler | ShuffleSampler:
     """Build a sampler by name; ``batch_size`` is the expected batch size for Poisson.
 
     >>> make_sampler("poisson", 100, 10, seed=1).name

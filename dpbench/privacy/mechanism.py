@@ -28,7 +28,7 @@ SETTING_OF_FIELD = {
     "delta": "dp.delta / dp.delta_exponent",
     "clip_norm": "dp.clip_norm",
     "accountant": "accountant.*",
-    "seed": "runner.seed (batch selection and noise keys)",
+    "randomness": "dp.randomness",
 }
 
 
@@ -43,6 +43,15 @@ class Mechanism:
     method: str = "vanilla"
     clip_norm: float | None = None
     accountant: dict | None = None  # the accountant's name and parameters (None when non-private)
+    randomness: str | None = None  # dp.randomness: secret | seeded (None when non-private)
+
+    @property
+    def private(self) -> bool:
+        return self.noise_multiplier is not None
+
+    def bind(self, randomness) -> None:
+        """Give the sampler its privacy randomness (a ``dpbench.privacy.randomness.PrivacyRandomness``)."""
+        self.sampler.seed = randomness.batch_entropy()
 
     def describe(self) -> dict:
         """JSON-able, comparable description (stored with every checkpoint)."""
@@ -56,7 +65,7 @@ class Mechanism:
             "delta": self.delta,
             "clip_norm": self.clip_norm,
             "accountant": self.accountant,
-            "seed": self.sampler.seed,
+            "randomness": self.randomness,
         }
 
 
@@ -88,7 +97,8 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
     steps/epochs setting gives no logical step, or when the accountant cannot account the sampler.
     """
     config_lib.validate_batch_size(cfg, num_examples)
-    sampler = sampling.make_sampler(cfg.dp.sampler, num_examples, cfg.runner.batch_size, cfg.runner.seed)
+    # The sampler's seed is bound later, from the privacy randomness (Mechanism.bind).
+    sampler = sampling.make_sampler(cfg.dp.sampler, num_examples, cfg.runner.batch_size, seed=None)
     if cfg.runner.steps is not None:
         steps = int(cfg.runner.steps)
     else:
@@ -123,4 +133,5 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
         method=cfg.dp.method,
         clip_norm=float(cfg.dp.clip_norm),
         accountant=_accountant_description(cfg),
+        randomness=cfg.dp.randomness,
     )

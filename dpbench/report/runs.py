@@ -69,6 +69,14 @@ class Run:
         return clipping
 
     @property
+    def randomness(self) -> str | None:
+        """``secret`` or ``seeded`` for a DP run; records from before ``dp.randomness`` are ``seeded``
+        (their batches and noise followed ``runner.seed``: the claim assumes the seed was secret)."""
+        if not self.private:
+            return None
+        return (self.privacy or {}).get("randomness", "seeded")
+
+    @property
     def target_epsilon(self) -> float | None:
         return None if self.method == "none" else self.config["dp"].get("epsilon")
 

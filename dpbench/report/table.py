@@ -66,6 +66,8 @@ COLUMNS: dict[str, Column] = {
     "rank": ("LoRA rank", lambda r: fmt_number(r.lora_rank), lambda r: r.lora_rank),
     "target_epsilon": ("target ε", lambda r: fmt_number(r.target_epsilon), lambda r: r.target_epsilon),
     "epsilon": ("ε spent", lambda r: fmt_number(r.epsilon), lambda r: r.epsilon),
+    # seeded: batches and noise follow the published runner.seed; the claim assumes it was secret.
+    "randomness": ("privacy randomness", lambda r: r.randomness or "-", lambda r: r.randomness),
     "delta": ("δ", lambda r: fmt_number(r.delta, 3), lambda r: r.delta),
     "sigma": ("σ", lambda r: fmt_number(r.noise_multiplier), lambda r: r.noise_multiplier),
     "steps": ("steps", lambda r: str(r.steps), lambda r: r.steps),
@@ -91,6 +93,7 @@ DEFAULT_COLUMNS = [
     "delta",
     "sigma",
     "steps",
+    "randomness",
 ]
 
 
