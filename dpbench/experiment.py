@@ -669,6 +669,8 @@ def _finish(
         if exp.randomness.mode == "seeded":
             claim["privacy"]["warning"] = randomness_lib.SEEDED_WARNING
     final = {k: v for k, v in during[-1].items() if k != "step"}
+    final_sha256 = records.params_sha256(jax.device_get(state.trainable))
+    distributed.check_same_on_every_process("final trainable parameters", final_sha256)
     record = records.RunRecord(
         dataset=exp.dataset.name,
         data_source=exp.dataset.source,
@@ -684,7 +686,7 @@ def _finish(
         config=exp.config_dict,
         baseline_metrics={k: v for k, v in baseline.items() if k != "step"} if baseline else None,
         resumed_at=resumed_at,
-        final_params_sha256=records.params_sha256(jax.device_get(state.trainable)),
+        final_params_sha256=final_sha256,
         train_seconds=train_seconds,
         devices=exp.mesh.size,
         data_preparation=preparation,

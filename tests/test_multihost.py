@@ -1,5 +1,6 @@
 """Two local CPU processes (jax.distributed, gloo collectives), one device each, train the same run as one
-process with two devices: same parameters (bit for bit), same ε, and only process 0 writes the record."""
+process with two devices: one noise draw across processes (process 0's secret, broadcast), the same
+parameters (bit for bit), the same ε, and only process 0 writes the record."""
 
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 
 import pytest
 
+from dpbench.privacy.randomness import SECRET_FILE
 from tests.compose import FIXTURE_DATA, REPO, TINY
 
 RUN = [
@@ -41,18 +43,13 @@ def _command(run_dir, *overrides):
     return [sys.executable, "-m", "dpbench", *RUN, f"hydra.run.dir={run_dir}", *overrides]
 
 
-@pytest.mark.slow  # three training runs of the tiny encoder: minutes on 2 shared cores
-def test_two_processes_equal_one_process_with_two_devices(tmp_path):
-    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
-    single = subprocess.run(
-        _command(one_dir), cwd=REPO, env=_env(2), capture_output=True, text=True, timeout=900
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+def _two_processes(run_dir, *overrides):
     address = f"127.0.0.1:{_free_port()}"
     procs = [
         subprocess.Popen(
             _command(
-                two_dir,
+                run_dir,
+                *overrides,
                 f"compute.coordinator_address={address}",
                 "compute.num_processes=2",
                 f"compute.process_id={i}",
@@ -68,13 +65,34 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
     outputs = [p.communicate(timeout=900) for p in procs]
     for proc, (_, err) in zip(procs, outputs):
         assert proc.returncode == 0, err[-3000:]
+    return [out + err for out, err in outputs]
+
+
+@pytest.mark.slow  # two training runs of the tiny encoder per mode: minutes on 2 shared cores
+@pytest.mark.parametrize("randomness", ["secret", "seeded"])
+def test_two_processes_draw_one_noise_equal_to_one_process_with_two_devices(tmp_path, randomness):
+    one_dir, two_dir = tmp_path / "one", tmp_path / "two"
+    # Two processes first: process 0 draws the secret and broadcasts it. Both processes end with the
+    # same parameters (every process compares a hash of them at the end, or the run fails).
+    logs = _two_processes(two_dir, f"dp.randomness={randomness}")
+    same = [f"dp.secret_file={two_dir / SECRET_FILE}"] if randomness == "secret" else []
+    assert (two_dir / SECRET_FILE).is_file() == (randomness == "secret")
+    single = subprocess.run(
+        _command(one_dir, f"dp.randomness={randomness}", *same),
+        cwd=REPO,
+        env=_env(2),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
     one = json.loads((one_dir / "results.json").read_text())
     two = json.loads((two_dir / "results.json").read_text())
     assert one["devices"] == two["devices"] == 2
     assert two["final_params_sha256"] == one["final_params_sha256"]
     assert two["epsilon"] == pytest.approx(one["epsilon"], rel=1e-12) and one["epsilon"] <= 8
     assert two["metrics"] == pytest.approx(one["metrics"])
-    # Process 1 logs warnings only and wrote no record of its own into the run folder.
-    logs = [out + err for out, err in outputs]
+    assert two["privacy"]["randomness"] == randomness
+    # Process 1 logs warnings only and wrote no record (and no secret) of its own into the run folder.
     assert "results:" in logs[0] and "results:" not in logs[1]
     assert len(list(two_dir.glob("**/results.json"))) == 1

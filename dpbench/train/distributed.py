@@ -5,11 +5,13 @@ A job is multi-process when ``compute.coordinator_address``, ``compute.num_proce
 (``SLURM_NTASKS`` > 1: ``jax.distributed.initialize()`` then reads SLURM's variables itself). Every
 process then runs the same program on the same global mesh:
 
-- the sampler's decision (which examples form each logical batch) is a function of (seed, step),
+- the sampler's decision (which examples form each logical batch) is a function of (secret, step),
   identical everywhere; each process transfers only its rows of each physical batch
   (``dpbench.train.sharding.put_batch``);
-- the noise key is ``fold_in(key(seed), step)`` everywhere, and the noise is added to a replicated
-  global sum inside one jitted step: one draw, not one per process;
+- the privacy secret (``dpbench.privacy.randomness``) is process 0's, broadcast to every process and
+  checked by hash, so the noise key ``fold_in(key(secret), step)`` is the same everywhere, and the
+  noise is added to a replicated global sum inside one jitted step: one draw, not one per process;
+  at the end every process compares a hash of its final parameters;
 - checkpoints go through orbax, which coordinates the processes (one shared run folder);
 - only process 0 writes results.json, history.jsonl and W&B, and logs at INFO (see :func:`side_path`).
 """
@@ -81,6 +83,23 @@ def initialize(compute_cfg) -> bool:
         jax.device_count(),
     )
     return True
+
+
+def check_same_on_every_process(what: str, digest: str) -> None:
+    """Raise unless every process holds the same ``digest`` (a hex SHA-256) of ``what``.
+
+    Replicated parameters that differ between processes mean each process drew its own noise or
+    batch: the published evaluation would then come from one process's view of a different mechanism.
+    """
+    if jax.process_count() == 1:
+        return
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    mine = np.frombuffer(bytes.fromhex(digest), dtype=np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(mine))
+    if not np.all(everyone == everyone[0]):
+        raise RuntimeError(f"the processes hold different {what} (SHA-256 differs between processes)")
 
 
 def is_main() -> bool:
