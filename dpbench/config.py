@@ -29,7 +29,7 @@ from dpbench.models.cnn import CNNModelConfig
 from dpbench.models.encoder import EncoderModelConfig
 from dpbench.models.gemma3 import Gemma3ModelConfig
 from dpbench.privacy.accounting import AccountantConfig
-from dpbench.privacy.methods import CLIPPING_CHOICES, METHODS, resolve_clipping
+from dpbench.privacy.methods import CLIPPING_CHOICES, METHODS, check_clipping_dtype, resolve_clipping
 from dpbench.privacy.randomness import MODES as RANDOMNESS_MODES
 from dpbench.train.optimizers import OPTIMIZERS
 from dpbench.train.sharding import MeshConfig
@@ -224,6 +224,8 @@ def validate_static(cfg: DictConfig) -> None:
             resolve_clipping(dp.method, dp.clipping)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+        # Ghost in bfloat16 is not exact: refused here, before any weights load.
+        check_clipping_dtype(dp.method, dp.clipping, cfg.model.get("dtype"))
     _choice("optimizer.name", cfg.optimizer.name, tuple(OPTIMIZERS))
     _choice("logger.name", cfg.logger.name, tuple(LOGGERS))
     _choice("dataset.task", cfg.dataset.task, tuple(TASKS))

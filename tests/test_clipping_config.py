@@ -1,10 +1,11 @@
-"""dp.clipping and model.finetune settings: what they resolve to, and the contradictions refused."""
+"""dp.clipping and model.finetune settings: what they resolve to, and the contradictions refused
+(ghost clipping in a bfloat16 model among them)."""
 
 import pytest
 
 from dpbench.config import ConfigError, validate_static
-from dpbench.privacy.methods import FASTEST_EXACT, make_method
-from tests.compose import compose_config
+from dpbench.privacy.methods import FASTEST_EXACT, check_clipping_dtype, make_method
+from tests.compose import TINY, compose_config
 
 
 @pytest.mark.parametrize(
@@ -65,3 +66,46 @@ def test_head_finetune_trains_only_the_head():
     trainable = [p for p in paths if bundle.is_trainable(p)]
     assert trainable and all(p[0] == "classifier" for p in trainable)
     assert not any(p[-1].startswith("lora") for p in paths)  # LoRA off outside finetune=lora
+
+
+GHOST_IN_BF16 = "dp.clipping=ghost is not exact in bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "hint"),
+    [
+        (["dp=ghost"], "use dp=vanilla dp.clipping=bookkeeping (or dp=vanilla dp.clipping=per_example)"),
+        (["dp.clipping=ghost"], "use dp.clipping=bookkeeping (or dp.clipping=per_example)"),
+        (["dp=ffa", "dp.clipping=ghost"], "use dp.clipping=bookkeeping (or dp.clipping=per_example)"),
+    ],
+)
+def test_ghost_clipping_in_bfloat16_is_refused_in_one_line(overrides, hint):
+    """Ghost's second backward pass rounds in bfloat16 (one example moved the sum by 1.005 C)."""
+    cfg = compose_config(["model=tiny_gemma3", "model.dtype=bfloat16", *overrides])
+    with pytest.raises(ConfigError, match=GHOST_IN_BF16) as caught:
+        validate_static(cfg)  # before any data or weights load
+    assert "\n" not in str(caught.value) and hint in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model.dtype=bfloat16"],  # auto: book-keeping
+        ["model.dtype=bfloat16", "dp.clipping=per_example"],
+        ["model.dtype=bfloat16", "dp=none", "dp.clipping=ghost"],  # nothing is clipped
+        ["dp=ghost"],  # float32
+    ],
+)
+def test_exact_clipping_in_bfloat16_is_allowed(overrides):
+    cfg = compose_config(["model=tiny_gemma3", *overrides])
+    check_clipping_dtype(cfg.dp.method, cfg.dp.clipping, cfg.model.dtype)
+    validate_static(cfg)
+
+
+def test_build_refuses_ghost_in_bfloat16_before_training(tmp_path):
+    from dpbench import experiment
+
+    overrides = [*TINY, "model=tiny_gemma3", "dataset=samsum_aclsum", "model.dtype=bfloat16", "dp=ghost"]
+    with pytest.raises(ConfigError, match=GHOST_IN_BF16) as caught:
+        experiment.build(compose_config(overrides, tmp_path))
+    assert "\n" not in str(caught.value)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -19,8 +20,10 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 from omegaconf import OmegaConf
 
+from dpbench.config import ConfigError
 from dpbench.data import text
 from dpbench.data.sampling import physical_batches
+from dpbench.models.base import ModelBundle
 from dpbench.models.cnn import CNN, TemperedCNN
 from dpbench.models.encoder import build_encoder
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
@@ -270,28 +273,75 @@ def test_untapped_parameter_falls_back_exactly_and_is_named(caplog):
 
 
 class Leaky(nn.Module):
+    dtype: Any = jnp.float32
+
     @nn.compact
     def __call__(self, x):
-        layer = LoRADense(3, name="dense")
+        layer = LoRADense(3, dtype=self.dtype, name="dense")
         y = layer(x)
-        return y + jnp.tanh(x) @ layer.variables["params"]["kernel"]  # a second, untapped use
+        kernel = layer.variables["params"]["kernel"].astype(self.dtype)
+        return y + jnp.tanh(x.astype(self.dtype)) @ kernel  # a second, untapped use
 
 
-def test_tap_coverage_check_catches_a_parameter_used_outside_its_tap():
-    module = Leaky()
-    rng = np.random.default_rng(0)
-    batch = {"x": rng.normal(size=(4, 5)).astype(np.float32), "label": rng.integers(0, 3, 4).astype(np.int32)}
-    params = module.init(jax.random.PRNGKey(0), batch["x"][:1])["params"]
+def leaky_bundle(dtype) -> ModelBundle:
+    """A model whose ``dense/kernel`` is also used outside its tap, computing in ``dtype``."""
+    module = Leaky(dtype=dtype)
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, 5)))["params"]
 
+    def bundle_of(module, params):
+        def apply_fn(params, batch):
+            return module.apply({"params": params}, batch["x"]).astype(jnp.float32)
+
+        variant = None if dtype == jnp.float32 else (lambda: bundle_of(module.clone(dtype=jnp.float32), None))
+        return ModelBundle(apply_fn, params, lambda path: True, "random init", float32_variant=variant)
+
+    return bundle_of(module, params)
+
+
+def classification_losses(bundle: ModelBundle):
     def losses_fn(trainable, batch):
-        logits = module.apply({"params": trainable}, batch["x"])
+        logits = bundle.apply_fn(trainable, batch)
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), {}
 
-    ghost = clipping.per_example_norms(losses_fn, params, batch, clipping="ghost")
-    true = clipping.per_example_norms(losses_fn, params, batch, clipping="per_example")
-    assert not np.allclose(ghost, true, rtol=1e-3)  # without the guard the norms would be wrong
-    with pytest.raises(ValueError, match="dense/kernel"):
-        clipping.check_tap_coverage(losses_fn, params, batch)
+    return losses_fn
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_tap_coverage_check_catches_a_parameter_used_outside_its_tap(dtype):
+    """Also in bfloat16: the check runs on the model computing in float32 (``in_float32``), where a
+    parameter used outside its tap still shows, and fails with one line naming dp.clipping."""
+    bundle = leaky_bundle(dtype)
+    rng = np.random.default_rng(0)
+    batch = {"x": rng.normal(size=(4, 5)).astype(np.float32), "label": rng.integers(0, 3, 4).astype(np.int32)}
+    losses_fn = classification_losses(bundle)
+    ghost = clipping.per_example_norms(losses_fn, bundle.params, batch, clipping="ghost")
+    true = clipping.per_example_norms(losses_fn, bundle.params, batch, clipping="per_example")
+    assert not np.allclose(ghost, true, rtol=1e-2)  # without the guard the norms would be wrong
+    exact = bundle.in_float32()
+    assert (exact is bundle) == (dtype == jnp.float32)
+    with pytest.raises(ConfigError, match="dense/kernel") as caught:
+        clipping.check_tap_coverage(classification_losses(exact), exact.params, batch, clipping="bookkeeping")
+    message = str(caught.value)
+    assert "\n" not in message and "dp.clipping=bookkeeping" in message
+    assert "use dp.clipping=per_example (allowed: auto, per_example, ghost, bookkeeping)" in message
+
+
+def test_tap_coverage_is_checked_in_float32_not_in_bfloat16_rounding():
+    """The bug this guards against: tiny Gemma 3 in bfloat16 is fully covered by its taps, but compared
+    in bfloat16 every LoRA B looks uncovered (rounding); its float32 variant passes the check."""
+    cfg = Gemma3ModelConfig(preset="tiny", random_init=True, tokenizer="bytes", lora_rank=2, dtype="bfloat16")
+    bundle = build_gemma3(cfg, jax.random.key(0))
+    bundle.params = perturb_lora_b(bundle.params)
+    arrays, _ = text.build_lm_examples(DIALOGUES, SUMMARIES, bundle.tokenizer, 80)
+    data_cfg = OmegaConf.create({"max_prompt_length": 64, "max_new_tokens": 4, "max_length": 80})
+    trainable, frozen = split_params(bundle.params, bundle.is_trainable)
+    sample = {k: v[:2] for k, v in arrays.items()}
+    in_bfloat16 = SummarizationTask(bundle, data_cfg, train_summaries=SUMMARIES).losses_fn
+    with pytest.raises(ConfigError, match="lora_b"):
+        clipping.check_tap_coverage(in_bfloat16, trainable, sample, frozen)
+    in_float32 = SummarizationTask(bundle.in_float32(), data_cfg, train_summaries=SUMMARIES).losses_fn
+    errors = clipping.check_tap_coverage(in_float32, trainable, sample, frozen)
+    assert max(errors.values()) < 1e-4
 
 
 def test_tap_coverage_check_passes_on_every_model(cnn):

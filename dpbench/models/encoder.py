@@ -343,21 +343,38 @@ def build_encoder(
     if placement is not None:  # onto the mesh by sharding rule (encoders are small: built, then moved)
         params = unflatten_dict(placement(flatten_dict(params)))
 
-    def inputs(batch: dict):
-        return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+    return _bundle(
+        module, params, trainable_rule(cfg.finetune, freeze_lora_a, cfg.head_pattern), source, tokenizer
+    )
+
+
+def _inputs(batch: dict):
+    return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
+
+
+def _bundle(module: EncoderForSequenceClassification, params, is_trainable, source, tokenizer) -> ModelBundle:
+    """The bundle of ``module``; below float32 its ``float32_variant`` has the same functions through
+    ``module.clone(dtype=float32)``."""
 
     def apply_fn(params, batch):
-        return module.apply({"params": params}, *inputs(batch))
+        return module.apply({"params": params}, *_inputs(batch))
 
     def hidden_states_fn(params, batch):
-        return module.apply({"params": params}, *inputs(batch), method="hidden_states")
+        return module.apply({"params": params}, *_inputs(batch), method="hidden_states")
+
+    float32_variant = None
+    if jnp.dtype(module.dtype) != jnp.float32:
+
+        def float32_variant():  # the functions only: ModelBundle.in_float32 keeps its own params
+            return _bundle(module.clone(dtype=jnp.float32), None, is_trainable, source, tokenizer)
 
     return ModelBundle(
         apply_fn=apply_fn,
         params=params,
-        is_trainable=trainable_rule(cfg.finetune, freeze_lora_a, cfg.head_pattern),
+        is_trainable=is_trainable,
         weights_source=source,
         tokenizer=tokenizer,
         module=module,
-        extras={"arch": arch, "hidden_states_fn": hidden_states_fn},
+        extras={"arch": module.arch, "hidden_states_fn": hidden_states_fn},
+        float32_variant=float32_variant,
     )

@@ -602,6 +602,13 @@ def build_gemma3(
     flat.update(placement(_lora_params(module, rng, dummy)))
     params = unflatten_dict(flat)
 
+    return _bundle(module, config, dtype, params, is_trainable, source, tokenizer, lora)
+
+
+def _bundle(module, config, dtype, params, is_trainable, source, tokenizer, lora) -> ModelBundle:
+    """The bundle of ``module`` computing in ``dtype``; its ``float32_variant`` (below float32) has the
+    same functions through ``module.clone(dtype=float32)``."""
+
     def apply_fn(params, batch):
         return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
 
@@ -613,6 +620,13 @@ def build_gemma3(
 
     def logits_fn(params, hidden):
         return tied_logits(hidden, params["embed_tokens"]["embedding"], config, dtype)
+
+    float32_variant = None
+    if jnp.dtype(dtype) != jnp.float32:
+
+        def float32_variant():  # the functions only: ModelBundle.in_float32 keeps its own params
+            f32 = module.clone(dtype=jnp.float32)
+            return _bundle(f32, config, jnp.float32, None, is_trainable, source, tokenizer, lora)
 
     return ModelBundle(
         apply_fn=apply_fn,
@@ -628,4 +642,5 @@ def build_gemma3(
             "hidden_states_fn": hidden_states_fn,
             "logits_fn": logits_fn,
         },
+        float32_variant=float32_variant,
     )

@@ -24,6 +24,13 @@ or gradient is not finite contribute exactly zero to every sum (and are counted 
 ``nonfinite_sum``); every other example contributes its gradient scaled to norm <= C, so adding or
 removing one example moves the sum by at most ``clip_norm``: the sensitivity the Gaussian noise is
 calibrated to.
+
+Precision: norms, clip factors and clipped sums are computed in (at least) float32, with float32
+contractions (``HIGHEST``: no TF32 or bfloat16 passes), and every sum is returned in (at least)
+float32 whatever the parameters' or activations' dtype, so a bfloat16 model's sum still moves by at
+most C (up to float32 rounding). The exception is ``ghost`` in a low-precision model: its second
+backward pass runs in the model's dtype, whose rounding the first pass's norms do not see (measured
+1.005 C in bfloat16), so :func:`require_exact_in` refuses it there.
 """
 
 from __future__ import annotations
@@ -49,9 +56,21 @@ CLIPPING_IMPLEMENTATIONS = ("per_example", "ghost", "bookkeeping")
 _LOGGED_FALLBACKS: set[tuple] = set()
 
 
+# Contractions inside the clipping code run in full float32 (on GPUs and TPUs the default precision
+# may use TF32 or bfloat16 passes, whose rounding would differ between a norm and its sum).
+EXACT = jax.lax.Precision.HIGHEST
+
+
 def _at_least_f32(x: jax.Array) -> jax.Array:
     """Norms, clip factors and sums in float32 even for bfloat16 activations (float64 stays)."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _tree_at_least_f32(tree: PyTree) -> PyTree:
+    """Every floating leaf of ``tree`` in at least float32 (integer leaves, e.g. token ids, stay)."""
+    return jax.tree_util.tree_map(
+        lambda x: _at_least_f32(x) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
+    )
 
 
 def _masked_sum(values: jax.Array, mask: jax.Array) -> jax.Array:
@@ -99,11 +118,14 @@ def _squared_norms(stacked_grads: PyTree) -> jax.Array:
 
 
 def _weighted_sum(stacked_grads: PyTree, weights: jax.Array, keep: jax.Array) -> PyTree:
-    """Σᵢ wᵢ gᵢ over rows with ``keep``; rows without it are dropped even if they hold NaN."""
-    return jax.tree_util.tree_map(
-        lambda g: jnp.tensordot(weights.astype(g.dtype), jnp.where(_rows(keep, g), g, 0), axes=1),
-        stacked_grads,
-    )
+    """Σᵢ wᵢ gᵢ over rows with ``keep``, in at least float32; rows without it are dropped even if
+    they hold NaN."""
+
+    def one(g):
+        g = _at_least_f32(jnp.where(_rows(keep, g), g, 0))
+        return jnp.tensordot(weights.astype(g.dtype), g, axes=1, precision=EXACT)
+
+    return jax.tree_util.tree_map(one, stacked_grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,14 +227,14 @@ class _Tapped:
             left, right = factors[0]
             tokens, d_left, d_right = left.shape[1], left.shape[2], right.shape[2]
             if tokens * (d_left + d_right) >= d_left * d_right:  # materialising is cheaper
-                grads = jnp.einsum("bti,bto->bio", left, right)
+                grads = jnp.einsum("bti,bto->bio", left, right, precision=EXACT)
                 return jnp.sum(jnp.square(grads), axis=(1, 2))
         total = 0.0
         for j, (left_j, right_j) in enumerate(factors):
             for k in range(j, len(factors)):
                 left_k, right_k = factors[k]
                 gram_left = _gram(left_j, group[j].ids, left_k, group[k].ids)
-                gram_right = jnp.einsum("btd,bsd->bts", right_j, right_k)
+                gram_right = jnp.einsum("btd,bsd->bts", right_j, right_k, precision=EXACT)
                 term = jnp.sum(gram_left * gram_right, axis=(1, 2))
                 total = total + (term if j == k else 2.0 * term)
         return total
@@ -220,19 +242,20 @@ class _Tapped:
     # -- clipped sums ------------------------------------------------------------------------------
 
     def bookkeeping_sum(self, weights: jax.Array, keep: jax.Array) -> dict:
-        """Σᵢ wᵢ gᵢ contracted from the taps; rows without ``keep`` are zeroed first."""
+        """Σᵢ wᵢ gᵢ contracted from the taps (at least float32); rows without ``keep`` are zeroed first."""
         grads = {}
         for path, group in self.groups.items():
             param = self.trainable[path]
             if group[0].kind == taps.DIAG:
                 per_example = [jnp.where(_rows(keep, d), d, 0) for d in map(self._diag_grads, group)]
-                total = sum(jnp.einsum("b,bd->d", weights, d) for d in per_example)
+                total = sum(jnp.einsum("b,bd->d", weights, d, precision=EXACT) for d in per_example)
             else:
                 total = sum(self._outer_sum(s, weights, keep, param) for s in group)
                 layout = group[0].layout
                 if layout is not None:
                     total = jnp.transpose(total.reshape(layout[0]), layout[1])
-            grads[path] = total.reshape(param.shape).astype(param.dtype)
+            # Not cast to the parameter's dtype: a bfloat16 sum would round each example's share.
+            grads[path] = total.reshape(param.shape)
         if self.untapped_grads:
             grads.update(_weighted_sum(self.untapped_grads, weights, keep))
         return grads
@@ -244,7 +267,7 @@ class _Tapped:
             table = jnp.zeros((spec.num_ids, right.shape[-1]), right.dtype)
             return table.at[left.reshape(-1)].add(right.reshape(-1, right.shape[-1]))
         left = jnp.where(_rows(keep, left), left, 0)
-        return jnp.einsum("bti,bto->io", left, right)
+        return jnp.einsum("bti,bto->io", left, right, precision=EXACT)
 
     def second_pass_sum(self, weights: jax.Array, keep: jax.Array) -> dict:
         """Ghost clipping's second backward pass: the gradient of Σᵢ wᵢ Lᵢ over the same forward.
@@ -253,6 +276,7 @@ class _Tapped:
         the book-keeping contraction, which zeroes rows before it sums, then stands in.
         """
         grads, _ = self._vjp(weights.astype(self.losses.dtype))
+        grads = _tree_at_least_f32(grads)
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
         return jax.lax.cond(finite, lambda: grads, lambda: self.bookkeeping_sum(weights, keep))
 
@@ -281,7 +305,7 @@ def _gram(left_j: jax.Array, ids_j: bool, left_k: jax.Array, ids_k: bool) -> jax
         return jax.vmap(lambda ids, vectors: vectors[:, ids].T)(left_j, left_k)
     if ids_k:
         return jax.vmap(lambda vectors, ids: vectors[:, ids])(left_j, left_k)
-    return jnp.einsum("bti,bsi->bts", left_j, left_k)
+    return jnp.einsum("bti,bsi->bts", left_j, left_k, precision=EXACT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,39 +336,85 @@ def per_example_norms(
 
 
 def check_tap_coverage(
-    losses_fn: LossesFn, trainable: PyTree, batch: dict, *args, rtol: float = 1e-3
+    losses_fn: LossesFn,
+    trainable: PyTree,
+    batch: dict,
+    *args,
+    rtol: float = 1e-3,
+    clipping: str = "bookkeeping",
 ) -> dict[str, float]:
     """Guard for fast clipping: the gradient assembled from the taps must be the true gradient.
 
     A parameter that a layer taps *and* uses elsewhere (outside ``dpbench.taps``) would get a
     ghost norm that misses part of its gradient: an under-estimate, so a false guarantee. This
     compares Σᵢ gᵢ contracted from the taps with ``jax.grad`` of Σᵢ Lᵢ on a few real examples and
-    raises, naming the parameters, if they differ. Returns the relative error of each parameter.
+    raises a ``dpbench.config.ConfigError`` (one line naming the parameters, ``dp.clipping`` and
+    its allowed values) if they differ. Returns the relative error of each parameter.
+
+    The question is structural, so ask it in float32: ``losses_fn`` should be the model computing in
+    float32 (``ModelBundle.in_float32``); the trainable parameters and floating batch entries are
+    cast to (at least) float32 here, inside the jitted check. In bfloat16 the two gradients differ
+    by rounding (about 1e-2) and every parameter would look uncovered.
     """
     losses_fn, flat, _ = _flat(losses_fn, trainable)
     rows = jnp.ones(jax.tree_util.tree_leaves(batch)[0].shape[0], bool)
 
-    def both(params):
+    def both(params, batch):
+        params, batch = _tree_at_least_f32(params), _tree_at_least_f32(batch)
         tapped = _Tapped(losses_fn, params, batch, args, two_pass=False)
         from_taps = tapped.bookkeeping_sum(rows.astype(jnp.float32), rows)
         true = jax.grad(lambda p: jnp.sum(losses_fn(p, batch, *args)[0]))(params)
         return from_taps, true
 
-    from_taps, true = jax.jit(both)(flat)
+    from_taps, true = jax.jit(both)(flat, batch)
     overall = max(float(jnp.max(jnp.abs(v))) for v in true.values())
     errors, wrong = {}, []
     for path, value in true.items():
         # Relative to the leaf, with a floor for leaves whose true gradient is ~0 (key biases).
         scale = max(float(jnp.max(jnp.abs(value))), 1e-3 * overall, 1e-30)
         errors["/".join(path)] = float(jnp.max(jnp.abs(from_taps[path] - value))) / scale
-        if errors["/".join(path)] > rtol:
+        if not errors["/".join(path)] <= rtol:  # NaN counts as wrong
             wrong.append("/".join(path))
     if wrong:
-        raise ValueError(
-            "fast clipping would under-estimate per-example norms: the layer taps miss part of the "
-            f"gradient of {', '.join(wrong)} (used outside dpbench.taps?); use dp.clipping=per_example"
+        from dpbench.config import ConfigError  # at call time: dpbench.config imports this package
+
+        named = ", ".join(wrong[:4]) + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else "")
+        raise ConfigError(
+            f"dp.clipping={clipping} would under-estimate per-example norms: the layer taps miss part of "
+            f"the gradient of {named} (used outside dpbench.taps?); use dp.clipping=per_example "
+            f"(allowed: auto, {', '.join(CLIPPING_IMPLEMENTATIONS)})"
         )
     return errors
+
+
+def is_exact_in(implementation: str, dtype: Any) -> bool:
+    """Whether ``implementation`` keeps every clipped contribution within C in a model computing in
+    ``dtype`` (a name such as ``"bfloat16"``, or a dtype). Ghost's second backward pass runs in the
+    model's dtype, so its contributions' norms follow that dtype's rounding, not the norms' float32
+    (1.005 C measured in bfloat16): it is exact only in float32 or wider."""
+    return implementation != "ghost" or _at_least_f32_dtype(dtype)
+
+
+def _at_least_f32_dtype(dtype: Any) -> bool:
+    dtype = jnp.dtype(dtype or jnp.float32)
+    return jnp.promote_types(dtype, jnp.float32) == dtype
+
+
+def require_exact_in(implementation: str, dtype: Any, method: str | None = None) -> None:
+    """Refuse, with one line (``dpbench.config.ConfigError``), a clipping implementation that is not
+    exact in a model computing in ``dtype`` (``model.dtype``): ghost below float32. ``method``
+    (``dp.method``) only shapes the hint: ``dp=ghost`` *is* ghost clipping."""
+    if is_exact_in(implementation, dtype):
+        return
+    from dpbench.config import ConfigError  # at call time: dpbench.config imports this package
+
+    name = jnp.dtype(dtype).name
+    switch = "dp=vanilla dp.clipping" if method == implementation else "dp.clipping"
+    raise ConfigError(
+        f"dp.clipping={implementation} is not exact in {name} (its second backward pass rounds in "
+        f"model.dtype={name}, so a clipped gradient can exceed dp.clip_norm); use {switch}=bookkeeping "
+        f"(or {switch}=per_example), or model.dtype=float32"
+    )
 
 
 def clip_factors(
@@ -401,7 +471,7 @@ def masked_grad_sum(
         return _masked_sum(losses, mask), (losses, aux)
 
     grad_sum, (losses, aux) = jax.grad(summed_loss, has_aux=True)(trainable)
-    return grad_sum, _stats(losses, aux, mask, mask)
+    return _tree_at_least_f32(grad_sum), _stats(losses, aux, mask, mask)
 
 
 def _stats(losses: jax.Array, aux: dict, mask: jax.Array, keep: jax.Array) -> dict:
@@ -437,7 +507,9 @@ __all__ = [
     "clip_factors",
     "clipped_grad_sum",
     "global_norms",
+    "is_exact_in",
     "masked_grad_sum",
     "per_example_grads",
     "per_example_norms",
+    "require_exact_in",
 ]

@@ -11,7 +11,9 @@
 
 ``dp.clipping`` (``per_example``, ``ghost``, ``bookkeeping``, or ``auto``) only chooses how the
 clipped sum is computed: every choice is exact, so it never changes ε or the result. ``auto`` is
-the fastest exact implementation that ``make bench`` measured (results/bench.md).
+the fastest exact implementation that ``make bench`` measured (results/bench.md). Ghost is not
+exact in a bfloat16 model (its second backward pass rounds in bfloat16) and is refused there
+(``check_clipping_dtype``); book-keeping and per-example are.
 
 A new method is one entry in ``METHODS`` plus one YAML in ``conf/dp/``.
 """
@@ -96,6 +98,19 @@ def resolve_clipping(method: str, clipping: str) -> str:
             )
         return spec.required_clipping
     return FASTEST_EXACT if clipping == AUTO else clipping
+
+
+def check_clipping_dtype(method: str, clipping: str, dtype) -> None:
+    """Refuse (``dpbench.config.ConfigError``, one line) a (``dp.method``, ``dp.clipping``) pair that is
+    not exact in a model computing in ``dtype`` (``model.dtype``; None: float32): ghost clipping in
+    bfloat16. Needs no data or model, so config validation can call it before anything loads.
+
+    >>> check_clipping_dtype("vanilla", "auto", "bfloat16")  # book-keeping: exact in bfloat16
+    >>> check_clipping_dtype("none", "ghost", "bfloat16")  # non-private: nothing is clipped
+    """
+    if not METHODS[method].private:
+        return
+    clipping_lib.require_exact_in(resolve_clipping(method, clipping), dtype, method=method)
 
 
 def make_method(dp_cfg) -> GradientMethod:
