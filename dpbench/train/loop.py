@@ -106,40 +106,69 @@ class Trainer:
             return sharding.put_replicated(zeros, self.mesh)
         return jax.device_put(zeros, sharding.like_params(zeros, self.param_shardings, self.mesh))
 
+    def _trainable_specs(self, trainable: dict) -> dict:
+        """PartitionSpecs of the trainable parameters (and of their gradient sums)."""
+        shardings = self.param_shardings
+        if shardings is None:  # before init: what init will choose
+            rules = self.param_rules if self.param_rules is not None else [(".*", sharding.REPLICATED)]
+            shardings = sharding.shardings_for(trainable, self.mesh, rules)
+        return {path: shardings[path].spec for path in trainable}
+
+    def _frozen_specs(self, frozen: dict) -> dict:
+        """PartitionSpecs the frozen parameters are placed with (``sharding.put_sharded`` with the
+        same rules; ``param_rules=None`` places frozen weights by :data:`sharding.DEFAULT_RULES`). A
+        frozen array placed otherwise is still correct: jit reshards it to this spec on entry."""
+        shardings = sharding.shardings_for(frozen, self.mesh, self.param_rules)
+        return {path: shardings[path].spec for path in frozen}
+
     def _global_grad_sum(self, trainable, frozen, batch, mask):
-        """Each device sums its shard of the physical batch; one psum makes the global sum.
+        """Each device sums its own rows of the physical batch; collectives make the global sum.
 
-        Two traps, both caught by tests/test_multidevice.py:
-        - inside shard_map, the gradient with respect to a *replicated* input is implicitly
-          psummed over the mesh, so each "per-example" gradient would really be a sum over devices
-          (clipped as one, then summed again). Casting the trainable parameters to device-varying
-          first keeps every gradient local, and the psum below is the only cross-device sum.
-        - without shard_map, XLA's SPMD partitioner computed wrong per-example convolution-kernel
-          gradients for a batch-sharded vmap (jax 0.10.2, CPU).
+        Manual (``shard_map``) over every mesh axis that splits the batch, ``data`` and ``fsdp``:
+        XLA's SPMD partitioner never partitions a per-example computation. It mis-computed
+        per-example convolution-kernel gradients of a batch-sharded ``vmap`` (jax 0.10.2, CPU: the
+        MNIST CNN's clipped sums 60% off on fsdp=2 and a remove-one sensitivity of 1.2 C;
+        tests/test_fsdp.py). Inside, each device
+
+        1. all-gathers every fsdp-sharded parameter (trainable and frozen) to its full shape,
+        2. casts the trainable ones to device-varying: inside shard_map the gradient with respect to
+           a device-*invariant* input is implicitly summed over the mesh, so each "per-example"
+           gradient would really be a sum over devices (tests/test_multidevice.py). Varying, every
+           gradient stays local and the collectives below are the only cross-device sums,
+        3. computes the clipped sum (``method.grad_sum``: any clipping implementation, or the
+           non-private sum) of its rows alone, in full: the per-example work is one-device work,
+        4. reduces: a gradient sum of an fsdp-sharded parameter is ``psum_scatter``-ed over fsdp
+           (so it comes out with its parameter's sharding) and psummed over data; replicated ones
+           and the statistics are psummed over both axes.
+
+        Memory: the gathered weights are gathered at entry and live for the step: a weight is
+        freed (XLA buffer liveness) after its last use, which for a weight the backward pass needs
+        is that layer's backward, so at the turn from forward to backward a device holds every
+        gathered weight, like an unsharded model (XLA does not re-gather per layer). FSDP still
+        divides what is stored between steps (frozen and trainable weights, Adam moments, the
+        accumulated gradient sum) by the fsdp size; each device also holds the full local sum of
+        its rows until the ``psum_scatter``.
         """
-
-        # A one-device `data` axis has nothing to sum over; its psum (with fsdp > 1) also trips XLA's
-        # SPMD partitioner ("Cross-partition allreduce must be in (partial) manual partitioning mode",
-        # jax 0.10.2), so that case skips the cast and the psum (tests/test_fsdp.py, test_plan.py).
-        single = self.mesh.shape[sharding.DATA_AXIS] == 1
+        axes = tuple(a for a in sharding.BATCH_AXES if a in self.mesh.axis_names)
+        trainable_specs = self._trainable_specs(trainable)
+        frozen_specs = self._frozen_specs(frozen)
+        rows = PartitionSpec(axes)
 
         def local(trainable, frozen, batch, mask):
-            if not single:
-                trainable = jax.lax.pcast(trainable, sharding.DATA_AXIS, to="varying")
+            trainable = {p: sharding.gather_full(v, trainable_specs[p]) for p, v in trainable.items()}
+            frozen = {p: sharding.gather_full(v, frozen_specs[p]) for p, v in frozen.items()}
+            trainable = {p: sharding.vary(v, axes) for p, v in trainable.items()}
             grad_sum, stats = self.method.grad_sum(self.losses_fn, trainable, batch, mask, frozen)
-            if single:
-                return grad_sum, stats
-            return jax.lax.psum((grad_sum, stats), sharding.DATA_AXIS)
+            grad_sum = {p: sharding.reduce_to_spec(g, trainable_specs[p], axes) for p, g in grad_sum.items()}
+            stats = jax.tree_util.tree_map(lambda x: sharding.reduce_to_spec(x, PartitionSpec(), axes), stats)
+            return grad_sum, stats
 
-        # Manual over `data` only: `fsdp` (sharded parameters, batch rows) is left to the partitioner.
-        data, rep = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
         return jax.shard_map(
             local,
             mesh=self.mesh,
-            in_specs=(rep, rep, data, data),
-            out_specs=rep,
-            axis_names={sharding.DATA_AXIS},
-            check_vma=not single,
+            in_specs=(trainable_specs, frozen_specs, rows, rows),
+            out_specs=(trainable_specs, PartitionSpec()),
+            axis_names=set(axes),
         )(trainable, frozen, batch, mask)
 
     def _accumulate(self, acc, trainable, frozen, batch, mask):

@@ -3,7 +3,8 @@
 - **Mesh.** ``compute.mesh.data`` x ``compute.mesh.fsdp`` devices (-1: the devices the other axis
   leaves; default data=-1, fsdp=1, i.e. pure data parallelism). Batches are split over both axes
   (every device holds ``physical_batch_size / devices`` rows); parameters are split over ``fsdp``
-  only, by rule, and gathered by XLA where a layer uses them (FSDP / ZeRO-3).
+  only, by rule (FSDP / ZeRO-3): stored split, gathered whole for a training step (below) and by
+  XLA where a layer uses them elsewhere (evaluation, generation).
 - **Rules.** ``model.sharding_rules`` is a list of ``[regex, spec]`` pairs matched in order against
   a parameter's path (``layer_3/attn/q_proj/kernel``), big_vision style. ``spec`` is ``replicated``,
   ``fsdp`` (the largest dimension the fsdp size divides; 1-D parameters stay replicated), or one
@@ -15,9 +16,13 @@
 - **Batches.** :func:`put_batch` gives each process only its rows of a physical batch
   (``jax.make_array_from_process_local_data``); with one process that is the whole batch.
 
-Under ``jax.jit`` with these shardings a sum over the batch axis is a global sum; the training
-step (``dpbench.train.loop``) makes the per-example work manual over ``data`` with ``shard_map``
-and leaves ``fsdp`` to XLA's partitioner, so per-example clipping stays exact (tests/test_fsdp.py).
+- **Per-example work.** The training step (``dpbench.train.loop.Trainer``) is manual over *every*
+  axis that splits the batch (``data`` and ``fsdp``, one ``shard_map``): each device all-gathers the
+  fsdp-sharded parameters it needs (:func:`gather_full`), computes the clipped sum of its own rows
+  alone, and :func:`reduce_to_spec` sums over devices (``psum_scatter`` over fsdp for a sharded
+  gradient sum, ``psum`` otherwise). XLA's SPMD partitioner never sees a batch-sharded per-example
+  gradient: it mis-computed convolution-kernel gradients of a batch-sharded ``vmap`` (jax 0.10.2,
+  CPU; tests/test_fsdp.py), so every example's clip is computed on one device, from its own data.
 """
 
 from __future__ import annotations
@@ -204,6 +209,53 @@ def shardings_for(shapes: Mapping, mesh: Mesh, rules: Sequence | None = None) ->
         path: NamedSharding(mesh, partition_spec(path, value.shape, compiled, size))
         for path, value in shapes.items()
     }
+
+
+def spec_axes(entry) -> tuple[str, ...]:
+    """The mesh axes one dimension's entry of a PartitionSpec splits it over (``None``: none)."""
+    if entry is None:
+        return ()
+    return tuple(entry) if isinstance(entry, tuple | list) else (entry,)
+
+
+def varying_axes(x) -> frozenset:
+    """The mesh axes ``x`` is device-varying over (inside ``shard_map``; empty outside)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.10; older releases call it vma
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()) or ())
+
+
+def vary(x, axes: Sequence[str]):
+    """``x`` cast to device-varying over ``axes`` (only those it is not varying over already)."""
+    missing = tuple(a for a in axes if a not in varying_axes(x))
+    return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+
+def gather_full(x, spec: PartitionSpec):
+    """Inside ``shard_map``: this device's shard of an array with ``spec`` all-gathered to its full
+    shape (a replicated array comes back as is)."""
+    for dim, entry in enumerate(spec):
+        axes = spec_axes(entry)
+        if axes:
+            x = jax.lax.all_gather(x, axes if len(axes) > 1 else axes[0], axis=dim, tiled=True)
+    return x
+
+
+def reduce_to_spec(x, spec: PartitionSpec, axes: Sequence[str]):
+    """Inside ``shard_map``: the sum over every device of ``axes`` of a full-shape local value, left
+    with ``spec``'s sharding: ``psum_scatter`` (tiled) along each sharded dimension, then ``psum`` over
+    the rest of ``axes``. Each device keeps only its shard of a sharded sum."""
+    x = vary(x, axes)  # a value every device holds alike still counts once per device
+    scattered = set()
+    for dim, entry in enumerate(spec):
+        names = spec_axes(entry)
+        if names:
+            x = jax.lax.psum_scatter(
+                x, names if len(names) > 1 else names[0], scatter_dimension=dim, tiled=True
+            )
+            scattered.update(names)
+    rest = tuple(a for a in axes if a not in scattered)
+    return jax.lax.psum(x, rest) if rest else x
 
 
 def bytes_per_device(tree, shardings=None) -> int:
