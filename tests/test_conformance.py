@@ -1,0 +1,111 @@
+"""The conformance matrix: model x clipping x mesh x dtype x remat x randomness, through the real config.
+
+Every cell the config accepts must give (tests/conformance_check.py, 4 fake CPU devices):
+- the clipped sum of the 1-device float32 per-example implementation (float32: to 1e-4 relative;
+  bfloat16: to 5e-2, the model itself rounds);
+- a remove-one sensitivity <= C (every example clipped, so the bound is tight), up to float32 rounding;
+- noise of standard deviation σC on the sum, drawn once: the same numbers on every mesh as on one
+  device for the same key, in both randomness modes.
+Every cell the config refuses must say why in one line that names a setting.
+
+A new path (a model, a clipping implementation, a mesh axis, a dtype) gets its row here. The fast
+subset runs in ``make test``; the full matrix is ``slow``.
+"""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).with_name("conformance_check.py")
+MODELS = ("cnn", "cnn_tanh", "encoder_lora", "encoder_ffa", "encoder_full", "gemma_lora", "gemma_full")
+CLIPPINGS = ("per_example", "ghost", "bookkeeping")
+MESHES = ("1", "d2", "f2", "d2f2")
+
+
+def _cells() -> list[str]:
+    cells = []
+    for model, clipping, mesh in itertools.product(MODELS, CLIPPINGS, MESHES):
+        dtypes = ("float32",) if model.startswith("cnn") else ("float32", "bfloat16")
+        remats = ("none", "full") if model.startswith("gemma") else ("none",)
+        cells += [f"{model}:{clipping}:{mesh}:{d}:{r}" for d, r in itertools.product(dtypes, remats)]
+    return cells
+
+
+FULL = _cells()
+# The fast subset: each model once, every clipping, every mesh axis, both dtypes, remat, the known
+# refusal (ghost in bfloat16), and the CNN on fsdp (where XLA's partitioner once got it wrong).
+FAST = [
+    "cnn:per_example:d2f2:float32:none",
+    "cnn:bookkeeping:f2:float32:none",
+    "cnn_tanh:ghost:d2:float32:none",
+    "encoder_ffa:bookkeeping:d2f2:float32:none",
+    "encoder_full:per_example:f2:bfloat16:none",
+    "gemma_lora:bookkeeping:d2f2:bfloat16:full",
+    "gemma_lora:ghost:1:bfloat16:none",
+    "gemma_full:ghost:f2:float32:none",
+]
+
+
+def run_cells(cells: list[str]) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *cells], env=env, capture_output=True, text=True, timeout=5400
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("CONFORMANCE "))
+    return json.loads(line.removeprefix("CONFORMANCE "))
+
+
+def check_cell(cell: str, result: dict) -> None:
+    if "refused" in result:
+        message = result["refused"]
+        assert "\n" not in message and ("dp.clipping" in message or "compute." in message), (cell, message)
+        return
+    dtype = cell.split(":")[3]
+    assert result["count"] == 8 and result["sum_norm_over_c"] > 1.0, (cell, result)
+    assert result["sum_error"] <= (1e-4 if dtype == "float32" else 5e-2), (cell, result)
+    assert result["sensitivity"] <= 1 + 1e-4, (cell, result)
+    for mode, noise in result["noise"].items():
+        tolerance = 5 / np.sqrt(2 * noise["size"])  # 5 standard errors of a sample std
+        assert abs(noise["std_ratio"] - 1) <= tolerance, (cell, mode, noise)
+        assert abs(noise["mean_ratio"]) <= 5 / np.sqrt(noise["size"]), (cell, mode, noise)
+        # Drawn once from one key: the same noise on this mesh as on one device (float32 sums).
+        assert noise["max_diff_to_one_device"] <= 1e-5, (cell, mode, noise)
+
+
+def _expected_refusal(cell: str) -> bool:
+    _, clipping, _, dtype, _ = cell.split(":")
+    return clipping == "ghost" and dtype == "bfloat16"
+
+
+@pytest.fixture(scope="module")
+def fast_results():
+    return run_cells(FAST)
+
+
+@pytest.mark.parametrize("cell", FAST)
+def test_fast_cell(fast_results, cell):
+    result = fast_results[cell]
+    assert ("refused" in result) == _expected_refusal(cell), (cell, result)
+    check_cell(cell, result)
+
+
+def test_ghost_in_bfloat16_is_refused_naming_bookkeeping(fast_results):
+    message = fast_results["gemma_lora:ghost:1:bfloat16:none"]["refused"]
+    assert "bookkeeping" in message and "\n" not in message
+
+
+@pytest.mark.slow  # about 200 cells, two builds each: half an hour on 2 cores
+def test_full_matrix():
+    results = run_cells(FULL)
+    assert set(results) == set(FULL)
+    refused = sorted(cell for cell, result in results.items() if "refused" in result)
+    assert refused == sorted(cell for cell in FULL if _expected_refusal(cell))
+    for cell, result in results.items():
+        check_cell(cell, result)
