@@ -260,6 +260,7 @@ def build(cfg: DictConfig) -> Experiment:
         noise_multiplier=mechanism.noise_multiplier or 0.0,
         expected_batch_size=cfg.runner.batch_size,
         param_rules=rules,
+        gathered_at_use=bundle.gathered_at_use,
     )
     state = trainer.init(trainable)
     config_dict = OmegaConf.to_container(cfg, resolve=True)

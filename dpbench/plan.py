@@ -173,8 +173,17 @@ def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str
     params, is_trainable, losses_fn, batch, notes = _gemma_parts(cfg, mesh, method, plan_cfg)
     trainable, frozen = split_params(unflatten_dict(params), is_trainable)
     frozen_sh = sharding.shardings_for(frozen, mesh, rules)
+    from dpbench.models.gemma3 import gathers_at_use
+
     trainer = Trainer(
-        losses_fn, method, make_optimizer(cfg.optimizer), mesh, 1.0, cfg.runner.batch_size, param_rules=rules
+        losses_fn,
+        method,
+        make_optimizer(cfg.optimizer),
+        mesh,
+        1.0,
+        cfg.runner.batch_size,
+        param_rules=rules,
+        gathered_at_use=gathers_at_use,
     )
     trainer.param_shardings = sharding.shardings_for(trainable, mesh, rules)
     opt_shapes = jax.eval_shape(trainer.optimizer.init, trainable)

@@ -131,7 +131,16 @@ def make_trainer(model, finetune, clipping, data_axis, fsdp_axis, dtype="float32
     trainable, frozen = split_params(bundle.params, bundle.is_trainable)
     frozen = sharding.put_sharded(frozen, mesh, None)
     method = GradientMethod("vanilla", clip_norm=CLIP, clipping=clipping)
-    trainer = Trainer(losses_fn, method, optax.adam(1e-2), mesh, SIGMA, BATCH, param_rules=None)
+    trainer = Trainer(
+        losses_fn,
+        method,
+        optax.adam(1e-2),
+        mesh,
+        SIGMA,
+        BATCH,
+        param_rules=None,
+        gathered_at_use=getattr(bundle, "gathered_at_use", None),
+    )
     if finetune == "full":  # the trainable weights, their Adam moments and gradient sums sharded too
         trainer.param_rules = sharding.DEFAULT_RULES
     return mesh, data, trainable, frozen, trainer

@@ -34,7 +34,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dpbench import taps
 from dpbench.models import gemma3_loading as loading
-from dpbench.models.base import ModelBundle
+from dpbench.models.base import ModelBundle, gather_at_use
 from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
 from dpbench.models.layers import Embed, RMSNorm, attend
 from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, trainable_rule
@@ -326,17 +326,38 @@ REMAT_POLICIES: dict[str, Any] = {
 }
 
 
-def remat_layer(remat: str):
+def gathers_at_use(path: tuple) -> bool:
+    """The parameters a Gemma 3 block gathers itself (``dpbench.models.base.gather_at_use``): all of
+    ``layer_i/...``; the embedding and the final norm arrive whole."""
+    return str(path[0]).startswith("layer_")
+
+
+def _gathering(layer_type, block: str):
+    """``layer_type`` whose parameters pass through ``gather_at_use(block, ...)`` on entry."""
+
+    def gather(variables):  # {"params": this block's parameter tree}
+        if "params" not in variables:  # init: nothing stored yet
+            return variables
+        return {**variables, "params": gather_at_use(block, variables["params"])}
+
+    return nn.map_variables(layer_type, "params", trans_in_fn=gather, init=True, mutable=True)
+
+
+def remat_layer(remat: str, block: str | None = None):
     """``DecoderLayer`` under ``nn.remat`` with the named policy (plain for ``remat=none``).
 
-    Under ghost / book-keeping clipping the block records its layer taps explicitly (``explicit_taps``):
-    the taps' inputs and output-gradients are still stored (they are results of the checkpointed
-    block), everything else in the block, including FSDP-gathered weights, is recomputed."""
+    With ``block`` (its name, ``layer_i``) the block gathers its own parameters on entry
+    (``gather_at_use``), inside the checkpointed function, so under remat an FSDP-sharded weight is
+    gathered again for the backward pass, not kept. Under ghost / book-keeping clipping the block
+    records its layer taps explicitly (``explicit_taps``): the taps' inputs and output-gradients are
+    still stored (they are results of the checkpointed block), everything else in the block,
+    gathered weights included, is recomputed."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"model.remat={remat!r} is not known; choose one of {', '.join(REMAT_POLICIES)}")
+    layer_type = DecoderLayer if block is None else _gathering(DecoderLayer, block)
     if REMAT_POLICIES[remat] is None:
-        return DecoderLayer
-    return nn.remat(DecoderLayer, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]))
+        return layer_type
+    return nn.remat(layer_type, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[remat]))
 
 
 def tied_logits(
@@ -393,10 +414,11 @@ class Gemma3(nn.Module):
         )
         x = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
         new_layers = []
-        layer_type = remat_layer(self.remat) if cache is None else DecoderLayer
-        recorder = taps.current() if layer_type is not DecoderLayer else None
+        remat = self.remat if cache is None else "none"  # generation: no backward pass
+        recorder = taps.current() if REMAT_POLICIES[remat] is not None else None
         for i in range(c.num_layers):
             layer_cache = None if cache is None else cache["layers"][i]
+            layer_type = remat_layer(remat, f"layer_{i}") if cache is None else DecoderLayer
             layer = layer_type(
                 c, i, self.lora, self.dtype, explicit_taps=recorder is not None, name=f"layer_{i}"
             )
@@ -643,4 +665,5 @@ def _bundle(module, config, dtype, params, is_trainable, source, tokenizer, lora
             "logits_fn": logits_fn,
         },
         float32_variant=float32_variant,
+        gathered_at_use=gathers_at_use,
     )

@@ -26,6 +26,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import PartitionSpec
 
 from dpbench.data.sampling import physical_batches
+from dpbench.models.base import gathering_at_use
 from dpbench.train import sharding
 
 if TYPE_CHECKING:  # train never imports privacy at run time: privacy hands the method in
@@ -68,10 +69,14 @@ class Trainer:
         noise_multiplier: float,
         expected_batch_size: float,
         param_rules=None,
+        gathered_at_use: Callable[[tuple], bool] | None = None,
     ):
         # param_rules: sharding rules (dpbench.train.sharding) of the trainable parameters, their
         # optimizer state and gradient sums; None replicates them (LoRA). Frozen ones come placed.
+        # gathered_at_use (ModelBundle.gathered_at_use): frozen parameters the model gathers itself,
+        # block by block (dpbench.models.base.gather_at_use); the step passes those in sharded.
         self.param_rules = param_rules
+        self.gathered_at_use = gathered_at_use
         self.param_shardings = None
         self.opt_shardings = None
         self.losses_fn = losses_fn
@@ -130,7 +135,10 @@ class Trainer:
         MNIST CNN's clipped sums 60% off on fsdp=2 and a remove-one sensitivity of 1.2 C;
         tests/test_fsdp.py). Inside, each device
 
-        1. all-gathers every fsdp-sharded parameter (trainable and frozen) to its full shape,
+        1. all-gathers every fsdp-sharded trainable parameter to its full shape, and every frozen
+           one except those the model gathers itself inside each block (``gathered_at_use``:
+           Gemma 3's decoder blocks, inside their remat, so a block's weights are gathered again
+           for its backward pass instead of all being held at once),
         2. casts the trainable ones to device-varying: inside shard_map the gradient with respect to
            a device-*invariant* input is implicitly summed over the mesh, so each "per-example"
            gradient would really be a sum over devices (tests/test_multidevice.py). Varying, every
@@ -141,10 +149,10 @@ class Trainer:
            (so it comes out with its parameter's sharding) and psummed over data; replicated ones
            and the statistics are psummed over both axes.
 
-        Memory: the gathered weights are gathered at entry and live for the step: a weight is
-        freed (XLA buffer liveness) after its last use, which for a weight the backward pass needs
-        is that layer's backward, so at the turn from forward to backward a device holds every
-        gathered weight, like an unsharded model (XLA does not re-gather per layer). FSDP still
+        Memory: a weight gathered at entry lives until its last use, for a weight the backward pass
+        needs that layer's backward, so a model that does not gather at use holds every gathered
+        weight at the turn from forward to backward. A block that gathers at use under
+        ``model.remat`` holds one block's weights at a time (``python -m dpbench.plan``). FSDP
         divides what is stored between steps (frozen and trainable weights, Adam moments, the
         accumulated gradient sum) by the fsdp size; each device also holds the full local sum of
         its rows until the ``psum_scatter``.
@@ -153,12 +161,38 @@ class Trainer:
         trainable_specs = self._trainable_specs(trainable)
         frozen_specs = self._frozen_specs(frozen)
         rows = PartitionSpec(axes)
+        # Frozen weights the model gathers itself, inside each (rematerialised) block: gathered
+        # here, a device would hold every gathered weight at the turn to the backward pass.
+        at_use = {
+            p
+            for p, spec in frozen_specs.items()
+            if self.gathered_at_use is not None and self.gathered_at_use(p) and spec != PartitionSpec()
+        }
 
         def local(trainable, frozen, batch, mask):
+            # Trainable weights are gathered first, always: a per-example gradient is taken with
+            # respect to the whole weight, on this device (gathering later would sum its transpose
+            # over devices, mixing examples).
             trainable = {p: sharding.gather_full(v, trainable_specs[p]) for p, v in trainable.items()}
-            frozen = {p: sharding.gather_full(v, frozen_specs[p]) for p, v in frozen.items()}
+            frozen = {
+                p: v if p in at_use else sharding.gather_full(v, frozen_specs[p]) for p, v in frozen.items()
+            }
             trainable = {p: sharding.vary(v, axes) for p, v in trainable.items()}
-            grad_sum, stats = self.method.grad_sum(self.losses_fn, trainable, batch, mask, frozen)
+            gathered = set()
+
+            def gather_block(block, params):
+                flat = flatten_dict(params)
+                for rel, value in flat.items():
+                    path = (block, *rel)
+                    if path in at_use:
+                        flat[rel] = sharding.gather_full(value, frozen_specs[path])
+                        gathered.add(path)
+                return unflatten_dict(flat)
+
+            with gathering_at_use(gather_block):
+                grad_sum, stats = self.method.grad_sum(self.losses_fn, trainable, batch, mask, frozen)
+            if at_use - gathered:  # a sharded weight the model never gathered: a bug, loudly
+                raise RuntimeError(f"the model did not gather {sorted(at_use - gathered)[:3]} at use")
             grad_sum = {p: sharding.reduce_to_spec(g, trainable_specs[p], axes) for p, g in grad_sum.items()}
             stats = jax.tree_util.tree_map(lambda x: sharding.reduce_to_spec(x, PartitionSpec(), axes), stats)
             return grad_sum, stats

@@ -18,11 +18,13 @@
 
 - **Per-example work.** The training step (``dpbench.train.loop.Trainer``) is manual over *every*
   axis that splits the batch (``data`` and ``fsdp``, one ``shard_map``): each device all-gathers the
-  fsdp-sharded parameters it needs (:func:`gather_full`), computes the clipped sum of its own rows
-  alone, and :func:`reduce_to_spec` sums over devices (``psum_scatter`` over fsdp for a sharded
-  gradient sum, ``psum`` otherwise). XLA's SPMD partitioner never sees a batch-sharded per-example
-  gradient: it mis-computed convolution-kernel gradients of a batch-sharded ``vmap`` (jax 0.10.2,
-  CPU; tests/test_fsdp.py), so every example's clip is computed on one device, from its own data.
+  fsdp-sharded parameters it needs (:func:`gather_full`; frozen weights of a model that gathers at
+  use, block by block, inside its remat: ``dpbench.models.base.gather_at_use``), computes the
+  clipped sum of its own rows alone, and :func:`reduce_to_spec` sums over devices
+  (``psum_scatter`` over fsdp for a sharded gradient sum, ``psum`` otherwise). XLA's SPMD
+  partitioner never sees a batch-sharded per-example gradient: it mis-computed convolution-kernel
+  gradients of a batch-sharded ``vmap`` (jax 0.10.2, CPU; tests/test_fsdp.py), so every example's
+  clip is computed on one device, from its own data.
 """
 
 from __future__ import annotations
