@@ -49,6 +49,8 @@ FINITE_HINTS = {
     "dp.delta": "a number in (0, 1)",
     "dp.delta_exponent": "a finite number > 0",
     "runner.epochs": "a finite number > 0, or null with runner.steps set",
+    "accountant.eps_error": "a finite number > 0 (e.g. 0.01)",
+    "accountant.delta_error": "null (δ/1000) or a number in (0, dp.delta)",
 }
 AUDITS = ("none", "canary")
 
@@ -292,6 +294,18 @@ def validate_static(cfg: DictConfig) -> None:
         raise ConfigError(f"runner.keep_checkpoints={runner.keep_checkpoints} must be >= 1")
     if cfg.audit.name == "canary" and cfg.audit.num_canaries <= 0:
         raise ConfigError(f"audit.num_canaries={cfg.audit.num_canaries} must be > 0")
+    if cfg.accountant.name == "prv":
+        acc = cfg.accountant
+        if not acc.eps_error > 0:
+            raise ConfigError(
+                f"accountant.eps_error={acc.eps_error} is not allowed; choose a number > 0 (e.g. 0.01)"
+            )
+        bound = dp.delta if dp.method != "none" and dp.delta is not None else 1
+        if acc.delta_error is not None and not 0 < acc.delta_error < bound:
+            raise ConfigError(
+                f"accountant.delta_error={acc.delta_error} is not allowed; choose null (δ/1000) "
+                f"or a number in (0, {'dp.delta=' if bound != 1 else ''}{bound:g})"
+            )
 
 
 def resolve_delta(cfg: DictConfig, num_examples: int) -> float | None:
@@ -307,6 +321,12 @@ def resolve_delta(cfg: DictConfig, num_examples: int) -> float | None:
             delta,
             1.0 / num_examples,
             num_examples,
+        )
+    acc = cfg.get("accountant")
+    if acc is not None and acc.name == "prv" and acc.delta_error is not None and not acc.delta_error < delta:
+        raise ConfigError(
+            f"accountant.delta_error={acc.delta_error} is not allowed; choose null (δ/1000) "
+            f"or a number in (0, {delta:.3g}) (δ = n^-dp.delta_exponent with n={num_examples})"
         )
     return float(delta)
 

@@ -57,6 +57,12 @@ def plan_rows(cfg: DictConfig) -> list[tuple[str, str]]:
     accountant = cfg.accountant.name
     if cfg.accountant.name == "pld":
         accountant += f" (value_discretization_interval={cfg.accountant.value_discretization_interval:g})"
+    elif cfg.accountant.name == "prv":
+        delta_error = cfg.accountant.delta_error
+        delta_error = f"{mechanism.delta / 1000:g} (δ/1000)" if delta_error is None else f"{delta_error:g}"
+        accountant += (
+            f" (eps_error={cfg.accountant.eps_error:g}, delta_error={delta_error}; ε is the upper bound)"
+        )
     rows += [
         ("clip norm C", f"{cfg.dp.clip_norm:g}"),
         ("δ", f"{mechanism.delta:.6g}"),

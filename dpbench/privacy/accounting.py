@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from dpbench.privacy import prv
+
 if TYPE_CHECKING:
     from dpbench.data.sampling import Sampler
 
-ACCOUNTANT_NAMES = ("pld", "rdp")
+ACCOUNTANT_NAMES = ("pld", "rdp", "prv")
 NEIGHBOUR_RELATIONS = {
     "add_remove": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
     "replace_one": dp_accounting.NeighboringRelation.REPLACE_ONE,
@@ -64,9 +66,13 @@ _CALIBRATION_TOL = 1e-4
 class AccountantConfig:
     """Hydra schema of the ``accountant`` group (schema name ``accountant_schema``)."""
 
-    name: str = "pld"  # "pld" (tight, slower) or "rdp" (looser, fast)
+    name: str = "pld"  # "pld" (tight, slower), "rdp" (looser, fast) or "prv" (tight, reports an upper bound)
     value_discretization_interval: float = 1e-4  # PLD only: smaller is tighter and slower
     orders: list[float] | None = None  # RDP only: None -> dp_accounting's default orders
+    # PRV only (dpbench.privacy.prv): ε is reported as PRV's upper bound, at most about eps_error above
+    # its estimate; delta_error is the error allowed in δ, None -> δ/1000 (decided where δ is known).
+    eps_error: float = 0.01
+    delta_error: float | None = None
 
 
 def make_accountant(cfg: AccountantConfig, neighbouring: str) -> dp_accounting.PrivacyAccountant:
@@ -77,7 +83,7 @@ def make_accountant(cfg: AccountantConfig, neighbouring: str) -> dp_accounting.P
     >>> make_accountant(AccountantConfig(name="moments"), "add_remove")
     Traceback (most recent call last):
     ...
-    ValueError: accountant.name must be one of ('pld', 'rdp'), got 'moments'
+    ValueError: accountant.name must be one of ('pld', 'rdp', 'prv'), got 'moments'
     """
     if neighbouring not in NEIGHBOUR_RELATIONS:
         raise ValueError(
@@ -99,6 +105,8 @@ def make_accountant(cfg: AccountantConfig, neighbouring: str) -> dp_accounting.P
         if orders is not None and (not orders or min(orders) <= 1):
             raise ValueError(f"accountant.orders must be a non-empty list of orders > 1, got {cfg.orders}")
         return rdp.RdpAccountant(orders=orders, neighboring_relation=relation)
+    if cfg.name == "prv":
+        return prv.PrvAccountant(relation, eps_error=cfg.eps_error, delta_error=cfg.delta_error)
     raise ValueError(f"accountant.name must be one of {ACCOUNTANT_NAMES}, got {cfg.name!r}")
 
 
@@ -125,6 +133,8 @@ def check_supported(sampler: Sampler, cfg: AccountantConfig) -> None:
             "replace-one sensitivity 2C, not the clip norm C, and would under-report epsilon "
             "(google/differential-privacy#378); use accountant=pld"
         )
+    elif isinstance(accountant, prv.PrvAccountant) and not accountant.supports(event):
+        reason = accountant.unsupported_reason(event)
     elif not accountant.supports(event):
         reason = (
             f"dp_accounting does not support {event} with this accountant; use another accountant or sampler"
@@ -242,9 +252,33 @@ def privacy_summary(
     cfg: AccountantConfig,
     epsilon: float,
 ) -> dict:
-    """JSON-able description of the guarantee, enough for a reviewer to recompute ε by hand."""
+    """JSON-able description of the guarantee, enough for a reviewer to recompute ε by hand.
+
+    For PRV it also records the interval the true ε lies in (``eps_lower``, ``eps_estimate``,
+    ``eps_upper``, recomputed here) and the δ error used; the reported ε is ``eps_upper``.
+    """
+    versions = {"dp_accounting_version": importlib.metadata.version("dp-accounting")}
     if cfg.name == "pld":
         accountant_params = {"value_discretization_interval": cfg.value_discretization_interval}
+    elif cfg.name == "prv":
+        accountant = make_accountant(cfg, sampler.neighbouring)
+        if steps > 0:
+            accountant.compose(sampler.dp_event(noise_multiplier, steps))
+        accountant.get_epsilon(delta)
+        bounds = accountant.last_epsilon_bounds
+        accountant_params = {
+            "eps_error": cfg.eps_error,
+            "delta_error": accountant.last_delta_error,
+            "delta_error_setting": "delta/1000 (accountant.delta_error=null)"
+            if cfg.delta_error is None
+            else cfg.delta_error,
+            "eps_lower": bounds.lower,
+            "eps_estimate": bounds.estimate,
+            "eps_upper": bounds.upper,
+            "reported_epsilon": "eps_upper",
+            "method": accountant.last_method,
+        }
+        versions["prv_accountant_version"] = importlib.metadata.version("prv-accountant")
     else:
         accountant_params = {"orders": "dp_accounting default" if cfg.orders is None else list(cfg.orders)}
     return {
@@ -261,5 +295,5 @@ def privacy_summary(
         "neighbouring": sampler.neighbouring,
         "delta": delta,
         "epsilon": epsilon,
-        "dp_accounting_version": importlib.metadata.version("dp-accounting"),
+        **versions,
     }

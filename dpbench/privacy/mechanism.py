@@ -86,6 +86,13 @@ def differences(saved: dict, current: dict) -> list[str]:
 def _accountant_description(cfg: DictConfig) -> dict:
     if cfg.accountant.name == "pld":
         return {"name": "pld", "value_discretization_interval": cfg.accountant.value_discretization_interval}
+    if cfg.accountant.name == "prv":
+        delta_error = cfg.accountant.delta_error  # None: δ/1000
+        return {
+            "name": "prv",
+            "eps_error": float(cfg.accountant.eps_error),
+            "delta_error": None if delta_error is None else float(delta_error),
+        }
     orders = cfg.accountant.orders
     return {"name": cfg.accountant.name, "orders": None if orders is None else [float(o) for o in orders]}
 
