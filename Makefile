@@ -26,12 +26,12 @@ test-all:  ## every test, slow ones too (real pretrained weights, longer runs)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 lint:  ## ruff lint and format check
-	$(PY) -m ruff check dpbench tests
-	$(PY) -m ruff format --check dpbench tests
+	$(PY) -m ruff check dpbench tests scripts
+	$(PY) -m ruff format --check dpbench tests scripts
 
 format:  ## apply ruff fixes and formatting
-	$(PY) -m ruff check --fix dpbench tests
-	$(PY) -m ruff format dpbench tests
+	$(PY) -m ruff check --fix dpbench tests scripts
+	$(PY) -m ruff format dpbench tests scripts
 
 run:  ## the default job (MNIST + CNN + DP-SGD, ε=1); pass overrides as ARGS="..."
 	$(PY) -m dpbench $(ARGS)

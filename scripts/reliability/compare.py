@@ -1,14 +1,18 @@
 """Compare the uninterrupted and the interrupted twin: records, parameters, history.
 
-Run from the repository root: ``python results/reliability/compare.py [DIR]`` (default: this folder).
+    python scripts/reliability/compare.py [DIR]
+
+DIR holds the twins' run folders ``uninterrupted/`` and ``interrupted/`` (``results.json`` and
+``history.jsonl`` of each), as ``scripts/reliability/run.sh`` writes them; default: the committed
+records in ``results/reliability/``. Needs dpbench installed (``make install``).
 """
 
-import sys
+import argparse
+from pathlib import Path
 
-sys.path.insert(0, ".")
-from dpbench import records  # noqa: E402
+from dpbench import records
 
-BASE = sys.argv[1] if len(sys.argv) > 1 else "results/reliability"
+RECORDED = Path(__file__).resolve().parents[2] / "results" / "reliability"
 
 
 def without_throughput(lines: list[dict]) -> list[dict]:
@@ -16,8 +20,16 @@ def without_throughput(lines: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    a, b = records.load_record(f"{BASE}/uninterrupted"), records.load_record(f"{BASE}/interrupted")
-    ha, hb = records.read_history(f"{BASE}/uninterrupted"), records.read_history(f"{BASE}/interrupted")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "dir", nargs="?", type=Path, default=RECORDED, help=f"the twins' parent folder (default: {RECORDED})"
+    )
+    base = parser.parse_args().dir
+    a, b = records.load_record(base / "uninterrupted"), records.load_record(base / "interrupted")
+    ha, hb = records.read_history(base / "uninterrupted"), records.read_history(base / "interrupted")
+
+    def steps(resumed_at):
+        return ", ".join(map(str, resumed_at or [])) or "-"
 
     def evaluations(record):
         return ", ".join(f"{h['step']}: {h['eval/accuracy']:.4f}" for h in record.history)
@@ -29,7 +41,7 @@ def main() -> None:
         ("ε spent (δ=1e-5)", a.epsilon, b.epsilon),
         ("σ", a.noise_multiplier, b.noise_multiplier),
         ("logical steps", a.steps, b.steps),
-        ("resumed at steps", a.resumed_at or "-", b.resumed_at),
+        ("resumed at steps", steps(a.resumed_at), steps(b.resumed_at)),
         ("final_params_sha256", a.final_params_sha256[:16] + "…", b.final_params_sha256[:16] + "…"),
         ("history.jsonl lines", len(ha), len(hb)),
         ("training time (s, all sessions)", round(a.train_seconds), round(b.train_seconds)),
