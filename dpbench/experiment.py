@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
 import time
 from pathlib import Path
 from typing import Any
@@ -483,8 +484,18 @@ class ReleasePolicy:
 
 
 def _reproducibility(exp: Experiment) -> dict:
-    """How batches and noise were drawn (public: nothing derived from the secret)."""
-    return {"sampler": exp.mechanism.sampler.name, **exp.randomness.describe()}
+    """How batches and noise were drawn (public: nothing derived from the secret), and the command."""
+    return {"sampler": exp.mechanism.sampler.name, **exp.randomness.describe(), "command": _command()}
+
+
+def _command() -> str:
+    """``python -m dpbench`` with this job's Hydra overrides (what reruns it, sweep or not)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():  # built from a composed config (tests, notebooks)
+        return "python -m dpbench (config composed in Python, no command line)"
+    overrides = HydraConfig.get().overrides.task
+    return " ".join(["python -m dpbench", *(shlex.quote(o) for o in overrides)])
 
 
 def _resume(exp: Experiment, checkpoints: Checkpoints) -> tuple[int | None, dict]:

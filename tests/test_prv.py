@@ -239,3 +239,4 @@ def test_training_cli_records_the_prv_bounds(tmp_path):
     assert record["eps_lower"] <= record["eps_estimate"] <= record["eps_upper"] == results["epsilon"] <= 1.0
     assert record["delta_error"] == pytest.approx(results["delta"] / 1000)
     assert results["privacy"]["mechanism"]["logical_steps"] == 2
+    assert results["reproducibility"]["command"].startswith("python -m dpbench accountant=prv ")
