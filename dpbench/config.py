@@ -29,6 +29,7 @@ from dpbench.models.cnn import CNNModelConfig
 from dpbench.models.encoder import EncoderModelConfig
 from dpbench.models.gemma3 import Gemma3ModelConfig
 from dpbench.privacy.accounting import AccountantConfig
+from dpbench.privacy.batch_selection import SAMPLER_NAMES
 from dpbench.privacy.methods import CLIPPING_CHOICES, METHODS, check_clipping_dtype, resolve_clipping
 from dpbench.privacy.randomness import MODES as RANDOMNESS_MODES
 from dpbench.train.optimizers import OPTIMIZERS
@@ -38,7 +39,7 @@ from dpbench.train.tasks import TASKS
 log = logging.getLogger(__name__)
 
 DP_METHODS = tuple(METHODS)
-SAMPLERS = ("poisson", "shuffle")
+SAMPLERS = SAMPLER_NAMES
 WANDB_MODES = ("offline", "online", "disabled")
 RESUME_MODES = ("auto", "never", "must")
 # What a non-finite value of these settings should be instead (any other float: "a finite number").
@@ -59,7 +60,9 @@ AUDITS = ("none", "canary")
 class DPConfig:
     """The privacy mechanism. ``epsilon`` xor ``noise_multiplier``: the other is derived."""
 
-    method: str = "vanilla"  # none | vanilla | ffa (LoRA with A frozen) | ghost (vanilla, ghost clipping)
+    # none | vanilla | ffa (LoRA with A frozen) | ghost (vanilla, ghost clipping) | bandmf | blt
+    # (DP-FTRL with correlated noise: banded matrix factorization, buffered linear Toeplitz)
+    method: str = "vanilla"
     # How the clipped sum is computed: per_example | ghost | bookkeeping | auto (the fastest measured).
     # A performance knob: every choice is exact, so it never changes ε or the result.
     clipping: str = "auto"
@@ -68,7 +71,13 @@ class DPConfig:
     delta: float | None = 1e-5
     delta_exponent: float | None = None  # δ = n^-exponent (dp-lora uses 1.1); needs delta=null
     clip_norm: float = 1.0
-    sampler: str = "poisson"  # poisson | shuffle
+    sampler: str = "poisson"  # poisson | shuffle | cyclic_poisson (dp.bands groups) | balls_in_bins
+    # Correlated noise (dpbench/privacy/noise.py). bands: BandMF's bands, and the groups of
+    # sampler=cyclic_poisson; buffers: BLT's most buffers; optimize_strategy: fit the strategy to the
+    # run's length with jax_privacy's optimisers (false: closed-form coefficients, instant).
+    bands: int = 4
+    buffers: int = 4
+    optimize_strategy: bool = True
     # Where batch selection and noise get their randomness (dpbench/privacy/randomness.py): secret = a
     # per-run 256-bit secret from the OS, stored owner-only in the run folder and never published;
     # seeded = a hash of runner.seed and the mechanism (reproducible from the record: tests, debugging;
@@ -209,6 +218,26 @@ def _check_finite(node: Any, path: str) -> None:
         raise ConfigError(f"{path}={node} is not allowed; choose {FINITE_HINTS.get(path, 'a finite number')}")
 
 
+def _check_correlated_noise(cfg: DictConfig) -> None:
+    """The sampler a method can be accounted under, and the strategy's sizes."""
+    dp = cfg.dp
+    spec = METHODS[dp.method]
+    if dp.sampler not in spec.samplers:
+        raise ConfigError(
+            f"dp.sampler={dp.sampler} cannot be accounted with dp.method={dp.method}; "
+            f"choose dp.sampler={' or '.join(spec.samplers)}"
+        )
+    if (spec.noise == "bandmf" or dp.sampler == "cyclic_poisson") and not dp.bands >= 1:
+        raise ConfigError(f"dp.bands={dp.bands} is not allowed; choose an integer >= 1")
+    if spec.noise == "blt" and not 1 <= dp.buffers <= 10:
+        raise ConfigError(f"dp.buffers={dp.buffers} is not allowed; choose an integer in [1, 10]")
+    if spec.noise == "bandmf" and cfg.runner.steps is not None and dp.bands > cfg.runner.steps:
+        raise ConfigError(
+            f"dp.bands={dp.bands} is more than the run's runner.steps={cfg.runner.steps}; "
+            f"choose dp.bands in [1, {cfg.runner.steps}]"
+        )
+
+
 def validate_static(cfg: DictConfig) -> None:
     """Checks that need no data: run before anything is loaded so bad input fails early."""
     _check_finite(OmegaConf.to_container(cfg, resolve=True), "")
@@ -228,6 +257,7 @@ def validate_static(cfg: DictConfig) -> None:
             raise ConfigError(str(error)) from None
         # Ghost in bfloat16 is not exact: refused here, before any weights load.
         check_clipping_dtype(dp.method, dp.clipping, cfg.model.get("dtype"))
+        _check_correlated_noise(cfg)
     _choice("optimizer.name", cfg.optimizer.name, tuple(OPTIMIZERS))
     _choice("logger.name", cfg.logger.name, tuple(LOGGERS))
     _choice("dataset.task", cfg.dataset.task, tuple(TASKS))

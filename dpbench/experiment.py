@@ -258,8 +258,8 @@ def build(cfg: DictConfig) -> Experiment:
         method,
         make_optimizer(cfg.optimizer),
         mesh,
-        noise_multiplier=mechanism.noise_multiplier or 0.0,
-        expected_batch_size=cfg.runner.batch_size,
+        noise=mechanism.noise_transform(randomness.noise_key()),
+        expected_batch_size=mechanism.expected_batch_size,
         param_rules=rules,
         gathered_at_use=bundle.gathered_at_use,
     )
@@ -533,14 +533,14 @@ def _resume(exp: Experiment, checkpoints: Checkpoints) -> tuple[int | None, dict
             f"other privacy randomness ({saved_mode}) than this run ({exp.randomness.mode}); resume with "
             "the run's own secret file or dp.secret_file, or start afresh with runner.resume=never"
         )
-    if not structure_matches(meta, exp.state.trainable, exp.state.opt_state):
+    if not structure_matches(meta, exp.state.trainable, exp.state.saved_state):
         raise _different_run(
             f"the checkpoint at step {latest}",
             exp.output_dir,
-            ["the trainable parameters or optimizer state"],
+            ["the trainable parameters, optimizer state or noise state"],
         )
-    exp.state.trainable, exp.state.opt_state = checkpoints.restore(
-        latest, exp.state.trainable, exp.state.opt_state
+    exp.state.trainable, (exp.state.opt_state, exp.state.noise_state) = checkpoints.restore(
+        latest, exp.state.trainable, exp.state.saved_state
     )
     exp.state.step = latest
     log.info(
@@ -559,7 +559,8 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
     ``stop_after`` (as if preempted there; for callers that train in sessions, and for tests).
     """
     cfg, mechanism, state = exp.cfg, exp.mechanism, exp.state
-    checkpoints = Checkpoints(exp.output_dir, cfg.runner.keep_checkpoints)
+    # A private run's checkpoints hold its noise state (key, correlated-noise buffers): owner-only.
+    checkpoints = Checkpoints(exp.output_dir, cfg.runner.keep_checkpoints, private=exp.private)
     start, meta = _resume(exp, checkpoints)
     history = records.History(distributed.side_path(exp.output_dir / records.HISTORY_FILE), resume_step=start)
     policy = ReleasePolicy(exp.private, cfg.runner.release_nonprivate_stats)
@@ -593,7 +594,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
             checkpoints.save(
                 step,
                 state.trainable,
-                state.opt_state,
+                state.saved_state,
                 {
                     "mechanism": mechanism.describe(),
                     "config": exp.config_dict,
@@ -635,7 +636,6 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
                 mechanism.sampler,
                 mechanism.steps,
                 cfg.compute.physical_batch_size,
-                exp.randomness.noise_key(),
                 eval_every,
                 callbacks,
                 progress_bar=cfg.runner.progress_bar,

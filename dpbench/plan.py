@@ -66,6 +66,7 @@ class MemoryPlan:
     trainable: int
     optimizer: int
     accumulator: int
+    noise_state: int  # the noise transform's state: correlated-noise buffers (bands or buffers x trainable)
     batch: int
     accumulate_temp: int
     update_temp: int
@@ -74,8 +75,26 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        resident = self.frozen + self.trainable + self.optimizer + self.accumulator
+        resident = self.frozen + self.trainable + self.optimizer + self.accumulator + self.noise_state
         return resident + self.batch + max(self.accumulate_temp, self.update_temp)
+
+
+def _noise_for_memory(cfg):
+    """The method's noise transform with its real number of buffers (their memory is the plan's
+    business; the coefficients are not: closed-form ones, fitted to no run)."""
+    import jax
+
+    from dpbench.privacy import noise as noise_lib
+    from dpbench.privacy.methods import METHODS
+
+    kind = METHODS[cfg.dp.method].noise
+    if kind == "bandmf":
+        strategy = noise_lib.bandmf(int(cfg.dp.bands), int(cfg.dp.bands), optimize=False)
+    elif kind == "blt":
+        strategy = noise_lib.blt(2, 1, int(cfg.dp.buffers), optimize=False)
+    else:
+        strategy = noise_lib.Strategy("iid")
+    return strategy.transform(1.0, jax.random.PRNGKey(0))
 
 
 def _abstract(tree, shardings):
@@ -175,12 +194,13 @@ def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str
     frozen_sh = sharding.shardings_for(frozen, mesh, rules)
     from dpbench.models.gemma3 import gathers_at_use
 
+    noise = _noise_for_memory(cfg) if method.private else None
     trainer = Trainer(
         losses_fn,
         method,
         make_optimizer(cfg.optimizer),
         mesh,
-        1.0,
+        noise,
         cfg.runner.batch_size,
         param_rules=rules,
         gathered_at_use=gathers_at_use,
@@ -200,8 +220,12 @@ def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str
     a_acc = _abstract(acc_shapes, acc_sh)
     start = time.perf_counter()
     accumulate = trainer.accumulate.lower(a_acc, a_trainable, a_frozen, a_batch, a_mask).compile()
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding.replicated(mesh))
-    update = trainer.update.lower(a_trainable, a_opt, a_acc, key).compile()
+    a_noise = None
+    if noise is not None:
+        noise_shapes = jax.eval_shape(noise.init, trainable)
+        trainer.noise_shardings = sharding.like_params(noise_shapes, trainer.param_shardings, mesh)
+        a_noise = _abstract(noise_shapes, trainer.noise_shardings)
+    update = trainer.update.lower(a_trainable, a_opt, a_noise, a_acc).compile()
     seconds = time.perf_counter() - start
     stats_acc, stats_upd = accumulate.memory_analysis(), update.memory_analysis()
     plan = MemoryPlan(
@@ -211,6 +235,7 @@ def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str
         trainable=sharding.bytes_per_device(a_trainable),
         optimizer=sharding.bytes_per_device(a_opt),
         accumulator=sharding.bytes_per_device(a_acc),
+        noise_state=sharding.bytes_per_device(a_noise) if a_noise is not None else 0,
         batch=sharding.bytes_per_device(a_batch) + sharding.bytes_per_device(a_mask),
         accumulate_temp=int(stats_acc.temp_size_in_bytes),
         update_temp=int(stats_upd.temp_size_in_bytes),
@@ -277,9 +302,7 @@ def measure(cfg: DictConfig, exp, steps: int) -> list[tuple[str, str]]:
     def step(index: int) -> None:
         indices = exp.mechanism.sampler.batch_indices(index)
         chunks = gather_chunks(exp.train_arrays, indices, cfg.compute.physical_batch_size)
-        stats = exp.trainer.logical_step(
-            exp.state, exp.frozen, chunks, jax.random.fold_in(exp.randomness.noise_key(), index)
-        )
+        stats = exp.trainer.logical_step(exp.state, exp.frozen, chunks)
         jax.block_until_ready((exp.state.trainable, stats))
 
     start = time.perf_counter()
@@ -361,6 +384,7 @@ def plan_report(cfg: DictConfig) -> str:
         ("per device: trainable params", _gib(plan.trainable)),
         ("per device: optimizer state", _gib(plan.optimizer)),
         ("per device: gradient accumulator", _gib(plan.accumulator)),
+        ("per device: noise state (correlated-noise buffers)", _gib(plan.noise_state)),
         ("per device: physical batch", _gib(plan.batch)),
         ("per device: temporaries (accumulate)", _gib(plan.accumulate_temp)),
         ("per device: temporaries (update)", _gib(plan.update_temp)),

@@ -105,14 +105,12 @@ def noise_of_one_step(exp, randomness: PrivacyRandomness) -> np.ndarray:
     device_batch = sharding.put_batch(batch, exp.mesh)
     device_mask = sharding.put_rows(mask, exp.mesh)
     grad_sum, stats = exp.trainer.zero_accumulator(exp.state.trainable, exp.frozen, device_batch, device_mask)
-    key = jax.random.fold_in(randomness.noise_key(), 0)
     trainer = exp.trainer
-    finalize = jax.jit(
-        lambda g, count, k: trainer.method.finalize(
-            g, count, k, trainer.noise_multiplier, trainer.expected_batch_size
-        )
-    )
-    noisy = jax.device_get(finalize(grad_sum, stats["count"], key))
+    noise = exp.mechanism.noise_transform(randomness.noise_key())
+    noise_state = noise.init(exp.state.trainable)
+    finalize = jax.jit(lambda g, count, state: trainer.finalize(g, count, state)[0])
+    trainer.noise = noise
+    noisy = jax.device_get(finalize(grad_sum, stats["count"], noise_state))
     flat = np.concatenate([np.asarray(noisy[p], np.float64).ravel() for p in sorted(noisy)])
     return flat * trainer.expected_batch_size
 

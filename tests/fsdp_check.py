@@ -24,11 +24,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from dpbench.data.sampling import PoissonSampler  # noqa: E402
 from dpbench.models.cnn import CNN  # noqa: E402
 from dpbench.models.encoder import EncoderModelConfig, RandomInitConfig, build_encoder  # noqa: E402
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3  # noqa: E402
+from dpbench.privacy.batch_selection import PoissonSampler  # noqa: E402
 from dpbench.privacy.methods import GradientMethod  # noqa: E402
+from dpbench.privacy.noise import iid_gaussian  # noqa: E402
 from dpbench.train import sharding  # noqa: E402
 from dpbench.train.loop import Trainer, gather_chunks, merge_params, split_params  # noqa: E402
 
@@ -136,7 +137,7 @@ def make_trainer(model, finetune, clipping, data_axis, fsdp_axis, dtype="float32
         method,
         optax.adam(1e-2),
         mesh,
-        SIGMA,
+        iid_gaussian(SIGMA * CLIP, jax.random.PRNGKey(1)),
         BATCH,
         param_rules=None,
         gathered_at_use=getattr(bundle, "gathered_at_use", None),
@@ -205,7 +206,7 @@ def run_case(case: str) -> dict:
     initial = jax.device_get(state.trainable)
     for step in range(3):
         chunks = gather_chunks(data, sampler.batch_indices(step), PHYSICAL)
-        trainer.logical_step(state, frozen, chunks, jax.random.fold_in(jax.random.PRNGKey(1), step))
+        trainer.logical_step(state, frozen, chunks)
     params = jax.device_get(state.trainable)
     names = sorted(params)
     frozen_specs = {"/".join(p): str(v.sharding.spec) for p, v in frozen.items()}

@@ -13,9 +13,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-from dpbench.data.sampling import PoissonSampler  # noqa: E402
 from dpbench.models.cnn import CNN  # noqa: E402
+from dpbench.privacy.batch_selection import PoissonSampler  # noqa: E402
 from dpbench.privacy.methods import GradientMethod  # noqa: E402
+from dpbench.privacy.noise import iid_gaussian  # noqa: E402
 from dpbench.train import sharding  # noqa: E402
 from dpbench.train.loop import Trainer, gather_chunks, merge_params, split_params  # noqa: E402
 
@@ -43,7 +44,9 @@ def main():
         method = GradientMethod("vanilla", clip_norm=CLIP, clipping=clipping)
         suffix = devices if clipping == "per_example" else f"{devices}_{clipping}"
         mesh = sharding.make_mesh(devices)
-        trainer = Trainer(losses_fn, method, optax.sgd(0.1), mesh, SIGMA, BATCH)
+        trainer = Trainer(
+            losses_fn, method, optax.sgd(0.1), mesh, iid_gaussian(SIGMA * CLIP, jax.random.PRNGKey(1)), BATCH
+        )
         trainable, frozen = split_params(params, lambda p: True)
         frozen = sharding.put_replicated(frozen, mesh)
         # The clipped sum of one logical batch, noise off.
@@ -60,9 +63,10 @@ def main():
         out[f"sum_sharding_{suffix}"] = str(jax.tree_util.tree_leaves(grad_sum)[0].sharding)
         # Noise: finalize on a zero sum under this mesh, times the expected batch, has std σC.
         zeros = sharding.put_replicated(jax.tree_util.tree_map(jnp.zeros_like, grad_sum), mesh)
-        noisy = jax.jit(
-            functools.partial(method.finalize, count=1.0, noise_multiplier=SIGMA, expected_batch_size=BATCH)
-        )(zeros, key=jax.random.PRNGKey(7))
+        noise_at_7 = iid_gaussian(SIGMA * CLIP, jax.random.PRNGKey(7))
+        noisy, _ = jax.jit(
+            functools.partial(Trainer(None, method, None, mesh, noise_at_7, BATCH).finalize, count=1.0)
+        )(zeros, noise_state=noise_at_7.init(zeros))
         noise = np.concatenate([np.asarray(x).ravel() for x in jax.tree_util.tree_leaves(noisy)]) * BATCH
         out[f"noise_std_{suffix}"] = float(noise.std())
         out[f"noise_size_{suffix}"] = int(noise.size)
@@ -70,7 +74,7 @@ def main():
         state = trainer.init(trainable)
         for step in range(3):
             chunks = gather_chunks(data, sampler.batch_indices(step), PHYSICAL)
-            trainer.logical_step(state, frozen, chunks, jax.random.fold_in(jax.random.PRNGKey(1), step))
+            trainer.logical_step(state, frozen, chunks)
         out[f"params_{suffix}"] = [
             np.asarray(x).ravel().tolist() for x in jax.tree_util.tree_leaves(state.trainable)
         ]

@@ -6,7 +6,6 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from dpbench.data.sampling import PoissonSampler, ShuffleSampler
 from dpbench.privacy.accounting import (
     AccountantConfig,
     EpsilonTracker,
@@ -15,6 +14,7 @@ from dpbench.privacy.accounting import (
     compute_epsilon,
     privacy_summary,
 )
+from dpbench.privacy.batch_selection import PoissonSampler, ShuffleSampler
 
 DELTA = 1e-5
 # ../shared/ANCHORS.md, "Privacy accounting reference values": (batch, n, σ, steps, RDP ε, PLD ε).

@@ -12,14 +12,14 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from dpbench.data import text
-from dpbench.data.sampling import physical_batches
 from dpbench.models.cnn import CNN
 from dpbench.models.encoder import build_encoder
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
 from dpbench.models.layers import LoRADense
 from dpbench.privacy import clipping
 from dpbench.privacy.methods import GradientMethod
-from dpbench.train.loop import split_params
+from dpbench.privacy.noise import iid_gaussian
+from dpbench.train.loop import Trainer, physical_batches, split_params
 from dpbench.train.summarization import SummarizationTask
 from dpbench.train.tasks import ClassificationTask
 from tests.compose import compose_config
@@ -116,12 +116,21 @@ def test_padded_rows_contribute_exactly_zero(cnn_problem):
     assert float(np_stats["count"]) == 5
 
 
+def _trainer(noise, expected_batch):
+    return Trainer(
+        None, GradientMethod("vanilla", clip_norm=CLIP), optax.sgd(0.1), None, noise, expected_batch
+    )
+
+
 def test_noise_has_std_sigma_c_on_the_sum_and_divides_by_expected_batch():
     sigma, expected_batch = 1.3, 64.0
-    method = GradientMethod("vanilla", clip_norm=CLIP)
+    noise_transform = iid_gaussian(sigma * CLIP, jax.random.PRNGKey(3))
     zero_sum = {"w": jnp.zeros((200, 100)), "b": jnp.zeros((50,))}
     # Realised count 17 must not matter: the divisor is the expected batch size.
-    grads = method.finalize(zero_sum, jnp.float32(17), jax.random.PRNGKey(3), sigma, expected_batch)
+    grads, state = _trainer(noise_transform, expected_batch).finalize(
+        zero_sum, jnp.float32(17), noise_transform.init(zero_sum)
+    )
+    assert int(state["step"]) == 1
     noise = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(grads)]) * expected_batch
     ks = stats.kstest(noise / (sigma * CLIP), "norm")
     assert ks.pvalue > 1e-3, ks
@@ -129,11 +138,11 @@ def test_noise_has_std_sigma_c_on_the_sum_and_divides_by_expected_batch():
 
 
 def test_zero_noise_multiplier_divides_sum_by_expected_batch_size():
-    method = GradientMethod("vanilla", clip_norm=CLIP)
     grad_sum = {"w": jnp.full((3,), 6.0)}
-    grads = method.finalize(grad_sum, jnp.float32(2), jax.random.PRNGKey(0), 0.0, 4.0)
+    zero_noise = iid_gaussian(0.0, jax.random.PRNGKey(0))
+    grads, _ = _trainer(zero_noise, 4.0).finalize(grad_sum, jnp.float32(2), zero_noise.init(grad_sum))
     np.testing.assert_allclose(grads["w"], 1.5)
-    nonprivate = GradientMethod("none", clip_norm=None).finalize(grad_sum, jnp.float32(2), None, 0.0, 4.0)
+    nonprivate, _ = _trainer(None, 4.0).finalize(grad_sum, jnp.float32(2), None)
     np.testing.assert_allclose(nonprivate["w"], 3.0)  # the realised mean, for the baseline only
 
 

@@ -22,14 +22,13 @@ from omegaconf import OmegaConf
 
 from dpbench.config import ConfigError
 from dpbench.data import text
-from dpbench.data.sampling import physical_batches
 from dpbench.models.base import ModelBundle
 from dpbench.models.cnn import CNN, TemperedCNN
 from dpbench.models.encoder import build_encoder
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
 from dpbench.models.layers import Embed, LayerNorm, LoRADense, RMSNorm
 from dpbench.privacy import clipping
-from dpbench.train.loop import split_params
+from dpbench.train.loop import physical_batches, split_params
 from dpbench.train.summarization import SummarizationTask
 from dpbench.train.tasks import ClassificationTask
 from tests.compose import compose_config

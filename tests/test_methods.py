@@ -11,9 +11,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from omegaconf import OmegaConf
 
 from dpbench.data import text
-from dpbench.data.sampling import PoissonSampler
 from dpbench.models.encoder import build_encoder
+from dpbench.privacy.batch_selection import PoissonSampler
 from dpbench.privacy.methods import FASTEST_EXACT, GradientMethod, make_method
+from dpbench.privacy.noise import iid_gaussian
 from dpbench.train import sharding
 from dpbench.train.loop import LoopCallbacks, Trainer, gather_chunks, split_params, train_loop
 from dpbench.train.tasks import ClassificationTask
@@ -85,13 +86,11 @@ def test_trainable_sets_and_ffa_keeps_a_bit_identical(method_name):
     assert all(p[-1] in ("lora_a", "lora_b") or "classifier" in p for p in trainable)
     frozen_before = jax.tree_util.tree_map(np.asarray, frozen)
     mesh = sharding.make_mesh(1)
-    trainer = Trainer(
-        task.losses_fn, method, optax.sgd(0.5), mesh, noise_multiplier=0.0, expected_batch_size=8
-    )
+    trainer = Trainer(task.losses_fn, method, optax.sgd(0.5), mesh, noise=None, expected_batch_size=8)
     state = trainer.init(trainable)
     before = jax.tree_util.tree_map(np.asarray, state.trainable)
-    for step in range(2):
-        trainer.logical_step(state, frozen, gather_chunks(arrays, np.arange(8), 4), jax.random.PRNGKey(step))
+    for _ in range(2):
+        trainer.logical_step(state, frozen, gather_chunks(arrays, np.arange(8), 4))
     for path, value in frozen.items():  # frozen (incl. FFA's A) is never touched
         np.testing.assert_array_equal(np.asarray(value), frozen_before[path])
     moved = {p[-1] for p, v in state.trainable.items() if not np.array_equal(np.asarray(v), before[p])}
@@ -105,7 +104,8 @@ def test_training_past_the_budget_raises():
     sampler = PoissonSampler(11, 4, seed=0)
     tracker = EpsilonTracker(sampler, 1.0, 1e-5, AccountantConfig(name="rdp"), budgeted_steps=2)
     method = GradientMethod("vanilla", clip_norm=CLIP)
-    trainer = Trainer(task.losses_fn, method, optax.sgd(0.1), sharding.make_mesh(1), 1.0, 4)
+    noise = iid_gaussian(CLIP, jax.random.PRNGKey(0))
+    trainer = Trainer(task.losses_fn, method, optax.sgd(0.1), sharding.make_mesh(1), noise, 4)
     state = trainer.init(trainable)
     callbacks = LoopCallbacks(
         evaluate=lambda step: {},
@@ -114,5 +114,5 @@ def test_training_past_the_budget_raises():
         check_budget=tracker.check_step,
     )
     with pytest.raises(RuntimeError, match="2"):
-        train_loop(trainer, state, frozen, arrays, sampler, 3, 4, jax.random.PRNGKey(0), 0, callbacks, False)
+        train_loop(trainer, state, frozen, arrays, sampler, 3, 4, 0, callbacks, False)
     assert state.step == 2  # the two budgeted steps ran, the third was refused before any noise draw

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dpbench.data.sampling import PoissonSampler
 from dpbench.privacy import accounting
+from dpbench.privacy.batch_selection import PoissonSampler
 from tests.compose import FULL_DATA, needs_shared_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,6 @@ import pytest
 from dp_accounting import pld
 
 from dpbench import config as config_lib
-from dpbench.data.sampling import PoissonSampler, ShuffleSampler
 from dpbench.privacy.accounting import (
     AccountantConfig,
     calibrate_noise_multiplier,
@@ -21,6 +20,7 @@ from dpbench.privacy.accounting import (
     make_accountant,
     privacy_summary,
 )
+from dpbench.privacy.batch_selection import PoissonSampler, ShuffleSampler
 from dpbench.privacy.prv import PrvAccountant
 from tests.compose import FIXTURE_DATA, TINY, compose_config
 

@@ -16,7 +16,7 @@ import pytest
 
 from dpbench import config as config_lib
 from dpbench import experiment, records
-from dpbench.privacy import clipping
+from dpbench.privacy import noise
 from dpbench.privacy.randomness import SECRET_FILE, PrivacyRandomness
 from dpbench.summary import summary_block
 from dpbench.train.preemption import Preempted
@@ -42,7 +42,7 @@ def _flat(tree: dict) -> np.ndarray:
 
 def _noise(key, like: dict, std: float) -> dict:
     zeros = {p: jnp.zeros(v.shape, jnp.float32) for p, v in like.items()}
-    return jax.device_get(clipping.add_gaussian_noise(zeros, jax.random.fold_in(key, 0), std))
+    return jax.device_get(noise.add_iid_gaussian(zeros, jax.random.fold_in(key, 0), std))
 
 
 def _published_integers(out) -> set[int]:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from dpbench import records
-from dpbench.data.sampling import make_sampler
 from dpbench.privacy.accounting import AccountantConfig, compute_epsilon
+from dpbench.privacy.batch_selection import make_sampler
 from dpbench.report import load_runs, markdown, rank_grid
 from dpbench.report.__main__ import main, update
 from dpbench.report.anchors import load_anchors

@@ -6,7 +6,8 @@ import dp_accounting
 import numpy as np
 import pytest
 
-from dpbench.data.sampling import PoissonSampler, ShuffleSampler, make_sampler, physical_batches
+from dpbench.privacy.batch_selection import PoissonSampler, ShuffleSampler, make_sampler
+from dpbench.train.loop import physical_batches
 
 
 def test_poisson_inclusion_frequency_matches_q():

@@ -18,6 +18,7 @@ from dpbench.bench import jax_side, workloads
 
 def accumulate_cost(workload: workloads.Workload, clipping: str | None) -> dict:
     from dpbench.privacy.methods import make_method
+    from dpbench.privacy.noise import iid_gaussian
     from dpbench.train import sharding
     from dpbench.train.loop import Trainer, gather_chunks
 
@@ -25,7 +26,12 @@ def accumulate_cost(workload: workloads.Workload, clipping: str | None) -> dict:
     model = jax_side.Model(workload, freeze_lora_a=method.freezes_lora_a)
     mesh = sharding.make_mesh()
     trainer = Trainer(
-        model.losses_fn, method, jax_side.make_optimizer(workload), mesh, 1.0, workload.batch_size
+        model.losses_fn,
+        method,
+        jax_side.make_optimizer(workload),
+        mesh,
+        iid_gaussian(method.clip_norm or 1.0, jax.random.PRNGKey(0)) if method.private else None,
+        workload.batch_size,
     )
     state = trainer.init(model.trainable)
     frozen = sharding.put_replicated(model.frozen, mesh)

@@ -132,6 +132,7 @@ class Model:
 def dpbench_step(workload: Workload, clipping: str | None) -> tuple[Callable[[int], None], dict]:
     """dpbench's logical step (``Trainer``), for ``dp=none`` or ``dp=vanilla dp.clipping=<clipping>``."""
     from dpbench.privacy.methods import make_method
+    from dpbench.privacy.noise import iid_gaussian
     from dpbench.train import sharding
     from dpbench.train.loop import Trainer, gather_chunks
 
@@ -139,14 +140,15 @@ def dpbench_step(workload: Workload, clipping: str | None) -> tuple[Callable[[in
     model = Model(workload, freeze_lora_a=method.freezes_lora_a)
     mesh = sharding.make_mesh()
     frozen = sharding.put_replicated(model.frozen, mesh)
-    trainer = Trainer(
-        model.losses_fn, method, make_optimizer(workload), mesh, NOISE_MULTIPLIER, workload.batch_size
+    noise = (
+        iid_gaussian(NOISE_MULTIPLIER * method.clip_norm, jax.random.PRNGKey(0)) if method.private else None
     )
+    trainer = Trainer(model.losses_fn, method, make_optimizer(workload), mesh, noise, workload.batch_size)
     state = trainer.init(model.trainable)
     chunks = gather_chunks(model.batch, np.arange(workload.batch_size), workload.physical_batch_size)
 
     def step(i: int) -> None:
-        trainer.logical_step(state, frozen, chunks, jax.random.PRNGKey(i))
+        trainer.logical_step(state, frozen, chunks)
         jax.block_until_ready(state.trainable)
 
     return step, {"trainable_params": model.num_trainable, "method": method.name}

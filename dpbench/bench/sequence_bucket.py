@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> None:
         cfg = compose("config", overrides=[*overrides, *args.overrides])
     exp = experiment.build(cfg)
     sampler, physical = exp.mechanism.sampler, cfg.compute.physical_batch_size
-    state, key = exp.state, jax.random.PRNGKey(0)
+    state = exp.state
 
     def step(index: int, bucket: int) -> tuple[float, float]:
         chunks = gather_chunks(exp.train_arrays, sampler.batch_indices(index), physical, bucket)
         wall, cpu = time.perf_counter(), time.process_time()
-        jax.block_until_ready(exp.trainer.logical_step(state, exp.frozen, chunks, key))
+        jax.block_until_ready(exp.trainer.logical_step(state, exp.frozen, chunks))
         return time.perf_counter() - wall, time.process_time() - cpu
 
     modes = (0, args.bucket)

@@ -3,7 +3,7 @@
 The sampler says what mechanism ran (``sampler.dp_event(σ, steps)``, ``sampler.neighbouring``);
 this module only chooses the accountant, so sampling and accounting cannot disagree.
 
->>> from dpbench.data.sampling import PoissonSampler
+>>> from dpbench.privacy.batch_selection import PoissonSampler
 >>> sampler = PoissonSampler(num_examples=60_000, expected_batch_size=256, seed=0)
 >>> round(compute_epsilon(sampler, 1.12, 14_062, 1e-5, AccountantConfig(name="rdp")), 3)
 2.519
@@ -22,7 +22,7 @@ from dp_accounting import pld, rdp
 from dpbench.privacy import prv
 
 if TYPE_CHECKING:
-    from dpbench.data.sampling import Sampler
+    from dpbench.privacy.batch_selection import Sampler
 
 ACCOUNTANT_NAMES = ("pld", "rdp", "prv")
 NEIGHBOUR_RELATIONS = {
@@ -118,7 +118,7 @@ def check_supported(sampler: Sampler, cfg: AccountantConfig) -> None:
     (2C), while ``GaussianDpEvent`` defines it relative to the per-example bound C (as
     ``PLDAccountant`` does), so RDP would under-report ε (google/differential-privacy issue #378).
 
-    >>> from dpbench.data.sampling import PoissonSampler, ShuffleSampler
+    >>> from dpbench.privacy.batch_selection import PoissonSampler, ShuffleSampler
     >>> check_supported(PoissonSampler(100, 10, seed=0), AccountantConfig(name="rdp"))  # supported: no error
     >>> check_supported(ShuffleSampler(100, 10, seed=0), AccountantConfig(name="rdp"))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
@@ -198,7 +198,7 @@ class EpsilonTracker:
 
     PLD accounting takes about a second, so call ``epsilon_at`` at evaluation time, not every step.
 
-    >>> from dpbench.data.sampling import PoissonSampler
+    >>> from dpbench.privacy.batch_selection import PoissonSampler
     >>> sampler = PoissonSampler(num_examples=60_000, expected_batch_size=256, seed=0)
     >>> tracker = EpsilonTracker(sampler, 1.1, 1e-5, AccountantConfig(name="rdp"), budgeted_steps=100)
     >>> tracker.epsilon_at(0)

@@ -492,17 +492,8 @@ def _check(clipping: str) -> None:
         )
 
 
-def add_gaussian_noise(tree: PyTree, key: jax.Array, stddev: float | jax.Array) -> PyTree:
-    """``tree + N(0, stddev^2)`` independently on every coordinate (one key per leaf)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [x + stddev * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return jax.tree_util.tree_unflatten(treedef, noisy)
-
-
 __all__ = [
     "CLIPPING_IMPLEMENTATIONS",
-    "add_gaussian_noise",
     "check_tap_coverage",
     "clip_factors",
     "clipped_grad_sum",

@@ -1,21 +1,27 @@
-"""The mechanism a run trains under, decided once before training: sampler, σ, steps, δ, accountant.
+"""The mechanism a run trains under, decided once before training: batch selection, noise strategy,
+clip norm, σ, logical steps, δ and the accountant.
 
-The runner draws batches from ``Mechanism.sampler``, the accountant composes that sampler's own
-``dp_event``, ``python -m dpbench.privacy`` prints it, and checkpoints store ``describe()`` so that
-a resumed run can prove it continues the same mechanism (``differences``).
+``plan_mechanism`` builds it once from the config. The runner draws batches from
+``Mechanism.sampler`` and noise from ``Mechanism.noise_transform``; the accountant composes the
+sampler's own ``dp_event`` (which, for balls-in-bins participation, carries the noise strategy's
+sensitivity); ``python -m dpbench.privacy`` and ``dpbench.plan`` print it; checkpoints and records
+store ``describe()``, so a resumed run can prove it continues the same mechanism (``differences``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 from omegaconf import DictConfig
 
 from dpbench import config as config_lib
-from dpbench.data import sampling
 from dpbench.privacy import accounting
+from dpbench.privacy import batch_selection as sampling
+from dpbench.privacy import noise as noise_lib
+from dpbench.privacy.methods import METHODS
 
 # Which setting decides each field of ``Mechanism.describe()``: named in errors on resume.
 SETTING_OF_FIELD = {
@@ -29,6 +35,7 @@ SETTING_OF_FIELD = {
     "clip_norm": "dp.clip_norm",
     "accountant": "accountant.*",
     "randomness": "dp.randomness",
+    "noise": "dp.method, dp.bands, dp.buffers, dp.optimize_strategy",
 }
 
 
@@ -44,10 +51,27 @@ class Mechanism:
     clip_norm: float | None = None
     accountant: dict | None = None  # the accountant's name and parameters (None when non-private)
     randomness: str | None = None  # dp.randomness: secret | seeded (None when non-private)
+    strategy: noise_lib.Strategy = dataclasses.field(default_factory=noise_lib.Strategy)
 
     @property
     def private(self) -> bool:
         return self.noise_multiplier is not None
+
+    @property
+    def expected_batch_size(self) -> float:
+        """What the noisy sum is divided by: the sampler's mean batch size (data-independent)."""
+        sampler = self.sampler
+        return float(getattr(sampler, "expected_batch_size", None) or sampler.batch_size)
+
+    def dp_event(self, steps: int | None = None):
+        """The accounting event of the first ``steps`` logical steps (default: the whole run)."""
+        return self.sampler.dp_event(self.noise_multiplier, self.steps if steps is None else steps)
+
+    def noise_transform(self, key):
+        """The noise transform of this run (``dpbench.privacy.noise``), keyed by the privacy randomness."""
+        if not self.private:
+            return None
+        return self.strategy.transform(self.noise_multiplier * self.clip_norm, key)
 
     def bind(self, randomness) -> None:
         """Give the sampler its privacy randomness (a ``dpbench.privacy.randomness.PrivacyRandomness``)."""
@@ -66,6 +90,7 @@ class Mechanism:
             "clip_norm": self.clip_norm,
             "accountant": self.accountant,
             "randomness": self.randomness,
+            "noise": self.strategy.describe() if self.private else None,
         }
 
 
@@ -97,15 +122,59 @@ def _accountant_description(cfg: DictConfig) -> dict:
     return {"name": cfg.accountant.name, "orders": None if orders is None else [float(o) for o in orders]}
 
 
+def _sampler(cfg: DictConfig, num_examples: int):
+    try:
+        return sampling.make_sampler(
+            cfg.dp.sampler,
+            num_examples,
+            cfg.runner.batch_size,
+            seed=None,
+            cycle_length=cfg.dp.get("bands", 1),
+        )
+    except ValueError as error:
+        if cfg.dp.sampler == "cyclic_poisson":
+            most = max(1, num_examples // cfg.runner.batch_size)
+            raise config_lib.ConfigError(
+                f"dp.bands={cfg.dp.bands} groups of runner.batch_size={cfg.runner.batch_size} do not fit in "
+                f"n={num_examples} examples (dp.sampler=cyclic_poisson); choose dp.bands in [1, {most}]"
+            ) from None
+        raise config_lib.ConfigError(str(error)) from None
+
+
+def _strategy(cfg: DictConfig, sampler, steps: int) -> noise_lib.Strategy:
+    """The noise strategy ``dp.method`` names, fitted to this run (``dp.optimize_strategy``)."""
+    kind = METHODS[cfg.dp.method].noise
+    optimize = bool(cfg.dp.get("optimize_strategy", True))
+    if kind == "bandmf":
+        if cfg.dp.bands > steps:
+            raise config_lib.ConfigError(
+                f"dp.bands={cfg.dp.bands} is more than the run's {steps} logical steps; "
+                f"choose dp.bands in [1, {steps}]"
+            )
+        return noise_lib.bandmf(steps, int(cfg.dp.bands), optimize)
+    if kind == "blt":
+        strategy = noise_lib.blt(steps, sampler.cycle_length, int(cfg.dp.buffers), optimize)
+        # Balls-in-bins: no amplification; the event is one Gaussian at σ / this sensitivity.
+        sampler.sensitivity_squared = functools.lru_cache(maxsize=None)(
+            lambda t: strategy.minsep_sensitivity_squared(t, sampler.cycle_length)
+        )
+        return strategy
+    if sampler.name == "balls_in_bins":
+        sampler.sensitivity_squared = None  # independent noise: k participations, each sensitivity C
+    return noise_lib.Strategy("iid", steps)
+
+
 def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
-    """Sampler, logical steps and σ (calibrated from ε, or given) for a training set of ``num_examples``.
+    """Sampler, logical steps, noise strategy and σ (calibrated from ε, or given) for a training set
+    of ``num_examples``.
 
     Raises ``ConfigError`` naming the setting when the batch is larger than the data, when the
-    steps/epochs setting gives no logical step, or when the accountant cannot account the sampler.
+    steps/epochs setting gives no logical step, when the strategy does not fit the run, or when the
+    accountant cannot account the sampler.
     """
     config_lib.validate_batch_size(cfg, num_examples)
     # The sampler's seed is bound later, from the privacy randomness (Mechanism.bind).
-    sampler = sampling.make_sampler(cfg.dp.sampler, num_examples, cfg.runner.batch_size, seed=None)
+    sampler = _sampler(cfg, num_examples)
     if cfg.runner.steps is not None:
         steps = int(cfg.runner.steps)
     else:
@@ -119,6 +188,7 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
             )
     if cfg.dp.method == "none":
         return Mechanism(sampler, steps, None, None, method="none")
+    strategy = _strategy(cfg, sampler, steps)
     try:
         accounting.check_supported(sampler, cfg.accountant)
     except ValueError as error:
@@ -141,4 +211,5 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
         clip_norm=float(cfg.dp.clip_norm),
         accountant=_accountant_description(cfg),
         randomness=cfg.dp.randomness,
+        strategy=strategy,
     )

@@ -8,6 +8,13 @@
   (the model builder is told ``freeze_lora_a``), so only B (and any head) train.
 - ``ghost``: ``vanilla`` with exact ghost clipping (Li et al. 2022; Bu et al. 2022): the same
   mechanism, so the same ε and, up to float rounding, the same result.
+- ``bandmf``: DP-FTRL with banded matrix factorization (Choquette-Choo et al. 2023): the same
+  clipping, noise correlated across steps by a ``dp.bands``-banded strategy, cyclic Poisson
+  sampling (``dp.sampler=cyclic_poisson``); ``dp.bands=1`` is DP-SGD.
+- ``blt``: DP-FTRL with a buffered linear Toeplitz strategy (Dvijotham et al. 2024; McKenna 2024),
+  balls-in-bins participation (``dp.sampler=balls_in_bins``), no amplification.
+
+How the noise is drawn and correlated is ``dpbench.privacy.noise`` (built by the ``Mechanism``).
 
 ``dp.clipping`` (``per_example``, ``ghost``, ``bookkeeping``, or ``auto``) only chooses how the
 clipped sum is computed: every choice is exact, so it never changes ε or the result. ``auto`` is
@@ -21,9 +28,6 @@ A new method is one entry in ``METHODS`` plus one YAML in ``conf/dp/``.
 from __future__ import annotations
 
 import dataclasses
-
-import jax
-import jax.numpy as jnp
 
 from dpbench.privacy import clipping as clipping_lib
 
@@ -40,6 +44,9 @@ class MethodSpec:
     private: bool
     freezes_lora_a: bool = False
     required_clipping: str | None = None  # e.g. ghost: the method *is* that implementation
+    noise: str = "iid"  # dpbench.privacy.noise.NOISE_KINDS
+    # The samplers its accounting holds under (dpbench.privacy.batch_selection).
+    samplers: tuple[str, ...] = ("poisson", "shuffle", "cyclic_poisson", "balls_in_bins")
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -47,6 +54,10 @@ METHODS: dict[str, MethodSpec] = {
     "vanilla": MethodSpec(private=True),
     "ffa": MethodSpec(private=True, freezes_lora_a=True),
     "ghost": MethodSpec(private=True, required_clipping="ghost"),
+    # Banded: column-normalised with bands <= the cycle, so each participation has sensitivity C.
+    "bandmf": MethodSpec(private=True, noise="bandmf", samplers=("cyclic_poisson",)),
+    # Not banded: only the (k, b)-min-sep sensitivity of balls-in-bins participation is known.
+    "blt": MethodSpec(private=True, noise="blt", samplers=("balls_in_bins",)),
 }
 
 
@@ -68,13 +79,6 @@ class GradientMethod:
                 losses_fn, trainable, batch, mask, self.clip_norm, *args, clipping=self.clipping
             )
         return clipping_lib.masked_grad_sum(losses_fn, trainable, batch, mask, *args)
-
-    def finalize(self, grad_sum, count, key, noise_multiplier, expected_batch_size):
-        """The gradient the optimizer sees, from the summed gradient of a whole logical batch."""
-        if not self.private:
-            return jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grad_sum)
-        noisy = clipping_lib.add_gaussian_noise(grad_sum, key, noise_multiplier * self.clip_norm)
-        return jax.tree_util.tree_map(lambda g: g / expected_batch_size, noisy)
 
 
 def resolve_clipping(method: str, clipping: str) -> str:

@@ -252,8 +252,8 @@ def epsilon_curve(run: Run) -> list[tuple[int, float]]:
     ]
     if logged or not run.private:
         return logged
-    from dpbench.data.sampling import make_sampler
     from dpbench.privacy.accounting import AccountantConfig, compute_epsilon
+    from dpbench.privacy.batch_selection import make_sampler
 
     dp, runner = run.config["dp"], run.config["runner"]
     sampler = make_sampler(dp["sampler"], run.train_examples, runner["batch_size"], runner["seed"])

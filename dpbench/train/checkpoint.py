@@ -1,7 +1,7 @@
 """Checkpoints of a run (orbax-checkpoint): trainable parameters, optimizer state, step, metadata.
 
 A checkpoint is ``<run dir>/checkpoints/<step>/`` with two items: ``state`` (every array leaf of
-(trainable, optimizer state), in ``jax.tree_util`` order) and ``meta`` (JSON: the step, the
+(trainable, (optimizer state, noise state)), in ``jax.tree_util`` order) and ``meta`` (JSON: the step, the
 mechanism, the config, how batches and noise keys derive from the seed, and the leaf structure).
 Frozen parameters are not stored: they are rebuilt from the config and the seed exactly.
 
@@ -35,13 +35,19 @@ def _structure(tree) -> dict:
 class Checkpoints:
     """The checkpoints of one run folder; keeps the newest ``keep``."""
 
-    def __init__(self, run_dir: str | Path, keep: int):
+    def __init__(self, run_dir: str | Path, keep: int, private: bool = False):
         self.directory = (Path(run_dir) / CHECKPOINT_DIR).resolve()
         self.keep = keep
+        # private: the folder is owner-only (0700), like the privacy secret beside it: the saved
+        # noise state (key, correlated-noise buffers) would let a reader subtract the noise.
+        self.private = private
         self._manager = None
 
     def _open(self):
         if self._manager is None:
+            if self.private:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                self.directory.chmod(0o700)
             import orbax.checkpoint as ocp
 
             # orbax logs every save and close at INFO through absl; the run logs its own checkpoints.
@@ -64,11 +70,11 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return list(self._open().all_steps()) if self.directory.is_dir() else []
 
-    def save(self, step: int, trainable: dict, opt_state, meta: dict) -> None:
+    def save(self, step: int, trainable: dict, saved_state, meta: dict) -> None:
         manager = self._open()
-        leaves = jax.tree_util.tree_leaves((trainable, opt_state))
+        leaves = jax.tree_util.tree_leaves((trainable, saved_state))
         items = {f"{i:05d}": leaf for i, leaf in enumerate(leaves)}
-        meta = {**meta, "step": step, "structure": _structure((trainable, opt_state))}
+        meta = {**meta, "step": step, "structure": _structure((trainable, saved_state))}
         ocp = self._ocp
         manager.save(
             step,
@@ -82,11 +88,11 @@ class Checkpoints:
         ocp = self._ocp
         return dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta)
 
-    def restore(self, step: int, trainable: dict, opt_state) -> tuple[dict, object]:
-        """(trainable, opt_state) of checkpoint ``step``, shaped and sharded like the given ones."""
+    def restore(self, step: int, trainable: dict, saved_state) -> tuple[dict, object]:
+        """(trainable, saved_state) of checkpoint ``step``, shaped and sharded like the given ones."""
         manager = self._open()
         ocp = self._ocp
-        leaves, treedef = jax.tree_util.tree_flatten((trainable, opt_state))
+        leaves, treedef = jax.tree_util.tree_flatten((trainable, saved_state))
         abstract = {
             f"{i:05d}": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
             for i, leaf in enumerate(leaves)
@@ -105,9 +111,9 @@ class Checkpoints:
             self._manager = None
 
 
-def structure_matches(meta: dict, trainable: dict, opt_state) -> bool:
+def structure_matches(meta: dict, trainable: dict, saved_state) -> bool:
     """Does checkpoint metadata describe the same leaves (tree, shapes, dtypes) as these?"""
-    return meta.get("structure") == _structure((trainable, opt_state))
+    return meta.get("structure") == _structure((trainable, saved_state))
 
 
 class Cadence:

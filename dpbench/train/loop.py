@@ -2,18 +2,20 @@
 
 Shapes stay fixed for jit: every physical batch has ``physical_batch_size`` rows (the last one
 padded, with a mask), so a large Poisson draw simply takes more physical batches; nothing is
-truncated. The clipped sums of all physical batches are accumulated, then ``finalize`` adds the
-noise once and the optimizer takes one logical step. The accountant counts these logical steps.
+truncated. The clipped sums of all physical batches are accumulated, then the noise transform
+adds the noise once and the optimizer takes one logical step. The accountant counts these logical steps.
 
-The batch of logical step ``s`` is ``sampler.batch_indices(s)`` and its noise key is
-``fold_in(noise_key, s)``: both are functions of (seed, step), so a run restored from a
-checkpoint at step ``s`` continues exactly as if it had never stopped.
+The batch of logical step ``s`` is ``sampler.batch_indices(s)`` (a function of the privacy secret
+and ``s``), and the noise comes from the mechanism's noise transform, whose state (key, step,
+correlated-noise buffers) is part of :class:`TrainState` and of every checkpoint: a run restored
+from a checkpoint at step ``s`` continues exactly as if it had never stopped.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -25,12 +27,12 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import PartitionSpec
 
-from dpbench.data.sampling import physical_batches
 from dpbench.models.base import gathering_at_use
 from dpbench.train import sharding
 
-if TYPE_CHECKING:  # train never imports privacy at run time: privacy hands the method in
+if TYPE_CHECKING:  # train never imports privacy at run time: privacy hands the method and noise in
     from dpbench.privacy.methods import GradientMethod
+    from dpbench.privacy.noise import NoiseTransform
 
 PyTree = Any
 log = logging.getLogger(__name__)
@@ -55,6 +57,12 @@ class TrainState:
     step: int
     trainable: dict
     opt_state: Any
+    noise_state: Any = None  # the noise transform's state (None: non-private)
+
+    @property
+    def saved_state(self) -> tuple:
+        """What a checkpoint stores besides the trainable parameters: optimizer and noise state."""
+        return (self.opt_state, self.noise_state)
 
 
 class Trainer:
@@ -66,7 +74,7 @@ class Trainer:
         method: GradientMethod,
         optimizer: optax.GradientTransformation,
         mesh: jax.sharding.Mesh,
-        noise_multiplier: float,
+        noise: NoiseTransform | None,
         expected_batch_size: float,
         param_rules=None,
         gathered_at_use: Callable[[tuple], bool] | None = None,
@@ -83,10 +91,12 @@ class Trainer:
         self.method = method
         self.optimizer = optimizer
         self.mesh = mesh
-        self.noise_multiplier = float(noise_multiplier)
+        # noise: the mechanism's noise transform (dpbench.privacy.noise), None for a non-private run.
+        self.noise = noise
         self.expected_batch_size = float(expected_batch_size)
         self.accumulate = jax.jit(self._accumulate, donate_argnums=(0,))
-        self.update = jax.jit(self._update, donate_argnums=(0, 1))
+        self.update = jax.jit(self._update, donate_argnums=(0, 1, 2))
+        self.noise_shardings = None
         self._acc_shapes = None
 
     def init(self, trainable: dict) -> TrainState:
@@ -100,7 +110,13 @@ class Trainer:
         shapes = jax.eval_shape(self.optimizer.init, trainable)
         self.opt_shardings = sharding.like_params(shapes, self.param_shardings, self.mesh)
         opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(trainable)
-        return TrainState(step=0, trainable=trainable, opt_state=opt_state)
+        noise_state = None
+        if self.noise is not None:
+            # Correlated-noise buffers are sharded like their parameter (leading buffer axis whole).
+            shapes = jax.eval_shape(self.noise.init, trainable)
+            self.noise_shardings = sharding.like_params(shapes, self.param_shardings, self.mesh)
+            noise_state = jax.jit(self.noise.init, out_shardings=self.noise_shardings)(trainable)
+        return TrainState(step=0, trainable=trainable, opt_state=opt_state, noise_state=noise_state)
 
     def zero_accumulator(self, trainable: dict, frozen: dict, batch: dict, mask: jax.Array) -> tuple:
         """Zeros shaped like one physical batch's (gradient sum, statistics)."""
@@ -208,20 +224,30 @@ class Trainer:
     def _accumulate(self, acc, trainable, frozen, batch, mask):
         return jax.tree_util.tree_map(jnp.add, acc, self._global_grad_sum(trainable, frozen, batch, mask))
 
-    def _update(self, trainable, opt_state, acc, key):
+    def finalize(self, grad_sum, count, noise_state):
+        """The gradient the optimizer sees, from the summed gradient of a whole logical batch.
+
+        Private: the noise transform adds its noise once to the sum, which is then divided by the
+        *expected* batch size (dividing by the realised size would leak it). Non-private: the mean
+        over the examples actually drawn.
+        """
+        if self.noise is None:
+            return jax.tree_util.tree_map(lambda g: g / jnp.maximum(count, 1.0), grad_sum), noise_state
+        noised, noise_state = self.noise.update(grad_sum, noise_state)
+        return jax.tree_util.tree_map(lambda g: g / self.expected_batch_size, noised), noise_state
+
+    def _update(self, trainable, opt_state, noise_state, acc):
         grad_sum, stats = acc
-        grads = self.method.finalize(
-            grad_sum, stats["count"], key, self.noise_multiplier, self.expected_batch_size
-        )
+        grads, noise_state = self.finalize(grad_sum, stats["count"], noise_state)
         updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         trainable = sharding.constrain(trainable, self.param_shardings)
         opt_state = sharding.constrain(opt_state, self.opt_shardings)
-        return trainable, opt_state, stats
+        if self.noise_shardings is not None:
+            noise_state = sharding.constrain(noise_state, self.noise_shardings)
+        return trainable, opt_state, noise_state, stats
 
-    def logical_step(
-        self, state: TrainState, frozen: dict, chunks: list[tuple[dict, np.ndarray]], key
-    ) -> dict:
+    def logical_step(self, state: TrainState, frozen: dict, chunks: list[tuple[dict, np.ndarray]]) -> dict:
         """Run one logical batch given as (host batch, mask) chunks; returns summed statistics."""
         acc = None
         for batch, mask in chunks:
@@ -230,9 +256,43 @@ class Trainer:
             if acc is None:
                 acc = self.zero_accumulator(state.trainable, frozen, batch, mask)
             acc = self.accumulate(acc, state.trainable, frozen, batch, mask)
-        state.trainable, state.opt_state, stats = self.update(state.trainable, state.opt_state, acc, key)
+        state.trainable, state.opt_state, state.noise_state, stats = self.update(
+            state.trainable, state.opt_state, state.noise_state, acc
+        )
         state.step += 1
         return stats
+
+
+def physical_batches(indices: np.ndarray, physical_batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Cut a logical batch into chunks of exactly ``physical_batch_size`` rows plus a mask of real rows.
+
+    The last chunk is padded with index 0 (mask False), so every chunk has one shape for jit.
+    An empty logical batch (Poisson can draw none) gives one all-padding chunk, so the step
+    still runs and still adds noise. No row is ever dropped.
+
+    >>> chunks = physical_batches(np.array([5, 7, 9, 11, 13]), 2)
+    >>> [(c.tolist(), m.tolist()) for c, m in chunks]
+    [([5, 7], [True, True]), ([9, 11], [True, True]), ([13, 0], [True, False])]
+    >>> [(c.tolist(), m.tolist()) for c, m in physical_batches(np.array([], dtype=np.int64), 3)]
+    [([0, 0, 0], [False, False, False])]
+    """
+    if physical_batch_size <= 0:
+        raise ValueError(f"physical_batch_size must be positive, got {physical_batch_size}")
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.ndim != 1:
+        raise ValueError(f"indices must be 1-D, got shape {indices.shape}")
+    num_chunks = max(1, math.ceil(len(indices) / physical_batch_size))
+    padded = np.zeros(num_chunks * physical_batch_size, dtype=np.int64)
+    padded[: len(indices)] = indices
+    mask = np.zeros(num_chunks * physical_batch_size, dtype=bool)
+    mask[: len(indices)] = True
+    return list(
+        zip(
+            np.split(padded, num_chunks),
+            np.split(mask, num_chunks),
+            strict=True,
+        )
+    )
 
 
 def gather_chunks(
@@ -336,7 +396,6 @@ def train_loop(
     sampler,
     num_steps: int,
     physical_batch_size: int,
-    noise_key: jax.Array,
     eval_every: int,
     callbacks: LoopCallbacks,
     progress_bar: bool = True,
@@ -362,7 +421,7 @@ def train_loop(
         callbacks.check_budget(step)
         indices = sampler.batch_indices(state.step)
         chunks = gather_chunks(train_arrays, indices, physical_batch_size, sequence_bucket)
-        stats = trainer.logical_step(state, frozen, chunks, jax.random.fold_in(noise_key, state.step))
+        stats = trainer.logical_step(state, frozen, chunks)
         if "nonfinite_sum" in stats:
             nonfinite = stats["nonfinite_sum"] if nonfinite is None else nonfinite + stats["nonfinite_sum"]
         window_steps += 1

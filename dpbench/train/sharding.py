@@ -339,7 +339,8 @@ def constrain(tree, shardings):
 def like_params(tree, param_shardings: Mapping, mesh: Mesh) -> Any:
     """Shardings for a tree whose leaves may mirror the parameters (optimizer state, gradient sums):
     a leaf under a dict key that is a parameter path, with that parameter's shape, takes its
-    sharding; every other leaf (counts, statistics) is replicated."""
+    sharding; one with an extra leading axis (correlated-noise buffers: one per band or buffer) takes
+    it with that axis whole; every other leaf (counts, statistics) is replicated."""
     rep = replicated(mesh)
 
     def choose(key_path, leaf):
@@ -347,8 +348,11 @@ def like_params(tree, param_shardings: Mapping, mesh: Mesh) -> Any:
             key = getattr(entry, "key", None)
             if key in param_shardings:
                 target = param_shardings[key]
-                if getattr(leaf, "ndim", 0) == len(target.spec) or not target.spec:
+                ndim = getattr(leaf, "ndim", 0)
+                if ndim == len(target.spec) or not target.spec:
                     return target
+                if ndim == len(target.spec) + 1:
+                    return NamedSharding(mesh, PartitionSpec(None, *target.spec))
                 break
         return rep
 

@@ -1,0 +1,226 @@
+"""Noise on the sum of clipped contributions, as an optax-style transform whose state is checkpointed.
+
+``transform.init(params) -> state`` and ``transform.update(grad_sum, state) -> (noised, state)``,
+once per logical step, on the sum over the whole logical batch (all devices and hosts), before the
+division by the expected batch size. The state holds the noise key (derived from the run's privacy
+secret, never from ``runner.seed``), the step and, for correlated noise, the stream's buffers. It is
+saved with every checkpoint, so a resumed run continues the same noise stream bit for bit; the
+checkpoint folder is therefore owner-only, like the secret (it holds past noise).
+
+Strategies (``dp.method`` picks one; ``Mechanism`` builds it once and every reader reads it):
+
+- ``iid``: independent N(0, σ²C²) on every coordinate (DP-SGD). The key of step ``s`` is
+  ``fold_in(key, s)``.
+- ``bandmf``: banded matrix factorization (Choquette-Choo et al. 2023). The noise of step ``s`` is
+  row ``s`` of ``C⁻¹ Z`` for a column-normalised, ``bands``-banded lower-triangular Toeplitz ``C``,
+  with ``Z`` i.i.d. N(0, σ²C²). With cyclic Poisson sampling over ``bands`` groups each
+  participation has sensitivity C, so the accounting is DP-SGD's at the group's sampling rate.
+- ``blt``: buffered linear Toeplitz (Dvijotham et al. 2024; McKenna 2024): ``C`` is a BLT, ``C⁻¹``
+  streams with a few buffers. Accounted without amplification, as one Gaussian whose sensitivity is
+  ``C``'s worst (k, b)-min-sep column sum under balls-in-bins participation.
+
+The strategies, their optimisers and the streaming noise are jax_privacy's
+(``jax_privacy.matrix_factorization``, ``jax_privacy.noise_addition``); dpbench adds the
+description, sharding and checkpointing (tests/test_noise.py checks the stream against jax_privacy's
+own privatizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NOISE_KINDS = ("iid", "bandmf", "blt")
+PyTree = Any
+
+
+class NoiseTransform(NamedTuple):
+    """The shape of ``optax.GradientTransformation``: ``init(params)``, ``update(grad_sum, state)``."""
+
+    init: Callable[[PyTree], PyTree]
+    update: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]
+
+
+def add_iid_gaussian(tree: PyTree, key: jax.Array, stddev: float | jax.Array) -> PyTree:
+    """``tree + N(0, stddev^2)`` independently on every coordinate (one key per leaf)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [x + stddev * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, noisy)
+
+
+def iid_gaussian(stddev: float, key: jax.Array) -> NoiseTransform:
+    """Independent Gaussian noise; state ``{"key", "step"}``; step ``s`` uses ``fold_in(key, s)``.
+
+    >>> transform = iid_gaussian(2.0, jax.random.PRNGKey(0))
+    >>> state = transform.init({"w": jnp.zeros(3)})
+    >>> noised, state = transform.update({"w": jnp.zeros(3)}, state)
+    >>> int(state["step"]), noised["w"].shape
+    (1, (3,))
+    """
+
+    def init(params):
+        del params
+        return {"key": jnp.asarray(key), "step": jnp.zeros((), jnp.int32)}
+
+    def update(grad_sum, state):
+        noised = add_iid_gaussian(grad_sum, jax.random.fold_in(state["key"], state["step"]), stddev)
+        return noised, {"key": state["key"], "step": state["step"] + 1}
+
+    return NoiseTransform(init, update)
+
+
+def correlated_gaussian(noising_matrix, stddev: float, key: jax.Array) -> NoiseTransform:
+    """Noise ``C⁻¹ Z`` streamed by jax_privacy's ``matrix_factorization_privatizer``.
+
+    ``noising_matrix`` is a ``jax_privacy.matrix_factorization.StreamingMatrix`` (``C⁻¹``). The
+    state is jax_privacy's (key, stream buffers) as a dict, with a step counter beside it.
+    """
+    from jax_privacy import noise_addition
+
+    privatizer = noise_addition.matrix_factorization_privatizer(
+        noising_matrix, stddev=stddev, prng_key=jnp.asarray(key)
+    )
+
+    def init(params):
+        key_state, stream = privatizer.init(params)
+        return {"key": key_state, "step": jnp.zeros((), jnp.int32), "stream": stream}
+
+    def update(grad_sum, state):
+        noised, (key_state, stream) = privatizer.update(grad_sum, (state["key"], state["stream"]))
+        return noised, {"key": key_state, "step": state["step"] + 1, "stream": stream}
+
+    return NoiseTransform(init, update)
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """The noise correlation of a run: which kind, its parameters, and how to stream ``C⁻¹``.
+
+    ``coefficients``: BandMF's Toeplitz coefficients of ``C`` (column-normalised), or BLT's
+    (buf_decay, output_scale); empty for i.i.d. noise.
+    """
+
+    kind: str = "iid"
+    steps: int = 0
+    bands: int | None = None
+    buffers: int | None = None
+    optimized: bool = False
+    coefficients: tuple = ()
+
+    def describe(self) -> dict:
+        """JSON-able; stored in checkpoints and records (a resume must continue the same strategy)."""
+        description = {"kind": self.kind}
+        if self.kind == "bandmf":
+            description.update(bands=self.bands, optimized=self.optimized)
+            description["toeplitz_coefficients"] = [round(float(c), 6) for c in self.coefficients]
+        elif self.kind == "blt":
+            buf_decay, output_scale = self.coefficients
+            description.update(buffers=len(buf_decay), optimized=self.optimized)
+            description["buf_decay"] = [round(float(c), 6) for c in buf_decay]
+            description["output_scale"] = [round(float(c), 6) for c in output_scale]
+        return description
+
+    def transform(self, stddev: float, key: jax.Array) -> NoiseTransform:
+        if self.kind == "iid":
+            return iid_gaussian(stddev, key)
+        return correlated_gaussian(self.noising_matrix(), stddev, key)
+
+    def noising_matrix(self):
+        """``C⁻¹`` as a jax_privacy ``StreamingMatrix`` (float32 buffers)."""
+        from jax_privacy.matrix_factorization import banded, buffered_toeplitz, streaming_matrix
+
+        if self.kind == "iid":
+            return streaming_matrix.identity()
+        if self.kind == "bandmf":
+            coefs = jnp.asarray(np.asarray(self.coefficients, np.float32))
+            return banded.ColumnNormalizedBanded.from_banded_toeplitz(
+                self.steps, coefs
+            ).inverse_as_streaming_matrix()
+        buf_decay, output_scale = self.coefficients
+        builder = buffered_toeplitz.StreamingMatrixBuilder(
+            buf_decay=np.asarray(buf_decay, np.float32), output_scale=np.asarray(output_scale, np.float32)
+        )
+        return builder.build_inverse()
+
+    def toeplitz_coefficients(self, n: int) -> np.ndarray:
+        """The first column of ``C`` (n entries; float64), as the sensitivity sees it."""
+        if self.kind == "iid":
+            return np.eye(1, n)[0]
+        if self.kind == "bandmf":
+            coefs = np.asarray(self.coefficients, np.float64)
+            return np.pad(coefs / np.linalg.norm(coefs), (0, max(0, n - len(coefs))))[:n]
+        from jax_privacy.matrix_factorization import buffered_toeplitz
+
+        buf_decay, output_scale = self.coefficients
+        with jax.enable_x64():
+            blt = buffered_toeplitz.BufferedToeplitz.build(buf_decay, output_scale, dtype=jnp.float64)
+            return np.asarray(blt.toeplitz_coefs(n), np.float64)
+
+    def minsep_sensitivity_squared(self, steps: int, min_sep: int) -> float:
+        """Squared sensitivity (per unit clip norm) of the first ``steps`` rows when an example takes
+        part at most ``ceil(steps / min_sep)`` times, at least ``min_sep`` steps apart (jax_privacy's
+        ``toeplitz.minsep_sensitivity_squared``)."""
+        from jax_privacy.matrix_factorization import toeplitz
+
+        if steps <= 0:
+            return 0.0
+        coefs = self.toeplitz_coefficients(steps)
+        with jax.enable_x64():
+            value = toeplitz.minsep_sensitivity_squared(
+                jnp.asarray(coefs), min_sep=min_sep, max_participations=math.ceil(steps / min_sep), n=steps
+            )
+        return float(value)
+
+
+def bandmf(steps: int, bands: int, optimize: bool) -> Strategy:
+    """A ``bands``-banded Toeplitz strategy for ``steps`` steps: optimised for the mean error of the
+    prefix sums (jax_privacy ``toeplitz.optimize_banded_toeplitz``), or Fichtenberger et al.'s
+    closed-form coefficients truncated to ``bands`` (``optimize=False``)."""
+    from jax_privacy.matrix_factorization import toeplitz
+
+    if optimize and bands > 1:
+        coefs = toeplitz.optimize_banded_toeplitz(n=steps, bands=bands)
+    else:
+        coefs = toeplitz.optimal_max_error_strategy_coefs(bands)
+    coefs = np.asarray(coefs, np.float64)
+    return Strategy(
+        "bandmf", steps, bands=bands, optimized=optimize, coefficients=tuple(coefs / np.linalg.norm(coefs))
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _optimized_blt(steps: int, min_sep: int, participations: int, buffers: int) -> tuple:
+    from jax_privacy.matrix_factorization import buffered_toeplitz
+
+    with jax.enable_x64():
+        blt = buffered_toeplitz.optimize(
+            n=steps, min_sep=min_sep, max_participations=participations, error="max", max_buffers=buffers
+        )
+        return tuple(np.asarray(blt.buf_decay).tolist()), tuple(np.asarray(blt.output_scale).tolist())
+
+
+def blt(steps: int, min_sep: int, buffers: int, optimize: bool) -> Strategy:
+    """A BLT strategy with at most ``buffers`` buffers for ``steps`` steps under (k, min_sep)
+    participation: optimised for the max error (jax_privacy ``buffered_toeplitz.optimize``, tens of
+    seconds on a CPU), or the rational approximation of the optimal √-Toeplitz (``optimize=False``)."""
+    from jax_privacy.matrix_factorization import buffered_toeplitz
+
+    participations = math.ceil(steps / min_sep)
+    if optimize:
+        coefficients = _optimized_blt(steps, min_sep, participations, buffers)
+    else:
+        with jax.enable_x64():
+            approx = buffered_toeplitz.BufferedToeplitz.from_rational_approx_to_sqrt_x(buffers)
+            coefficients = (
+                tuple(np.asarray(approx.buf_decay).tolist()),
+                tuple(np.asarray(approx.output_scale).tolist()),
+            )
+    return Strategy("blt", steps, buffers=buffers, optimized=optimize, coefficients=coefficients)
