@@ -317,6 +317,9 @@ def _privacy_claim(exp: Experiment) -> dict:
         cfg.accountant,
         epsilon,
     )
+    # The noise strategy (i.i.d., BandMF's coefficients, BLT's buffers) and the batch selection
+    # it is accounted under are part of the mechanism description above (sampler) and here.
+    privacy["noise"] = mechanism.strategy.describe()
     # Which exact implementation computed the clipped sums (dp.clipping=auto resolved): speed only.
     privacy["clipping_implementation"] = exp.method.clipping
     log.info(

@@ -172,6 +172,17 @@ class Strategy:
 
         if steps <= 0:
             return 0.0
+        if self.kind == "bandmf":
+            # Column-normalised (every column norm 1, the last ones too) and banded within min_sep:
+            # participations are orthogonal, so the sensitivity² is their count (jax_privacy's banded).
+            from jax_privacy.matrix_factorization import banded
+
+            coefs = jnp.asarray(np.asarray(self.coefficients, np.float32))
+            return float(
+                banded.minsep_sensitivity_squared(
+                    banded.ColumnNormalizedBanded.from_banded_toeplitz(steps, coefs), min_sep=min_sep
+                )
+            )
         coefs = self.toeplitz_coefficients(steps)
         with jax.enable_x64():
             value = toeplitz.minsep_sensitivity_squared(
