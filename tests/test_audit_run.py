@@ -110,7 +110,7 @@ SMALL_AUDIT_JOB = [
 def _run_audit_job(tmp_path, overrides: list[str]) -> dict:
     if not MNIST_DIR.is_dir():
         pytest.skip(f"needs the MNIST IDX files in {MNIST_DIR}")
-    from dpbench.run import run
+    from dpbench.experiment import run
 
     config.register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

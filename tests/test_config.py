@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from dpbench import config as config_lib
 from dpbench import report
-from dpbench.run import run
+from dpbench.experiment import run
 from tests.compose import EXPERIMENTS, FIXTURE_DATA, TINY, compose_config
 
 MNIST = [f"dataset.data_dir={FIXTURE_DATA}/mnist"]

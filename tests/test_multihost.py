@@ -68,17 +68,25 @@ def _two_processes(run_dir, *overrides):
     return [out + err for out, err in outputs]
 
 
+# Correlated noise: one stream (key and buffers) across processes too.
+BANDMF = ("dp=bandmf", "dp.epsilon=8", "dp.bands=2", "dp.optimize_strategy=false")
+
+
 @pytest.mark.slow  # two training runs of the tiny encoder per mode: minutes on 2 shared cores
-@pytest.mark.parametrize("randomness", ["secret", "seeded"])
-def test_two_processes_draw_one_noise_equal_to_one_process_with_two_devices(tmp_path, randomness):
+@pytest.mark.parametrize(
+    ("randomness", "mechanism"),
+    [("secret", ()), ("seeded", ()), ("secret", BANDMF)],
+    ids=["secret", "seeded", "bandmf"],
+)
+def test_two_processes_draw_one_noise_equal_to_one_process_with_two_devices(tmp_path, randomness, mechanism):
     one_dir, two_dir = tmp_path / "one", tmp_path / "two"
     # Two processes first: process 0 draws the secret and broadcasts it. Both processes end with the
     # same parameters (every process compares a hash of them at the end, or the run fails).
-    logs = _two_processes(two_dir, f"dp.randomness={randomness}")
+    logs = _two_processes(two_dir, f"dp.randomness={randomness}", *mechanism)
     same = [f"dp.secret_file={two_dir / SECRET_FILE}"] if randomness == "secret" else []
     assert (two_dir / SECRET_FILE).is_file() == (randomness == "secret")
     single = subprocess.run(
-        _command(one_dir, f"dp.randomness={randomness}", *same),
+        _command(one_dir, f"dp.randomness={randomness}", *mechanism, *same),
         cwd=REPO,
         env=_env(2),
         capture_output=True,

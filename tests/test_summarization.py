@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from dpbench.data import text
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
-from dpbench.run import run
+from dpbench.experiment import run
 from dpbench.train.loop import split_params
 from dpbench.train.summarization import (
     SummarizationTask,

@@ -170,6 +170,9 @@ def summarise(
                 row.cpu_seconds = statistics.median(statistics.median(m.step_cpu_seconds) for m in ok)
             row.peak_rss_mb = statistics.median(m.peak_rss_mb for m in ok)
             row.trainable_params = ok[0].info.get("trainable_params")
+            noise_bytes = ok[0].info.get("noise_state_bytes") or 0
+            if row.variant.noise != "iid" and noise_bytes:
+                row.note = f"noise buffers {noise_bytes / 2**20:.1f} MB"
             failed = len(mine) - len(ok)
             if failed:
                 row.note = f"{failed} of {len(mine)} rounds failed: {next(m.error for m in mine if m.error)}"

@@ -129,10 +129,16 @@ class Model:
         return int(sum(np.size(x) for x in self.trainable.values()))
 
 
-def dpbench_step(workload: Workload, clipping: str | None) -> tuple[Callable[[int], None], dict]:
-    """dpbench's logical step (``Trainer``), for ``dp=none`` or ``dp=vanilla dp.clipping=<clipping>``."""
+BANDMF_BANDS = 4
+
+
+def dpbench_step(
+    workload: Workload, clipping: str | None, noise_kind: str = "iid"
+) -> tuple[Callable[[int], None], dict]:
+    """dpbench's logical step (``Trainer``), for ``dp=none`` or ``dp=vanilla dp.clipping=<clipping>``;
+    ``noise_kind=bandmf``: the same clipping with BandMF's streamed noise (``BANDMF_BANDS`` bands)."""
+    from dpbench.privacy import noise as noise_lib
     from dpbench.privacy.methods import make_method
-    from dpbench.privacy.noise import iid_gaussian
     from dpbench.train import sharding
     from dpbench.train.loop import Trainer, gather_chunks
 
@@ -140,18 +146,28 @@ def dpbench_step(workload: Workload, clipping: str | None) -> tuple[Callable[[in
     model = Model(workload, freeze_lora_a=method.freezes_lora_a)
     mesh = sharding.make_mesh()
     frozen = sharding.put_replicated(model.frozen, mesh)
-    noise = (
-        iid_gaussian(NOISE_MULTIPLIER * method.clip_norm, jax.random.PRNGKey(0)) if method.private else None
-    )
+    noise = None
+    if method.private:
+        strategy = (
+            noise_lib.bandmf(10**6, BANDMF_BANDS, optimize=False)
+            if noise_kind == "bandmf"
+            else noise_lib.Strategy("iid")
+        )
+        noise = strategy.transform(NOISE_MULTIPLIER * method.clip_norm, jax.random.PRNGKey(0))
     trainer = Trainer(model.losses_fn, method, make_optimizer(workload), mesh, noise, workload.batch_size)
     state = trainer.init(model.trainable)
+    noise_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state.noise_state))
     chunks = gather_chunks(model.batch, np.arange(workload.batch_size), workload.physical_batch_size)
 
     def step(i: int) -> None:
         trainer.logical_step(state, frozen, chunks)
         jax.block_until_ready(state.trainable)
 
-    return step, {"trainable_params": model.num_trainable, "method": method.name}
+    return step, {
+        "trainable_params": model.num_trainable,
+        "method": method.name,
+        "noise_state_bytes": noise_bytes,
+    }
 
 
 def _microbatched(batch: dict, size: int) -> dict:

@@ -17,6 +17,7 @@ class Variant:
     runtime: str  # jax | torch: which kind of subprocess runs it
     requires: str | None = None  # an optional peer package (the `bench` extra)
     clipping: str | None = None  # dpbench's dp.clipping
+    noise: str = "iid"  # dpbench's noise strategy (dpbench.privacy.noise): iid | bandmf
 
     @property
     def is_baseline(self) -> bool:
@@ -28,6 +29,17 @@ VARIANTS: tuple[Variant, ...] = (
     *(
         Variant(f"dpbench-{c}", f"dpbench `dp=vanilla dp.clipping={c}`", "dpbench", True, "jax", clipping=c)
         for c in CLIPPINGS
+    ),
+    # Correlated noise (dp=bandmf, 4 bands) on the fastest clipping: its cost over the i.i.d. row is the
+    # streaming noise (a tensordot over the bands and one buffer write per step).
+    Variant(
+        "dpbench-bandmf",
+        "dpbench `dp=bandmf dp.bands=4 dp.clipping=bookkeeping`",
+        "dpbench",
+        True,
+        "jax",
+        clipping="bookkeeping",
+        noise="bandmf",
     ),
     Variant("jax-nonprivate", "JAX + optax non-private (one jit)", "jax", False, "jax"),
     Variant(

@@ -53,7 +53,7 @@ def make_step(workload: workloads.Workload, variant: Variant):
     if variant.framework == "dpbench":
         from dpbench.bench import jax_side
 
-        return jax_side.dpbench_step(workload, variant.clipping)
+        return jax_side.dpbench_step(workload, variant.clipping, variant.noise)
     if variant.id == "jax-nonprivate":
         from dpbench.bench import jax_side
 

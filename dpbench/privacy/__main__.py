@@ -40,10 +40,15 @@ def plan_rows(cfg: DictConfig) -> list[tuple[str, str]]:
     rows += [
         ("dp.method", cfg.dp.method),
         ("sampler", f"{sampler.name} ({sampler.neighbouring} neighbours)"),
-        ("batch size", f"{cfg.runner.batch_size} ({'expected' if sampler.name == 'poisson' else 'fixed'})"),
+        (
+            "batch size",
+            f"{mechanism.expected_batch_size:g} ({'fixed' if sampler.name == 'shuffle' else 'expected'})",
+        ),
         ("sampling rate q", f"{sampler.sampling_rate:.6g}"),
         ("logical steps", str(mechanism.steps)),
     ]
+    if getattr(sampler, "cycle_length", None):
+        rows.append(("cycle length (groups or bins)", str(sampler.cycle_length)))
     if mechanism.noise_multiplier is None:
         rows.append(("privacy", "none: dp.method=none adds no noise and claims no (ε, δ)"))
         return rows
@@ -68,10 +73,24 @@ def plan_rows(cfg: DictConfig) -> list[tuple[str, str]]:
         ("δ", f"{mechanism.delta:.6g}"),
         ("σ (noise multiplier)", f"{sigma:.6f} {source}"),
         ("noise std on the sum σC", f"{sigma * cfg.dp.clip_norm:.6g}"),
+        ("noise", _noise_row(mechanism.strategy.describe())),
+        ("accounting event", repr(mechanism.dp_event())),
         ("ε", f"{epsilon:.6f}"),
         ("accountant", accountant),
     ]
     return rows
+
+
+def _noise_row(description: dict) -> str:
+    """One line for the noise strategy (coefficients rounded for reading)."""
+    kind = description["kind"]
+    if kind == "iid":
+        return "independent Gaussian (DP-SGD)"
+    details = {k: v for k, v in description.items() if k != "kind"}
+    shown = ", ".join(
+        f"{k}={[round(x, 4) for x in v] if isinstance(v, list) else v}" for k, v in details.items()
+    )
+    return f"{kind}: correlated across steps ({shown})"
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:

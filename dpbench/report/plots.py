@@ -256,7 +256,15 @@ def epsilon_curve(run: Run) -> list[tuple[int, float]]:
     from dpbench.privacy.batch_selection import make_sampler
 
     dp, runner = run.config["dp"], run.config["runner"]
-    sampler = make_sampler(dp["sampler"], run.train_examples, runner["batch_size"], runner["seed"])
+    if dp["sampler"] == "balls_in_bins":  # its event needs the noise strategy's sensitivity: ε is logged
+        return logged
+    sampler = make_sampler(
+        dp["sampler"],
+        run.train_examples,
+        runner["batch_size"],
+        runner["seed"],
+        cycle_length=dp.get("bands", 1),
+    )
     accountant = AccountantConfig(**run.config["accountant"])
     steps = sorted({h["step"] for h in run.history if h["step"] > 0} | {run.steps})
     return [(k, compute_epsilon(sampler, run.noise_multiplier, k, run.delta, accountant)) for k in steps]
