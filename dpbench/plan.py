@@ -134,7 +134,6 @@ def _gemma_parts(cfg, mesh, method, plan_cfg):
         module=module,
         extras={"hidden_states_fn": hidden_states_fn, "logits_fn": logits_fn},
     ).with_frozen(method.frozen_labels)  # as experiment.build
-
     task = SummarizationTask(bundle, cfg.dataset, progress_bar=False)
     length = int(cfg.dataset.max_length)
     task.max_targets = min(int(plan_cfg.get("max_targets") or cfg.dataset.max_new_tokens + 1), length - 1)
