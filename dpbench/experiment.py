@@ -170,7 +170,8 @@ def build(cfg: DictConfig) -> Experiment:
         raise config_lib.ConfigError(str(error)) from error
     # Frozen weights go straight from the checkpoint into their shardings (never whole on a device).
     placement = sharding.placement(mesh, rules)
-    bundle = build_model(cfg.model, init_key, freeze_lora_a=method.freezes_lora_a, placement=placement)
+    # What trains: the labels model.finetune trains, minus those the DP method freezes (FFA: lora_a).
+    bundle = build_model(cfg.model, init_key, placement=placement).with_frozen(method.frozen_labels)
     log.info("model: %s, weights: %s", cfg.model.arch, bundle.weights_source)
     remat = cfg.model.get("remat", "none")
     if (

@@ -112,9 +112,9 @@ def _gemma_parts(cfg, mesh, method, plan_cfg):
     from flax.traverse_util import flatten_dict
 
     from dpbench.models import gemma3
-    from dpbench.models.base import ModelBundle
+    from dpbench.models.base import ModelBundle, finetune_labels
     from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer
-    from dpbench.models.lora import LoraSpec, effective_rank, trainable_rule
+    from dpbench.models.lora import LoraSpec, effective_rank
     from dpbench.train.summarization import SummarizationTask
 
     m = cfg.model
@@ -128,14 +128,9 @@ def _gemma_parts(cfg, mesh, method, plan_cfg):
     module = gemma3.Gemma3(config, lora, dtype, remat=m.remat)
     dummy = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
     shapes = flatten_dict(jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy)["params"])
-    is_trainable = trainable_rule(
-        m.finetune, method.freezes_lora_a, None if m.finetune == "lora" else "^embed_tokens/"
-    )
+    in_float32 = gemma3.stored_in_float32(m.finetune)  # as build_gemma3 stores them
     params = {
-        p: jax.ShapeDtypeStruct(
-            s.shape, jnp.float32 if is_trainable(p) or p[-1].startswith("lora_") else dtype
-        )
-        for p, s in shapes.items()
+        p: jax.ShapeDtypeStruct(s.shape, jnp.float32 if in_float32(p) else dtype) for p, s in shapes.items()
     }
     body = module.clone(head=False)
 
@@ -151,12 +146,13 @@ def _gemma_parts(cfg, mesh, method, plan_cfg):
     bundle = ModelBundle(
         apply_fn=apply_fn,
         params=params,
-        is_trainable=is_trainable,
+        label_of=gemma3.label_of,
+        trainable_labels=finetune_labels(m.finetune),
         weights_source="none (plan)",
         tokenizer=Gemma3ByteTokenizer(),
         module=module,
         extras={"hidden_states_fn": hidden_states_fn, "logits_fn": logits_fn},
-    )
+    ).with_frozen(method.frozen_labels)  # as experiment.build
     task = SummarizationTask(bundle, cfg.dataset, progress_bar=False)
     length = int(cfg.dataset.max_length)
     task.max_targets = min(int(plan_cfg.get("max_targets") or cfg.dataset.max_new_tokens + 1), length - 1)
@@ -166,7 +162,7 @@ def _gemma_parts(cfg, mesh, method, plan_cfg):
         for k in ("input_ids", "attention_mask", "loss_mask")
     }
     notes = [f"summarisation loss on {task.max_targets} response positions per example"]
-    return params, is_trainable, task.losses_fn, batch, notes
+    return params, bundle.is_trainable, task.losses_fn, batch, notes
 
 
 def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str]]:

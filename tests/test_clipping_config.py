@@ -23,7 +23,7 @@ def test_clipping_resolves_and_validates(overrides, name, clipping):
     validate_static(cfg)
     method = make_method(cfg.dp)
     assert (method.name, method.clipping) == (name, clipping)
-    assert method.freezes_lora_a == (name == "ffa")
+    assert method.frozen_labels == (("lora_a",) if name == "ffa" else ())
 
 
 @pytest.mark.parametrize(

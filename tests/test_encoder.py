@@ -199,8 +199,7 @@ def _lora_bundles(roberta_dir, freeze_a=False):
     lora = build_encoder(
         EncoderModelConfig(checkpoint=str(roberta_dir), num_labels=3, lora_rank=4, lora_alpha=8.0),
         jax.random.PRNGKey(0),
-        freeze_lora_a=freeze_a,
-    )
+    ).with_frozen(("lora_a",) if freeze_a else ())
     return base, lora
 
 
@@ -251,7 +250,7 @@ def test_tiny_encoder_yaml_builds_and_trains_lora_b():
     raw = yaml.safe_load((CONF / "tiny_encoder.yaml").read_text())
     assert raw.pop("defaults") == ["encoder_schema", "_self_"]
     cfg = OmegaConf.merge(OmegaConf.structured(EncoderModelConfig), raw)
-    bundle = build_encoder(cfg, jax.random.PRNGKey(0), freeze_lora_a=True)
+    bundle = build_encoder(cfg, jax.random.PRNGKey(0)).with_frozen(("lora_a",))
     assert isinstance(bundle.tokenizer, ByteTokenizer)
     tok = bundle.tokenizer
     rows = [tok.encode(s) for s in ("a fine film", "awful")]
@@ -309,7 +308,7 @@ def minilm():
         OmegaConf.structured(EncoderModelConfig),
         {k: v for k, v in yaml.safe_load((CONF / "minilm.yaml").read_text()).items() if k != "defaults"},
     )
-    return build_encoder(cfg, jax.random.PRNGKey(0), freeze_lora_a=True)
+    return build_encoder(cfg, jax.random.PRNGKey(0)).with_frozen(("lora_a",))
 
 
 def test_minilm_from_package_matches_transformers(minilm):

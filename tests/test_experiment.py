@@ -157,6 +157,13 @@ def test_train_never_imports_privacy():
         assert not offending, f"{path.name} imports {offending}"
 
 
+def test_privacy_never_imports_models():
+    """A DP method names parameter labels as plain strings; it never looks inside (or imports) a model."""
+    for path in (REPO / "dpbench" / "privacy").glob("*.py"):
+        offending = {name for name in _dpbench_imports(path) if name.startswith("dpbench.models")}
+        assert not offending, f"{path.name} imports {offending}"
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [

@@ -35,6 +35,7 @@ from dpbench.models.gemma3 import (
 from dpbench.models.gemma3_tokenizer import Gemma3Tokenizer
 from dpbench.models.generate import greedy_generate
 from dpbench.models.lora import merge_lora
+from dpbench.privacy.methods import METHODS
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -394,14 +395,13 @@ def test_bundle_lora_trains_only_lora_and_fresh_lora_is_the_base(tiny):
     assert not any(plain.is_trainable(p) for p in flatten_dict(plain.params))
 
 
-@pytest.mark.parametrize("freeze_a", [False, True])
-def test_ffa_freezes_lora_a(tiny, freeze_a):
+@pytest.mark.parametrize("method", ["vanilla", "ffa"])
+def test_ffa_freezes_lora_a(tiny, method):
     _, folder = tiny
-    bundle = build_gemma3(
-        Gemma3ModelConfig(checkpoint=str(folder), lora_rank=2), jax.random.key(0), freeze_lora_a=freeze_a
-    )
+    bundle = build_gemma3(Gemma3ModelConfig(checkpoint=str(folder), lora_rank=2), jax.random.key(0))
+    bundle = bundle.with_frozen(METHODS[method].frozen_labels)
     kinds = {p[-1] for p in flatten_dict(bundle.params) if bundle.is_trainable(p)}
-    assert kinds == ({"lora_b"} if freeze_a else {"lora_a", "lora_b"})
+    assert kinds == ({"lora_b"} if method == "ffa" else {"lora_a", "lora_b"})
 
 
 def test_bfloat16_stores_frozen_weights_in_bf16_and_tracks_float32(tiny):

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from dpbench.config import ConfigError
 from dpbench.data import text
-from dpbench.models.base import ModelBundle
+from dpbench.models.base import LABELS, ModelBundle
 from dpbench.models.cnn import CNN, TemperedCNN
 from dpbench.models.encoder import build_encoder
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
@@ -165,7 +165,7 @@ SENTENCES = [f"film {i} is {'good' if i % 2 else 'bad'}" + " !" * (i % 4) for i 
 
 def encoder_problem(finetune: str, freeze_a: bool):
     cfg = compose_config(["model=tiny_encoder", f"model.finetune={finetune}"]).model
-    bundle = build_encoder(cfg, jax.random.PRNGKey(0), freeze_lora_a=freeze_a)
+    bundle = build_encoder(cfg, jax.random.PRNGKey(0)).with_frozen(("lora_a",) if freeze_a else ())
     trainable, frozen = split_params(perturb_lora_b(bundle.params), bundle.is_trainable)
     arrays, _ = text.tokenize_classification(SENTENCES, np.arange(9) % 2, bundle.tokenizer, 28)
     assert arrays["attention_mask"].min() == 0, "the test needs padding tokens"
@@ -292,7 +292,14 @@ def leaky_bundle(dtype) -> ModelBundle:
             return module.apply({"params": params}, batch["x"]).astype(jnp.float32)
 
         variant = None if dtype == jnp.float32 else (lambda: bundle_of(module.clone(dtype=jnp.float32), None))
-        return ModelBundle(apply_fn, params, lambda path: True, "random init", float32_variant=variant)
+        return ModelBundle(
+            apply_fn,
+            params,
+            label_of=lambda path: "base",
+            trainable_labels=frozenset(LABELS),
+            weights_source="random init",
+            float32_variant=variant,
+        )
 
     return bundle_of(module, params)
 

@@ -24,9 +24,9 @@ CLIP = 0.05
 SENTENCES = [f"sentence number {i} is {'good' if i % 2 else 'bad'}" for i in range(11)]
 
 
-def encoder_problem(freeze_a: bool):
+def encoder_problem(frozen_labels: tuple[str, ...]):
     cfg = compose_config(["model=tiny_encoder"]).model
-    bundle = build_encoder(cfg, jax.random.PRNGKey(0), freeze_lora_a=freeze_a)
+    bundle = build_encoder(cfg, jax.random.PRNGKey(0)).with_frozen(frozen_labels)
     # LoRA B starts at zero; perturb it so every trainable factor gets a non-zero gradient.
     flat = flatten_dict(bundle.params)
     key = jax.random.PRNGKey(1)
@@ -65,7 +65,7 @@ def test_sensitivity_at_most_c_for_every_method(method_name, clipping, removed):
     assert method.clipping == {"auto": "ghost" if method_name == "ghost" else FASTEST_EXACT}.get(
         clipping, clipping
     )
-    task, trainable, frozen, arrays = encoder_problem(method.freezes_lora_a)
+    task, trainable, frozen, arrays = encoder_problem(method.frozen_labels)
     full = list(range(11))
     with_all = summed(method, task, trainable, frozen, arrays, full, 4)
     without = summed(method, task, trainable, frozen, arrays, [i for i in full if i != removed], 4)
@@ -76,7 +76,7 @@ def test_sensitivity_at_most_c_for_every_method(method_name, clipping, removed):
 @pytest.mark.parametrize("method_name", ["vanilla", "ffa"])
 def test_trainable_sets_and_ffa_keeps_a_bit_identical(method_name):
     method = make_method(OmegaConf.create({"method": method_name, "clip_norm": CLIP}))
-    task, trainable, frozen, arrays = encoder_problem(method.freezes_lora_a)
+    task, trainable, frozen, arrays = encoder_problem(method.frozen_labels)
     names = {path[-1] for path in trainable}
     if method_name == "ffa":
         assert "lora_a" not in names and "lora_b" in names
@@ -100,7 +100,7 @@ def test_trainable_sets_and_ffa_keeps_a_bit_identical(method_name):
 def test_training_past_the_budget_raises():
     from dpbench.privacy.accounting import AccountantConfig, EpsilonTracker
 
-    task, trainable, frozen, arrays = encoder_problem(False)
+    task, trainable, frozen, arrays = encoder_problem(())
     sampler = PoissonSampler(11, 4, seed=0)
     tracker = EpsilonTracker(sampler, 1.0, 1e-5, AccountantConfig(name="rdp"), budgeted_steps=2)
     method = GradientMethod("vanilla", clip_norm=CLIP)

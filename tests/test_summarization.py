@@ -13,8 +13,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from omegaconf import OmegaConf
 
 from dpbench.data import text
-from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
 from dpbench.experiment import run
+from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
 from dpbench.train.loop import split_params
 from dpbench.train.summarization import (
     SummarizationTask,

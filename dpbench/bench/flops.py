@@ -23,7 +23,7 @@ def accumulate_cost(workload: workloads.Workload, clipping: str | None) -> dict:
     from dpbench.train.loop import Trainer, gather_chunks
 
     method = make_method(jax_side.dp_config(workload, clipping))
-    model = jax_side.Model(workload, freeze_lora_a=method.freezes_lora_a)
+    model = jax_side.Model(workload, frozen_labels=method.frozen_labels)
     mesh = sharding.make_mesh()
     trainer = Trainer(
         model.losses_fn,

@@ -8,6 +8,7 @@ exactly as ``python -m dpbench`` trains.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import types
 from collections.abc import Callable
@@ -94,18 +95,19 @@ def make_optimizer(workload: Workload) -> optax.GradientTransformation:
 class Model:
     """The bundle, the per-example losses function, trainable / frozen parameters, one logical batch."""
 
-    def __init__(self, workload: Workload, freeze_lora_a: bool = False):
+    def __init__(self, workload: Workload, frozen_labels: tuple[str, ...] = ()):
+        from dpbench.models.base import LABELS
         from dpbench.models.registry import build_model
         from dpbench.train.loop import split_params
 
         self.workload = workload
         cfg = model_config(workload)
-        self.bundle = build_model(cfg, jax.random.PRNGKey(0), freeze_lora_a=freeze_lora_a)
-        self.losses_fn = self._task().losses_fn
-        is_trainable = self.bundle.is_trainable
+        bundle = build_model(cfg, jax.random.PRNGKey(0))
         if workload.finetune == "full" and "finetune" not in cfg:
-            is_trainable = lambda path: True  # noqa: E731
-        self.trainable, self.frozen = split_params(self.bundle.params, is_trainable)
+            bundle = dataclasses.replace(bundle, trainable_labels=frozenset(LABELS))
+        self.bundle = bundle.with_frozen(frozen_labels)  # as experiment.build: the method's labels
+        self.losses_fn = self._task().losses_fn
+        self.trainable, self.frozen = split_params(self.bundle.params, self.bundle.is_trainable)
         self.batch = make_batch(workload)
 
     def _task(self):
@@ -143,7 +145,7 @@ def dpbench_step(
     from dpbench.train.loop import Trainer, gather_chunks
 
     method = make_method(dp_config(workload, clipping))
-    model = Model(workload, freeze_lora_a=method.freezes_lora_a)
+    model = Model(workload, frozen_labels=method.frozen_labels)
     mesh = sharding.make_mesh()
     frozen = sharding.put_replicated(model.frozen, mesh)
     noise = None

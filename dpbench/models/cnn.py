@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dpbench.models.base import ModelBundle
+from dpbench.models.base import LABELS, ModelBundle, layer_label
 from dpbench.models.layers import Conv, LoRADense
 
 
@@ -68,8 +68,16 @@ class TemperedCNN(nn.Module):
         return LoRADense(self.num_classes, name="Dense_1")(x)
 
 
-def build_cnn(cfg: CNNModelConfig, rng: jax.Array, freeze_lora_a: bool = False) -> ModelBundle:
-    del freeze_lora_a  # no LoRA in the CNN: every parameter trains
+HEAD = "Dense_1"  # the classification layer, last in both variants
+
+
+def label_of(path: tuple[str, ...]) -> str:
+    """``head`` for the last layer; ``bias`` / ``base`` for the others (no LoRA, no norm, no embedding)."""
+    return "head" if path[0] == HEAD else layer_label(path)
+
+
+def build_cnn(cfg: CNNModelConfig, rng: jax.Array, placement=None) -> ModelBundle:
+    del placement  # small: stays on the default device (the registry passes none to unplaced builders)
     if cfg.variant not in VARIANTS:
         raise ValueError(f"model.variant={cfg.variant!r} is not known; choose one of {', '.join(VARIANTS)}")
     if cfg.activation not in ACTIVATIONS:
@@ -86,7 +94,8 @@ def build_cnn(cfg: CNNModelConfig, rng: jax.Array, freeze_lora_a: bool = False) 
     return ModelBundle(
         apply_fn=apply_fn,
         params=params,
-        is_trainable=lambda path: True,
+        label_of=label_of,
+        trainable_labels=frozenset(LABELS),  # no model.finetune: the CNN trains from scratch, all of it
         weights_source=f"random init ({cfg.variant} CNN, {cfg.activation})",
         module=module,
     )

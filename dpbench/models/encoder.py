@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,12 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from dpbench.models.base import ModelBundle
+from dpbench.models.base import ModelBundle, finetune_labels, layer_label
 from dpbench.models.checkpoints import hub_snapshot, weights_package
 from dpbench.models.hf_encoder import FAMILIES, EncoderArch, load_hf_encoder
 from dpbench.models.hf_tokenizer import ByteTokenizer, HFTokenizer
 from dpbench.models.layers import Embed, LayerNorm
-from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, trainable_rule
+from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, lora_label
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HUB_FILES = [
@@ -73,7 +74,8 @@ class EncoderModelConfig:
     lora_rank: int = 8  # 0: no LoRA (then only head_pattern parameters train)
     lora_alpha: float = 16.0
     lora_targets: list[str] = dataclasses.field(default_factory=lambda: ["query", "value"])
-    head_pattern: str = "classifier"  # regex on "/"-joined param paths of parameters that always train
+    # regex on "/"-joined param paths: the parameters labelled "head" (they train under lora and head)
+    head_pattern: str = "classifier"
     random_init: RandomInitConfig | None = None
     dtype: str = "float32"  # compute dtype; parameters stay float32
     # [regex, spec] pairs on parameter paths (dpbench.train.sharding); null = the default rules.
@@ -303,13 +305,27 @@ def _overlay(params, loaded: dict, allowed_missing: tuple[str, ...]):
     return unflatten_dict(flat, sep="/")
 
 
-def build_encoder(
-    cfg: EncoderModelConfig, rng: jax.Array, freeze_lora_a: bool = False, placement=None
-) -> ModelBundle:
+def label_of(path: tuple[str, ...], head_pattern: str | None) -> str:
+    """The parameter label (``dpbench.models.base.LABELS``) of ``path``: LoRA factors by leaf name (also
+    inside the head), ``head`` for paths matching ``head_pattern``, then norm / embedding / bias / base.
+
+    >>> label_of(("classifier", "dense", "bias"), "classifier")
+    'head'
+    >>> label_of(("encoder", "layer_0", "attention_norm", "bias"), "classifier")
+    'norm'
+    """
+    if is_lora_param(path):
+        return lora_label(path)
+    if head_pattern is not None and re.search(head_pattern, "/".join(path)) is not None:
+        return "head"
+    return layer_label(path)
+
+
+def build_encoder(cfg: EncoderModelConfig, rng: jax.Array, placement=None) -> ModelBundle:
     """The classifier of ``cfg`` with pretrained weights (or random ones for ``random_init``).
 
-    Trainable: ``lora_b``, ``lora_a`` unless ``freeze_lora_a`` (FFA), and parameters matching
-    ``head_pattern``. Head layers that the checkpoint lacks are randomly initialised (N(0, 0.02)).
+    Trainable: the labels ``model.finetune`` trains (lora: the LoRA factors and the parameters matching
+    ``head_pattern``). Head layers that the checkpoint lacks are randomly initialised (N(0, 0.02)).
     """
     _validate(cfg)
     lora = LoraSpec(
@@ -343,16 +359,17 @@ def build_encoder(
     if placement is not None:  # onto the mesh by sharding rule (encoders are small: built, then moved)
         params = unflatten_dict(placement(flatten_dict(params)))
 
-    return _bundle(
-        module, params, trainable_rule(cfg.finetune, freeze_lora_a, cfg.head_pattern), source, tokenizer
-    )
+    labels = functools.partial(label_of, head_pattern=cfg.head_pattern)
+    return _bundle(module, params, labels, finetune_labels(cfg.finetune), source, tokenizer)
 
 
 def _inputs(batch: dict):
     return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
 
 
-def _bundle(module: EncoderForSequenceClassification, params, is_trainable, source, tokenizer) -> ModelBundle:
+def _bundle(
+    module: EncoderForSequenceClassification, params, labels, trainable_labels, source, tokenizer
+) -> ModelBundle:
     """The bundle of ``module``; below float32 its ``float32_variant`` has the same functions through
     ``module.clone(dtype=float32)``."""
 
@@ -366,12 +383,14 @@ def _bundle(module: EncoderForSequenceClassification, params, is_trainable, sour
     if jnp.dtype(module.dtype) != jnp.float32:
 
         def float32_variant():  # the functions only: ModelBundle.in_float32 keeps its own params
-            return _bundle(module.clone(dtype=jnp.float32), None, is_trainable, source, tokenizer)
+            f32 = module.clone(dtype=jnp.float32)
+            return _bundle(f32, None, labels, trainable_labels, source, tokenizer)
 
     return ModelBundle(
         apply_fn=apply_fn,
         params=params,
-        is_trainable=is_trainable,
+        label_of=labels,
+        trainable_labels=trainable_labels,
         weights_source=source,
         tokenizer=tokenizer,
         module=module,

@@ -34,10 +34,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dpbench import taps
 from dpbench.models import gemma3_loading as loading
-from dpbench.models.base import ModelBundle, gather_at_use
+from dpbench.models.base import ModelBundle, finetune_labels, gather_at_use, layer_label, trainable_by_labels
 from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
 from dpbench.models.layers import Embed, RMSNorm, attend
-from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, trainable_rule
+from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, lora_label
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
@@ -559,16 +559,37 @@ def _on_default_device(flat: dict, dtype: Any = None) -> dict:
     return {p: jnp.asarray(v, dtype) for p, v in flat.items()}
 
 
-def build_gemma3(
-    cfg: Gemma3ModelConfig, rng: jax.Array, freeze_lora_a: bool = False, placement=None
-) -> ModelBundle:
+def label_of(path: tuple[str, ...]) -> str:
+    """The parameter label (``dpbench.models.base.LABELS``) of ``path``: LoRA factors by leaf name, the
+    tied embedding (Gemma's only head), RMSNorm scales, the rest base (Gemma has no biases).
+
+    >>> kernel = ("layer_0", "attn", "q_proj", "kernel")
+    >>> label_of(EMBEDDING_PATH), label_of(("final_norm", "scale")), label_of(kernel)
+    ('tied_embedding', 'norm', 'base')
+    """
+    if is_lora_param(path):
+        return lora_label(path)
+    if path[0] == EMBEDDING_PATH[0]:
+        return "tied_embedding"
+    return layer_label(path)
+
+
+def stored_in_float32(finetune: str):
+    """``path -> bool``: the weights the builder stores in float32, those ``model.finetune`` trains (what
+    the optimizer updates); the others are stored in ``model.dtype``. The model setting alone decides,
+    not the DP method, so a label the method freezes too (FFA's ``lora_a``) stays float32: the LoRA
+    factors are small, and the builder needs no method."""
+    return trainable_by_labels(label_of, finetune_labels(finetune))
+
+
+def build_gemma3(cfg: Gemma3ModelConfig, rng: jax.Array, placement=None) -> ModelBundle:
     """Gemma 3 with pretrained (or, for ``random_init``, random) weights and LoRA on ``lora_targets``.
 
-    Only LoRA factors train (``lora_b``; ``lora_a`` unless ``freeze_lora_a``). ``apply_fn(params, batch)``
+    Trainable: the labels ``model.finetune`` trains (lora: the LoRA factors). ``apply_fn(params, batch)``
     gives float32 logits ``[B, T, V]`` from ``batch["input_ids"]`` and ``batch["attention_mask"]``.
     ``placement(flat, dtype)`` puts the weights on devices (``dpbench.train.sharding.placement``: each
     device reads its own slice of the checkpoint); by default they go whole to the default device.
-    Frozen weights are stored in ``model.dtype``; trainable ones in float32 (what the optimizer updates).
+    Frozen weights are stored in ``model.dtype``; trainable ones in float32 (``stored_in_float32``).
     """
     _validate(cfg)
     dtype = DTYPES[cfg.dtype]
@@ -615,19 +636,17 @@ def build_gemma3(
         raise ValueError(
             f"{source}: tensor shapes differ from the architecture (path, got, expected): {wrong[:4]}"
         )
-    is_trainable = trainable_rule(
-        cfg.finetune, freeze_lora_a, head_pattern=None if cfg.finetune == "lora" else "^embed_tokens/"
-    )
+    in_float32 = stored_in_float32(cfg.finetune)
     placement = placement or _on_default_device
-    flat = placement({p: v for p, v in weights.items() if not is_trainable(p)}, dtype=dtype)
-    flat.update(placement({p: v for p, v in weights.items() if is_trainable(p)}, dtype=jnp.float32))
-    flat.update(placement(_lora_params(module, rng, dummy)))
+    flat = placement({p: v for p, v in weights.items() if not in_float32(p)}, dtype=dtype)
+    flat.update(placement({p: v for p, v in weights.items() if in_float32(p)}, dtype=jnp.float32))
+    flat.update(placement(_lora_params(module, rng, dummy)))  # float32, as initialised
     params = unflatten_dict(flat)
 
-    return _bundle(module, config, dtype, params, is_trainable, source, tokenizer, lora)
+    return _bundle(module, config, dtype, params, finetune_labels(cfg.finetune), source, tokenizer, lora)
 
 
-def _bundle(module, config, dtype, params, is_trainable, source, tokenizer, lora) -> ModelBundle:
+def _bundle(module, config, dtype, params, trainable_labels, source, tokenizer, lora) -> ModelBundle:
     """The bundle of ``module`` computing in ``dtype``; its ``float32_variant`` (below float32) has the
     same functions through ``module.clone(dtype=float32)``."""
 
@@ -648,13 +667,14 @@ def _bundle(module, config, dtype, params, is_trainable, source, tokenizer, lora
 
         def float32_variant():  # the functions only: ModelBundle.in_float32 keeps its own params
             f32 = module.clone(dtype=jnp.float32)
-            return _bundle(f32, config, jnp.float32, None, is_trainable, source, tokenizer, lora)
+            return _bundle(f32, config, jnp.float32, None, trainable_labels, source, tokenizer, lora)
 
     return ModelBundle(
         apply_fn=apply_fn,
         params=params,
-        # LoRA trains the adapters alone; "head" is the tied embedding, Gemma's output layer.
-        is_trainable=is_trainable,
+        # LoRA trains the adapters alone; finetune=head trains the tied embedding, Gemma's output layer.
+        label_of=label_of,
+        trainable_labels=trainable_labels,
         weights_source=source,
         tokenizer=tokenizer,
         module=module,

@@ -3,14 +3,14 @@
 A LoRA layer computes ``x @ W + b + (alpha / r) * (x @ A) @ B`` with ``A`` drawn from a
 Gaussian and ``B`` zero at init, so a fresh LoRA model equals its base model. Which Dense layers
 get LoRA is chosen by name pattern (``targets``, regular expressions matched against the
-layer's path such as ``layer_3/attention/query``). The DP method decides only which of
-``lora_a`` / ``lora_b`` train (FFA freezes ``lora_a``); it never looks inside the model.
+layer's path such as ``layer_3/attention/query``). The factors carry the parameter labels ``lora_a`` /
+``lora_b`` (``lora_label``); a DP method freezes by label (FFA freezes ``lora_a``) and never looks
+inside the model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from dpbench.models.base import FINETUNE_LABELS, finetune_labels
 from dpbench.models.layers import LORA_A, LORA_B, LoRADense
 
 
@@ -45,14 +46,11 @@ def dense(spec: LoraSpec | None, layer_path: str, features: int, **kwargs) -> Lo
     return LoRADense(features=features, lora_rank=rank, lora_alpha=alpha, name=name, **kwargs)
 
 
-FINETUNE_MODES = ("lora", "full", "head")
+FINETUNE_MODES = tuple(FINETUNE_LABELS)
 
 
 def check_finetune(finetune: str) -> None:
-    if finetune not in FINETUNE_MODES:
-        raise ValueError(
-            f"model.finetune={finetune!r} is not known; choose one of {', '.join(FINETUNE_MODES)}"
-        )
+    finetune_labels(finetune)  # raises, naming the choices, for an unknown mode
 
 
 def effective_rank(finetune: str, lora_rank: int) -> int:
@@ -60,32 +58,13 @@ def effective_rank(finetune: str, lora_rank: int) -> int:
     return lora_rank if finetune == "lora" else 0
 
 
-def trainable_rule(finetune: str, freeze_a: bool, head_pattern: str | None):
-    """``path -> bool``: what trains under ``model.finetune``.
-
-    ``lora``: the LoRA factors (``lora_a`` unless frozen, as FFA does) and the head; ``full``: every
-    parameter; ``head``: the parameters matching ``head_pattern`` only.
-    """
-    check_finetune(finetune)
-    if finetune == "full":
-        return lambda path: True
-    if finetune == "head":
-        return lambda path: re.search(head_pattern, "/".join(path)) is not None
-    return functools.partial(lora_trainable, freeze_a=freeze_a, head_pattern=head_pattern)
-
-
 def is_lora_param(path: tuple[str, ...]) -> bool:
     return path[-1] in (LORA_A, LORA_B)
 
 
-def lora_trainable(path: tuple[str, ...], freeze_a: bool, head_pattern: str | None = None) -> bool:
-    """Trainable set of LoRA fine-tuning: ``lora_b`` always, ``lora_a`` unless frozen (FFA),
-    and any parameter whose path matches ``head_pattern`` (e.g. the classification head)."""
-    if path[-1] == LORA_B:
-        return True
-    if path[-1] == LORA_A:
-        return not freeze_a
-    return head_pattern is not None and re.search(head_pattern, "/".join(path)) is not None
+def lora_label(path: tuple[str, ...]) -> str | None:
+    """The parameter label of a LoRA factor (``lora_a`` / ``lora_b``, its leaf name); None otherwise."""
+    return path[-1] if is_lora_param(path) else None
 
 
 def merge_lora(params: Any, scale: float) -> Any:

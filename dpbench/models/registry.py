@@ -16,11 +16,13 @@ _BUILDERS = {
 PLACED = ("gemma3", "encoder")  # builders that place their weights by sharding rule themselves
 
 
-def build_model(cfg, rng: jax.Array, freeze_lora_a: bool, placement=None) -> ModelBundle:
-    """``placement`` (dpbench.train.sharding.placement): where builders that take it put weights."""
+def build_model(cfg, rng: jax.Array, placement=None) -> ModelBundle:
+    """``placement`` (dpbench.train.sharding.placement): where builders that take it put weights.
+
+    The bundle trains what ``model.finetune`` trains; a DP method freezes more with ``with_frozen``."""
     if cfg.arch not in _BUILDERS:
         raise ValueError(f"model.arch={cfg.arch!r} is not known; choose one of {', '.join(_BUILDERS)}")
     module_name, fn_name = _BUILDERS[cfg.arch]
     extra = {"placement": placement} if placement is not None and cfg.arch in PLACED else {}
     builder = getattr(importlib.import_module(module_name), fn_name)
-    return builder(cfg, rng, freeze_lora_a=freeze_lora_a, **extra)
+    return builder(cfg, rng, **extra)

@@ -5,7 +5,7 @@
   summed over the whole logical batch, N(0, σ²C²) added once to that sum, divided by the
   *expected* logical batch size (dividing by the realised size would leak it).
 - ``ffa``: the same clipping and noise; LoRA's A matrices stay frozen at their random init
-  (the model builder is told ``freeze_lora_a``), so only B (and any head) train.
+  (the method freezes the parameter label ``lora_a``), so only B (and any head) train.
 - ``ghost``: ``vanilla`` with exact ghost clipping (Li et al. 2022; Bu et al. 2022): the same
   mechanism, so the same ε and, up to float rounding, the same result.
 - ``bandmf``: DP-FTRL with banded matrix factorization (Choquette-Choo et al. 2023): the same
@@ -22,7 +22,8 @@ the fastest exact implementation that ``make bench`` measured (results/bench.md)
 exact in a bfloat16 model (its second backward pass rounds in bfloat16) and is refused there
 (``check_clipping_dtype``); book-keeping and per-example are.
 
-A new method is one entry in ``METHODS`` plus one YAML in ``conf/dp/``.
+A new method is one entry in ``METHODS`` plus one YAML in ``conf/dp/``. A method that changes what trains
+names parameter labels (``dpbench.models.base.LABELS``, plain strings: privacy code imports no model).
 """
 
 from __future__ import annotations
@@ -39,10 +40,11 @@ CLIPPING_CHOICES = (AUTO, *clipping_lib.CLIPPING_IMPLEMENTATIONS)
 
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """What a ``dp.method`` name means: private or not, which LoRA factor trains, which clipping."""
+    """What a ``dp.method`` name means: private or not, the parameter labels it freezes on top of what
+    ``model.finetune`` leaves frozen, which clipping."""
 
     private: bool
-    freezes_lora_a: bool = False
+    frozen_labels: tuple[str, ...] = ()
     required_clipping: str | None = None  # e.g. ghost: the method *is* that implementation
     noise: str = "iid"  # dpbench.privacy.noise.NOISE_KINDS
     # The samplers its accounting holds under (dpbench.privacy.batch_selection).
@@ -52,7 +54,7 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {
     "none": MethodSpec(private=False),
     "vanilla": MethodSpec(private=True),
-    "ffa": MethodSpec(private=True, freezes_lora_a=True),
+    "ffa": MethodSpec(private=True, frozen_labels=("lora_a",)),
     "ghost": MethodSpec(private=True, required_clipping="ghost"),
     # Banded: column-normalised with bands <= the cycle, so each participation has sensitivity C.
     "bandmf": MethodSpec(private=True, noise="bandmf", samplers=("cyclic_poisson",)),
@@ -65,7 +67,7 @@ METHODS: dict[str, MethodSpec] = {
 class GradientMethod:
     name: str
     clip_norm: float | None  # None for the non-private method
-    freezes_lora_a: bool = False
+    frozen_labels: tuple[str, ...] = ()  # parameter labels the method freezes (ModelBundle.with_frozen)
     clipping: str = "per_example"  # how the clipped sum is computed; exact either way
 
     @property
@@ -127,6 +129,6 @@ def make_method(dp_cfg) -> GradientMethod:
     return GradientMethod(
         dp_cfg.method,
         clip_norm=float(dp_cfg.clip_norm),
-        freezes_lora_a=spec.freezes_lora_a,
+        frozen_labels=spec.frozen_labels,
         clipping=clipping,
     )
