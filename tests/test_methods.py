@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from dpbench.data import text
 from dpbench.models.encoder import build_encoder
 from dpbench.privacy.batch_selection import PoissonSampler
-from dpbench.privacy.methods import FASTEST_EXACT, GradientMethod, make_method
+from dpbench.privacy.methods import FASTEST_EXACT, METHODS, GradientMethod, make_method
 from dpbench.privacy.noise import iid_gaussian
 from dpbench.train import sharding
 from dpbench.train.loop import LoopCallbacks, Trainer, gather_chunks, split_params, train_loop
@@ -57,7 +57,10 @@ def norm(tree):
 
 @pytest.mark.parametrize(
     ("method_name", "clipping"),
-    [("vanilla", "per_example"), ("vanilla", "bookkeeping"), ("ffa", "auto"), ("ghost", "auto")],
+    # Every private method in METHODS (a new one is covered without editing this list), and vanilla
+    # with each clipping implementation.
+    [("vanilla", "per_example"), ("vanilla", "bookkeeping")]
+    + [(name, "auto") for name, spec in METHODS.items() if spec.private],
 )
 @pytest.mark.parametrize("removed", [3, 10])  # 10 sits in the last, padded physical batch
 def test_sensitivity_at_most_c_for_every_method(method_name, clipping, removed):
