@@ -132,6 +132,7 @@ class Model:
 
 
 BANDMF_BANDS = 4
+BANDMF_STEPS = 5000  # the strategy's length (as a 5,000-step run): its (steps, bands) coefficients are held
 
 
 def dpbench_step(
@@ -151,7 +152,7 @@ def dpbench_step(
     noise = None
     if method.private:
         strategy = (
-            noise_lib.bandmf(10**6, BANDMF_BANDS, optimize=False)
+            noise_lib.bandmf(BANDMF_STEPS, BANDMF_BANDS, optimize=False)
             if noise_kind == "bandmf"
             else noise_lib.Strategy("iid")
         )
