@@ -406,6 +406,24 @@ class BallsInBinsSampler:
         }
 
 
+def sampler_of_record(config: dict, num_examples: int, steps: int, noise_description: dict | None = None):
+    """The sampler a run's record describes (its config's ``dp`` and ``runner``, and for balls-in-bins
+    the noise strategy of ``privacy.noise``), to recompute its ε; the seed is irrelevant there."""
+    from dpbench.privacy import noise
+
+    dp, runner = config["dp"], config["runner"]
+    sampler = make_sampler(
+        dp["sampler"], num_examples, runner["batch_size"], seed=None, cycle_length=dp.get("bands", 1)
+    )
+    if sampler.name == "balls_in_bins":
+        strategy = noise.Strategy.from_description(noise_description, steps)
+        if strategy.kind != "iid":
+            sampler.sensitivity_squared = lambda t: strategy.minsep_sensitivity_squared(
+                t, sampler.cycle_length
+            )
+    return sampler
+
+
 def make_sampler(name: str, num_examples: int, batch_size: int, seed: int | None, cycle_length: int = 1):
     """Build a sampler by name; ``batch_size`` is the expected batch size for Poisson.
 

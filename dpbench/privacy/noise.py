@@ -128,6 +128,34 @@ class Strategy:
             description["output_scale"] = [round(float(c), 6) for c in output_scale]
         return description
 
+    @classmethod
+    def from_description(cls, description: dict | None, steps: int) -> Strategy:
+        """The strategy a record or checkpoint describes (``describe()``; None: i.i.d.), for
+        recomputing its accounting (coefficients as described, rounded to 6 digits).
+
+        >>> Strategy.from_description({"kind": "bandmf", "bands": 2, "optimized": False,
+        ...                            "toeplitz_coefficients": [0.9, 0.4]}, 10).bands
+        2
+        """
+        description = description or {"kind": "iid"}
+        kind = description["kind"]
+        if kind == "bandmf":
+            coefficients = tuple(description["toeplitz_coefficients"])
+            return cls(
+                kind,
+                steps,
+                bands=len(coefficients),
+                optimized=description["optimized"],
+                coefficients=coefficients,
+            )
+        if kind == "blt":
+            coefficients = (tuple(description["buf_decay"]), tuple(description["output_scale"]))
+            buffers = description["buffers"]
+            return cls(
+                kind, steps, buffers=buffers, optimized=description["optimized"], coefficients=coefficients
+            )
+        return cls("iid", steps)
+
     def transform(self, stddev: float, key: jax.Array) -> NoiseTransform:
         if self.kind == "iid":
             return iid_gaussian(stddev, key)
