@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpbench.data.roots import register_resolvers
 from dpbench.data.schema import DatasetConfig
+from dpbench.errors import ConfigError
 from dpbench.loggers import LOGGERS
 from dpbench.models.cnn import CNNModelConfig
 from dpbench.models.encoder import EncoderModelConfig
@@ -178,10 +179,6 @@ def register_configs() -> None:
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
     cs.store(group="audit", name="audit_schema", node=AuditConfig)
     cs.store(group="paths", name="paths_schema", node=PathsConfig)
-
-
-class ConfigError(ValueError):
-    """A setting has a value dpbench refuses; the message names the setting and what is allowed."""
 
 
 # Errors that mean "a setting is wrong", reported as one line: ConfigError, and a path setting

@@ -11,6 +11,8 @@ import os
 import secrets
 from pathlib import Path
 
+from dpbench.errors import ConfigError
+
 log = logging.getLogger(__name__)
 WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run continues the same W&B run
 
@@ -83,8 +85,6 @@ LOGGERS = {"wandb": WandbLogger, "none": NullLogger}
 
 def make_logger(cfg, config: dict, output_dir: str, run_name: str, private: bool = False):
     if cfg.name not in LOGGERS:
-        from dpbench.config import ConfigError
-
         raise ConfigError(f"logger.name={cfg.name!r} is not allowed; choose one of {', '.join(LOGGERS)}")
     return LOGGERS[cfg.name](cfg, config, output_dir, run_name, private=private)
 

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dpbench import taps
+from dpbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -376,8 +377,6 @@ def check_tap_coverage(
         if not errors["/".join(path)] <= rtol:  # NaN counts as wrong
             wrong.append("/".join(path))
     if wrong:
-        from dpbench.config import ConfigError  # at call time: dpbench.config imports this package
-
         named = ", ".join(wrong[:4]) + (f" and {len(wrong) - 4} more" if len(wrong) > 4 else "")
         raise ConfigError(
             f"dp.clipping={clipping} would under-estimate per-example norms: the layer taps miss part of "
@@ -406,7 +405,6 @@ def require_exact_in(implementation: str, dtype: Any, method: str | None = None)
     (``dp.method``) only shapes the hint: ``dp=ghost`` *is* ghost clipping."""
     if is_exact_in(implementation, dtype):
         return
-    from dpbench.config import ConfigError  # at call time: dpbench.config imports this package
 
     name = jnp.dtype(dtype).name
     switch = "dp=vanilla dp.clipping" if method == implementation else "dp.clipping"

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import optax
 
+from dpbench.errors import ConfigError
+
 OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
     "sgd": lambda cfg: optax.sgd(cfg.learning_rate, momentum=cfg.momentum),
     "adam": lambda cfg: optax.adam(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps),
@@ -25,8 +27,6 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     dpbench.config.ConfigError: optimizer.name='lion' is not allowed; choose one of sgd, adam, adamw
     """
     if cfg.name not in OPTIMIZERS:
-        from dpbench.config import ConfigError
-
         raise ConfigError(
             f"optimizer.name={cfg.name!r} is not allowed; choose one of {', '.join(OPTIMIZERS)}"
         )

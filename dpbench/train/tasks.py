@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dpbench.errors import ConfigError
 from dpbench.train import sharding
 from dpbench.train.loop import merge_params
 
@@ -91,8 +92,6 @@ TASKS: dict[str, tuple[str, str]] = {
 
 def task_class(name: str) -> Any:
     if name not in TASKS:
-        from dpbench.config import ConfigError
-
         raise ConfigError(f"dataset.task={name!r} is not allowed; choose one of {', '.join(TASKS)}")
     module_name, class_name = TASKS[name]
     return getattr(importlib.import_module(module_name), class_name)
