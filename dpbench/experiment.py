@@ -489,7 +489,16 @@ class ReleasePolicy:
 
 def _reproducibility(exp: Experiment) -> dict:
     """How batches and noise were drawn (public: nothing derived from the secret), and the command."""
-    return {"sampler": exp.mechanism.sampler.name, **exp.randomness.describe(), "command": _command()}
+    described = {"sampler": exp.mechanism.sampler.name, **exp.randomness.describe(), "command": _command()}
+    if exp.private and exp.mechanism.strategy.kind != "iid":
+        # Correlated noise: jax_privacy's privatizer starts from the run's noise key (the same
+        # SHA-256 derivation as above) and splits it once per step instead of folding in the step.
+        kind = exp.mechanism.strategy.kind
+        described["noise"] = (
+            f"{kind}: C^-1 Z, Z from jax_privacy's matrix_factorization_privatizer, its key the run's "
+            "noise key (as for i.i.d. noise), split once per step"
+        )
+    return described
 
 
 def _command() -> str:
