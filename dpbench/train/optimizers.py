@@ -24,7 +24,7 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     >>> make_optimizer(OptimizerConfig(name="lion"))
     Traceback (most recent call last):
     ...
-    dpbench.config.ConfigError: optimizer.name='lion' is not allowed; choose one of sgd, adam, adamw
+    dpbench.errors.ConfigError: optimizer.name='lion' is not allowed; choose one of sgd, adam, adamw
     """
     if cfg.name not in OPTIMIZERS:
         raise ConfigError(
