@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shlex
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from dpbench import config as config_lib
 from dpbench import loggers, records
 from dpbench.data.base import Dataset
 from dpbench.data.registry import load_dataset
+from dpbench.models import remat as remat_lib
 from dpbench.models.base import ModelBundle
 from dpbench.models.registry import build_model
 from dpbench.privacy import accounting, clipping
@@ -173,18 +173,7 @@ def build(cfg: DictConfig) -> Experiment:
     # What trains: the labels model.finetune trains, minus those the DP method freezes (FFA: lora_a).
     bundle = build_model(cfg.model, init_key, placement=placement).with_frozen(method.frozen_labels)
     log.info("model: %s, weights: %s", cfg.model.arch, bundle.weights_source)
-    remat = cfg.model.get("remat", "none")
-    if (
-        remat != "none"
-        and jax.default_backend() == "cpu"
-        and CPU_KEEP_REMAT not in os.environ.get("XLA_FLAGS", "")
-    ):
-        # XLA:CPU expands jax.checkpoint's optimization barriers and CSE undoes the recomputation.
-        log.warning(
-            "model.remat=%s saves no memory on XLA:CPU unless XLA_FLAGS contains %s (set it before starting)",
-            remat,
-            CPU_KEEP_REMAT,
-        )
+    remat_lib.warn_if_ineffective(cfg.model.get("remat", "none"))
     task_type = task_class(cfg.dataset.task)
     train_arrays, eval_arrays, preparation = task_type.prepare(dataset, bundle, cfg)
 
@@ -338,8 +327,6 @@ def _privacy_claim(exp: Experiment) -> dict:
         "privacy": privacy,
     }
 
-
-CPU_KEEP_REMAT = "--xla_disable_hlo_passes=cse_barrier_expander"  # as dpbench.plan compiles
 
 # Settings that may differ between a checkpoint and the run resuming it: performance, logging,
 # paths and the checkpoint/resume knobs themselves. Every other setting must match.

@@ -35,7 +35,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dpbench import config as config_lib
-from dpbench.experiment import CPU_KEEP_REMAT
+from dpbench.models.remat import CPU_KEEP_REMAT
 
 config_lib.register_configs()
 

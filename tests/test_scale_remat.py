@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from dpbench.data import text
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
+from dpbench.models.remat import CPU_KEEP_REMAT
 from dpbench.privacy import clipping
 from dpbench.train.loop import split_params
 from dpbench.train.summarization import SummarizationTask
@@ -89,7 +90,7 @@ def test_cpu_run_warns_when_remat_would_save_nothing(tmp_path, caplog, monkeypat
         experiment.build(compose_config(overrides, tmp_path))
     assert "model.remat=full saves no memory on XLA:CPU" in caplog.text
     caplog.clear()
-    monkeypatch.setenv("XLA_FLAGS", experiment.CPU_KEEP_REMAT)
+    monkeypatch.setenv("XLA_FLAGS", CPU_KEEP_REMAT)
     with caplog.at_level("WARNING", logger="dpbench"):
         experiment.build(compose_config([*overrides[:-1], "model.remat=none"], tmp_path / "none"))
         experiment.build(compose_config(overrides, tmp_path / "kept"))

@@ -34,6 +34,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dpbench import taps
 from dpbench.models import gemma3_loading as loading
+from dpbench.models import remat as remat_lib
 from dpbench.models.base import ModelBundle, finetune_labels, gather_at_use, layer_label, trainable_by_labels
 from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
 from dpbench.models.layers import Embed, RMSNorm, attend
@@ -318,12 +319,7 @@ class DecoderLayer(nn.Module):
 
 
 # model.remat: what a decoder block keeps for the backward pass (the rest is recomputed).
-REMAT_POLICIES: dict[str, Any] = {
-    "none": None,  # keep every activation (no remat)
-    "full": "nothing_saveable",  # keep only each block's inputs
-    "dots": "dots_saveable",  # keep matmul outputs, recompute the elementwise rest
-    "dots_no_batch": "dots_with_no_batch_dims_saveable",  # keep weight matmuls, not attention ones
-}
+REMAT_POLICIES = remat_lib.POLICIES
 
 
 def gathers_at_use(path: tuple) -> bool:
@@ -352,8 +348,7 @@ def remat_layer(remat: str, block: str | None = None):
     records its layer taps explicitly (``explicit_taps``): the taps' inputs and output-gradients are
     still stored (they are results of the checkpointed block), everything else in the block,
     gathered weights included, is recomputed."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"model.remat={remat!r} is not known; choose one of {', '.join(REMAT_POLICIES)}")
+    remat_lib.check(remat)
     layer_type = DecoderLayer if block is None else _gathering(DecoderLayer, block)
     if REMAT_POLICIES[remat] is None:
         return layer_type
@@ -505,8 +500,7 @@ def _validate(cfg) -> None:
     if cfg.lora_rank < 0:
         raise ValueError(f"model.lora_rank={cfg.lora_rank} must be >= 0 (0 = no LoRA)")
     check_finetune(cfg.finetune)
-    if getattr(cfg, "remat", "none") not in REMAT_POLICIES:
-        raise ValueError(f"model.remat={cfg.remat!r} is not known; choose one of {', '.join(REMAT_POLICIES)}")
+    remat_lib.check(getattr(cfg, "remat", "none"))
     if cfg.tokenizer not in TOKENIZERS:
         raise ValueError(f"model.tokenizer={cfg.tokenizer!r} is not known; choose one of {list(TOKENIZERS)}")
     if cfg.tokenizer == "bytes" and (not cfg.random_init or cfg.checkpoint is not None):
