@@ -10,11 +10,23 @@ import logging
 import os
 import secrets
 from pathlib import Path
+from typing import Protocol
 
+from dpbench import records
 from dpbench.errors import ConfigError
 
 log = logging.getLogger(__name__)
 WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run continues the same W&B run
+
+
+class Logger(Protocol):
+    """Where metrics go besides history.jsonl and results.json (``logger.name``)."""
+
+    def log(self, metrics: dict, step: int) -> None: ...
+
+    def summary(self, values: dict) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 class NullLogger:
@@ -73,7 +85,7 @@ class WandbLogger:
         self.run.log({"train/step": step, **metrics})
 
     def summary(self, values: dict) -> None:
-        for key, value in _flatten(values).items():
+        for key, value in records.flatten(values, sep="/").items():
             self.run.summary[key] = value
 
     def finish(self) -> None:
@@ -89,12 +101,12 @@ def make_logger(cfg, config: dict, output_dir: str, run_name: str, private: bool
     return LOGGERS[cfg.name](cfg, config, output_dir, run_name, private=private)
 
 
-def _flatten(values: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}/"))
-        else:
-            flat[name] = value
-    return flat
+def run_name(cfg, dataset_name: str) -> str:
+    """``logger.run_name``, else one made of the dataset, model, method, ε (or σ) and seed."""
+    if cfg.logger.run_name:
+        return cfg.logger.run_name
+    if cfg.dp.method == "none":
+        eps = "nonprivate"
+    else:
+        eps = f"eps{cfg.dp.epsilon:g}" if cfg.dp.epsilon is not None else f"sigma{cfg.dp.noise_multiplier:g}"
+    return f"{dataset_name} | {cfg.model.arch} | {cfg.dp.method} | {eps} | seed{cfg.runner.seed}"

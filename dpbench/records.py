@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,31 @@ class RunRecord:
             values["schema_version"] = 0
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def flatten(values: Any, sep: str = ".", prefix: str = "") -> dict:
+    """Nested dicts as one level of ``sep``-joined names.
+
+    >>> flatten({"dp": {"epsilon": 1.0, "sampler": "poisson"}, "seed": 0})
+    {'dp.epsilon': 1.0, 'dp.sampler': 'poisson', 'seed': 0}
+    """
+    if not isinstance(values, dict):
+        return {prefix: values}
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{sep}{key}" if prefix else str(key)
+        flat.update(flatten(value, sep, name) if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def command_line() -> str:
+    """``python -m dpbench`` with this job's Hydra overrides (what reruns it, sweep or not)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():  # built from a composed config (tests, notebooks)
+        return "python -m dpbench (config composed in Python, no command line)"
+    overrides = HydraConfig.get().overrides.task
+    return " ".join(["python -m dpbench", *(shlex.quote(o) for o in overrides)])
 
 
 def write_json_atomic(path: str | Path, value: Any) -> Path:

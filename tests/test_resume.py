@@ -6,6 +6,7 @@ import pytest
 
 from dpbench import config as config_lib
 from dpbench import experiment, records
+from dpbench.privacy import release
 from dpbench.privacy.randomness import SECRET_FILE
 from dpbench.train.checkpoint import Checkpoints
 from dpbench.train.preemption import Preempted
@@ -134,14 +135,14 @@ def test_a_nonprivate_run_logs_everything(tmp_path):
 
 
 def test_nonfinite_counts_are_withheld_and_the_log_says_only_that_some_were_zeroed(caplog):
-    policy = experiment.ReleasePolicy(private=True, opted_in=False)
+    policy = release.ReleasePolicy(private=True, opted_in=False)
     with caplog.at_level(logging.WARNING, logger="dpbench"):
         assert policy.train_record({"count": 10.0, "loss_sum": 3.0, "nonfinite_sum": 2.0}) == {}
         assert policy.train_record({"count": 9.0, "loss_sum": 3.0, "nonfinite_sum": 1.0}) == {}
     warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warnings) == 1 and not any(char.isdigit() for char in warnings[0])
     assert policy.released == set()
-    opted_in = experiment.ReleasePolicy(private=True, opted_in=True)
+    opted_in = release.ReleasePolicy(private=True, opted_in=True)
     record = opted_in.train_record({"count": 10.0, "loss_sum": 3.0, "nonfinite_sum": 2.0})
     assert record["train/nonfinite_examples"] == 2.0 and record["train/loss"] == pytest.approx(0.3)
     assert {"train/nonfinite_examples", "train/loss", "train/logical_batch_size"} <= opted_in.released

@@ -399,6 +399,24 @@ def _at_least_f32_dtype(dtype: Any) -> bool:
     return jnp.promote_types(dtype, jnp.float32) == dtype
 
 
+def check_fast_clipping(
+    implementation: str, dtype: Any, method: str, losses_fn_f32: Callable, trainable, frozen, sample
+) -> None:
+    """Refuse at start-up, in one line, fast clipping that would not be exact for this model.
+
+    Ghost clipping must compute in float32 (:func:`require_exact_in`), and the layer taps must see
+    every use of every trainable parameter (:func:`check_tap_coverage`). Coverage is checked with
+    ``losses_fn_f32``, the model computing in float32, where a miss is structure, not rounding.
+    """
+    require_exact_in(implementation, dtype, method=method)
+    errors = check_tap_coverage(losses_fn_f32, trainable, sample, frozen, clipping=implementation)
+    log.info(
+        "dp.clipping=%s: layer taps cover every trainable parameter (max rel. error %.1e)",
+        implementation,
+        max(errors.values()),
+    )
+
+
 def require_exact_in(implementation: str, dtype: Any, method: str | None = None) -> None:
     """Refuse, with one line (``dpbench.config.ConfigError``), a clipping implementation that is not
     exact in a model computing in ``dtype`` (``model.dtype``): ghost below float32. ``method``

@@ -73,6 +73,14 @@ class Mechanism:
             return None
         return self.strategy.transform(self.noise_multiplier * self.clip_norm, key)
 
+    def epsilon_tracker(self, accountant: DictConfig) -> accounting.EpsilonTracker | None:
+        """ε spent after each logical step under ``accountant``, refusing steps past the budget."""
+        if not self.private:
+            return None
+        return accounting.EpsilonTracker(
+            self.sampler, self.noise_multiplier, self.delta, accountant, budgeted_steps=self.steps
+        )
+
     def bind(self, randomness) -> None:
         """Give the sampler its privacy randomness (a ``dpbench.privacy.randomness.PrivacyRandomness``)."""
         self.sampler.seed = randomness.batch_entropy()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,14 @@ import optax
 from dpbench.errors import ConfigError
 from dpbench.train import sharding
 from dpbench.train.loop import merge_params
+
+
+class Task(Protocol):
+    """What the runner needs of a task (a class of :data:`TASKS`, built by its ``build``)."""
+
+    losses_fn: Callable  # (trainable, batch, frozen) -> (per-example losses [B], aux)
+
+    def evaluate(self, trainable: dict, frozen: dict, arrays: dict, batch_size: int, mesh) -> dict: ...
 
 
 def padded_chunks(arrays: dict[str, np.ndarray], batch_size: int):

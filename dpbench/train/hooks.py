@@ -1,0 +1,110 @@
+"""The training loop's hooks, one small object per job (in the spirit of clu's periodic actions).
+
+:func:`dpbench.train.loop.train_loop` calls them through :class:`~dpbench.train.loop.LoopCallbacks`:
+:class:`Evaluation` at every ``runner.eval_every`` and at the end, :class:`TrainLog` at every logged
+step (through the release policy), :class:`Checkpointing` after every step (it decides whether one is
+due), :class:`StopRequest` after every step (preemption, or a caller's ``stop_after``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from dpbench import records
+from dpbench.privacy.release import ReleasePolicy
+from dpbench.train.checkpoint import Cadence, Checkpoints
+from dpbench.train.loop import TrainState
+from dpbench.train.preemption import StopSignals
+
+log = logging.getLogger("dpbench")
+
+
+class TrainClock:
+    """Training seconds, counting those of the sessions before a resume."""
+
+    def __init__(self, seconds_before: float = 0.0):
+        self.seconds_before = seconds_before
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.start
+
+
+class Evaluation:
+    """Evaluate the current parameters on the evaluation split; record and publish the metrics."""
+
+    def __init__(
+        self, task, state: TrainState, frozen: dict, arrays: dict, batch_size: int, mesh, history, logger
+    ):
+        self.task, self.state, self.frozen, self.arrays = task, state, frozen, arrays
+        self.batch_size, self.mesh, self.history, self.logger = batch_size, mesh, history, logger
+
+    def __call__(self, step: int) -> dict:
+        metrics = self.task.evaluate(
+            self.state.trainable, self.frozen, self.arrays, self.batch_size, self.mesh
+        )
+        if self.history.append("eval", step, metrics):
+            self.logger.log(metrics, step)
+        log.info(
+            "step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+        )
+        return metrics
+
+
+class TrainLog:
+    """Publish a logged training step: what the release policy lets out, and σ (public)."""
+
+    def __init__(
+        self, policy: ReleasePolicy, history: records.History, logger, noise_multiplier: float | None
+    ):
+        self.policy, self.history, self.logger = policy, history, logger
+        self.noise_multiplier = noise_multiplier
+
+    def __call__(self, record: dict, step: int) -> None:
+        record = self.policy.throughput(record)
+        if self.noise_multiplier is not None:
+            record = {**record, "privacy/sigma": self.noise_multiplier}
+        if self.history.append("train", step, record):
+            self.logger.log(record, step)
+
+
+class Checkpointing:
+    """Save the state when the cadence says so, and always where ``required``.
+
+    Required before every evaluation: whatever a run publishes comes from a saved state, so a
+    resumed run never redraws noise for a step whose outputs were already published.
+    """
+
+    def __init__(
+        self,
+        checkpoints: Checkpoints,
+        cadence: Cadence,
+        state: TrainState,
+        meta: dict[str, Any],
+        clock: TrainClock,
+        last_step: int | None = None,
+    ):
+        self.checkpoints, self.cadence, self.state = checkpoints, cadence, state
+        self.meta, self.clock = meta, clock
+        self.last_step = last_step  # the step of the newest checkpoint (None: none yet)
+
+    def __call__(self, step: int, required: bool) -> None:
+        if (required or self.cadence.due(step)) and self.last_step != step:
+            meta = {**self.meta, "train_seconds": self.clock.seconds()}
+            self.checkpoints.save(step, self.state.trainable, self.state.saved_state, meta)
+            self.cadence.saved()
+            self.last_step = step
+
+
+class StopRequest:
+    """A stop is requested by SIGTERM/SIGINT, or after logical step ``stop_after``."""
+
+    def __init__(self, signals: StopSignals, state: TrainState, stop_after: int | None = None):
+        self.signals, self.state, self.stop_after = signals, state, stop_after
+
+    def __call__(self) -> bool:
+        if self.signals.requested is not None:
+            return True
+        return self.stop_after is not None and self.state.step >= self.stop_after
