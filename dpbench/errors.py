@@ -14,3 +14,15 @@ def as_config_error(call, *args, **kwargs):
         raise
     except ValueError as error:
         raise ConfigError(str(error)) from error
+
+
+def check_choice(setting: str, value, allowed) -> None:
+    """Refuse ``setting=value`` unless ``value`` is one of ``allowed``, naming them.
+
+    >>> check_choice("optimizer.name", "lion", ("sgd", "adam"))
+    Traceback (most recent call last):
+    ...
+    dpbench.errors.ConfigError: optimizer.name='lion' is not allowed; choose one of sgd, adam
+    """
+    if value not in allowed:
+        raise ConfigError(f"{setting}={value!r} is not allowed; choose one of {', '.join(allowed)}")

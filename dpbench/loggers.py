@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -13,10 +14,25 @@ from pathlib import Path
 from typing import Protocol
 
 from dpbench import records
-from dpbench.errors import ConfigError
+from dpbench.errors import ConfigError, check_choice
+from dpbench.schema import schema
 
 log = logging.getLogger(__name__)
 WANDB_RUN_ID_FILE = "wandb_run_id"  # in the run folder: a resumed run continues the same W&B run
+
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@schema("logger")
+@dataclasses.dataclass
+class LoggerConfig:
+    name: str = "wandb"  # wandb | none
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "dpbench"
+    entity: str | None = None
+    run_name: str | None = None
+    tags: list[str] = dataclasses.field(default_factory=list)
 
 
 class Logger(Protocol):
@@ -110,3 +126,9 @@ def run_name(cfg, dataset_name: str) -> str:
     else:
         eps = f"eps{cfg.dp.epsilon:g}" if cfg.dp.epsilon is not None else f"sigma{cfg.dp.noise_multiplier:g}"
     return f"{dataset_name} | {cfg.model.arch} | {cfg.dp.method} | {eps} | seed{cfg.runner.seed}"
+
+
+def check_settings(cfg) -> None:
+    """The ``logger.*`` settings, before anything loads."""
+    check_choice("logger.name", cfg.name, tuple(LOGGERS))
+    check_choice("logger.mode", cfg.mode, WANDB_MODES)

@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dpbench import config
-from dpbench.privacy.audit import epsilon_lower_bound
+from dpbench.privacy.audit import AuditConfig, epsilon_lower_bound
 from dpbench.privacy.audit_run import NONPRIVATE_AUDIT_DELTA, CanaryAudit
 from dpbench.train import sharding
 from tests.compose import FULL_DATA
@@ -42,7 +42,7 @@ class MemorisingTask:
 
 def test_included_canaries_are_appended_to_the_training_set():
     train = _fake_images(30, num_classes=5, seed=0)
-    audit = CanaryAudit(config.AuditConfig(name="canary", num_canaries=40, seed=3), train)
+    audit = CanaryAudit(AuditConfig(name="canary", num_canaries=40, seed=3), train)
 
     included = audit.included
     assert 0 < included.sum() < 40
@@ -55,19 +55,19 @@ def test_included_canaries_are_appended_to_the_training_set():
     assert set(np.unique(audit.canaries["label"])) <= set(range(5))  # classes inferred from the labels
     assert f"30 -> {30 + included.sum()} examples" in audit.describe()
     # The same seed gives the same canaries and coins, so a run can be re-audited.
-    again = CanaryAudit(config.AuditConfig(name="canary", num_canaries=40, seed=3), train)
+    again = CanaryAudit(AuditConfig(name="canary", num_canaries=40, seed=3), train)
     np.testing.assert_array_equal(again.train_arrays["image"], audit.train_arrays["image"])
 
 
 def test_text_datasets_are_refused_clearly():
     tokens = {"input_ids": np.zeros((4, 3), np.int32), "label": np.zeros(4, np.int32)}
     with pytest.raises(ValueError, match="audit=canary supports image datasets only"):
-        CanaryAudit(config.AuditConfig(name="canary", num_canaries=10), tokens)
+        CanaryAudit(AuditConfig(name="canary", num_canaries=10), tokens)
 
 
 def test_a_memorising_model_is_caught_and_scores_follow_the_task():
     train = _fake_images(50, num_classes=10, seed=1)
-    audit = CanaryAudit(config.AuditConfig(name="canary", num_canaries=200, seed=5), train)
+    audit = CanaryAudit(AuditConfig(name="canary", num_canaries=200, seed=5), train)
     trainable = {"memory": jnp.asarray(audit.canaries["image"][audit.included])}
     mesh = sharding.make_mesh()
     # 200 canaries in chunks of 48: the padded tail must not leak into the scores.

@@ -8,10 +8,13 @@ machine's folders.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
+
+from dpbench.schema import schema
 
 DATA_ROOT_ENV = "DPBENCH_DATA"
 CHECKOUT = Path(__file__).resolve().parents[2]  # the folder holding conf/ and dpbench/
@@ -37,3 +40,10 @@ def describe_missing_root() -> str:
 def register_resolvers() -> None:
     """Make ``${dpbench_data_root:}`` available to Hydra and OmegaConf (idempotent)."""
     OmegaConf.register_new_resolver(RESOLVER, default_data_root, replace=True)
+
+
+@schema("paths")
+@dataclasses.dataclass
+class PathsConfig:
+    data_root: str | None = None  # ${dpbench_data_root:}: $DPBENCH_DATA, else ../shared/data if present
+    output_dir: str = "outputs/manual"

@@ -1,7 +1,7 @@
 """The dataset config schema and the checks every loader applies to it.
 
-``DatasetConfig`` is registered in Hydra's ConfigStore as ``dataset_schema`` (by the lead, in
-``dpbench/config.py``); each ``conf/dataset/*.yaml`` option starts from it.
+``DatasetConfig`` is registered in Hydra's ConfigStore as ``dataset_schema`` (``@schema("dataset")``);
+each ``conf/dataset/*.yaml`` option starts from it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from dpbench.data.base import Dataset
 from dpbench.data.roots import DATA_ROOT_ENV, describe_missing_root
+from dpbench.schema import schema
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ ALLOWED_SOURCES: dict[str, tuple[str, ...]] = {
 }
 
 
+@schema("dataset")
 @dataclasses.dataclass
 class DatasetConfig:
     """What to load and how much of it.

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 import dp_accounting
 from dp_accounting import pld, rdp
 
+from dpbench.errors import ConfigError
 from dpbench.privacy import prv
+from dpbench.schema import schema
 
 if TYPE_CHECKING:
     from dpbench.privacy.batch_selection import Sampler
@@ -62,6 +64,7 @@ if not any(isinstance(f, _OnceRdpConvergenceWarning) for f in _ABSL_LOGGER.filte
 _CALIBRATION_TOL = 1e-4
 
 
+@schema("accountant")
 @dataclasses.dataclass
 class AccountantConfig:
     """Hydra schema of the ``accountant`` group (schema name ``accountant_schema``)."""
@@ -73,6 +76,22 @@ class AccountantConfig:
     # its estimate; delta_error is the error allowed in δ, None -> δ/1000 (decided where δ is known).
     eps_error: float = 0.01
     delta_error: float | None = None
+
+
+def check_settings(acc: AccountantConfig, dp) -> None:
+    """The ``accountant.*`` settings (PRV's error bounds against ``dp.delta``), before anything loads."""
+    if acc.name != "prv":
+        return
+    if not acc.eps_error > 0:
+        raise ConfigError(
+            f"accountant.eps_error={acc.eps_error} is not allowed; choose a number > 0 (e.g. 0.01)"
+        )
+    bound = dp.delta if dp.method != "none" and dp.delta is not None else 1
+    if acc.delta_error is not None and not 0 < acc.delta_error < bound:
+        raise ConfigError(
+            f"accountant.delta_error={acc.delta_error} is not allowed; choose null (δ/1000) "
+            f"or a number in (0, {'dp.delta=' if bound != 1 else ''}{bound:g})"
+        )
 
 
 def make_accountant(cfg: AccountantConfig, neighbouring: str) -> dp_accounting.PrivacyAccountant:

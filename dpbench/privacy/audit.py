@@ -17,6 +17,7 @@ uses significance (1 - confidence) / G (Bonferroni); the maximum is then a valid
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,9 +25,31 @@ import scipy.optimize
 import scipy.special
 import scipy.stats
 
+from dpbench.errors import ConfigError, check_choice
+from dpbench.schema import schema
+
 # Fractions of the m canaries guessed in total (half "in", half "out") for the default grid.
 _DEFAULT_GUESS_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 _CANARY_STREAM = 2  # keeps canary coin flips apart from the samplers' streams for the same seed
+
+
+AUDITS = ("none", "canary")
+
+
+@schema("audit")
+@dataclasses.dataclass
+class AuditConfig:
+    name: str = "none"  # none | canary
+    num_canaries: int = 1000
+    confidence: float = 0.95
+    seed: int = 1234
+
+
+def check_settings(cfg) -> None:
+    """The ``audit.*`` settings, before anything loads."""
+    check_choice("audit.name", cfg.name, AUDITS)
+    if cfg.name == "canary" and cfg.num_canaries <= 0:
+        raise ConfigError(f"audit.num_canaries={cfg.num_canaries} must be > 0")
 
 
 def draw_canary_inclusion(m: int, seed: int) -> np.ndarray:

@@ -12,16 +12,152 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any
 
 from omegaconf import DictConfig
 
-from dpbench import config as config_lib
+from dpbench.errors import ConfigError, as_config_error, check_choice
 from dpbench.privacy import accounting
 from dpbench.privacy import batch_selection as sampling
 from dpbench.privacy import noise as noise_lib
-from dpbench.privacy.methods import METHODS
+from dpbench.privacy.methods import CLIPPING_CHOICES, METHODS, check_clipping_dtype, resolve_clipping
+from dpbench.privacy.randomness import MODES as RANDOMNESS_MODES
+from dpbench.schema import schema
+
+log = logging.getLogger("dpbench")
+
+
+@schema("dp")
+@dataclasses.dataclass
+class DPConfig:
+    """The privacy mechanism. ``epsilon`` xor ``noise_multiplier``: the other is derived."""
+
+    # none | vanilla | ffa (LoRA with A frozen) | ghost (vanilla, ghost clipping) | bandmf | blt
+    # (DP-FTRL with correlated noise: banded matrix factorization, buffered linear Toeplitz)
+    method: str = "vanilla"
+    # How the clipped sum is computed: per_example | ghost | bookkeeping | auto (the fastest measured).
+    # A performance knob: every choice is exact, so it never changes ε or the result.
+    clipping: str = "auto"
+    epsilon: float | None = 1.0
+    noise_multiplier: float | None = None  # set it (and epsilon=null) to report the ε it gives
+    delta: float | None = 1e-5
+    delta_exponent: float | None = None  # δ = n^-exponent (dp-lora uses 1.1); needs delta=null
+    clip_norm: float = 1.0
+    sampler: str = "poisson"  # poisson | shuffle | cyclic_poisson (dp.bands groups) | balls_in_bins
+    # Correlated noise (dpbench/privacy/noise.py). bands: BandMF's bands, and the groups of
+    # sampler=cyclic_poisson; buffers: BLT's most buffers; optimize_strategy: fit the strategy to the
+    # run's length with jax_privacy's optimisers (false: closed-form coefficients, instant).
+    bands: int = 4
+    buffers: int = 4
+    optimize_strategy: bool = True
+    # Where batch selection and noise get their randomness (dpbench/privacy/randomness.py): secret = a
+    # per-run 256-bit secret from the OS, stored owner-only in the run folder and never published;
+    # seeded = a hash of runner.seed and the mechanism (reproducible from the record: tests, debugging;
+    # the claim then does not hold against anyone who knows runner.seed).
+    randomness: str = "secret"
+    secret_file: str | None = None  # reuse a stored secret (a run folder's privacy_secret): bit for bit
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The ``dp.*`` settings (with the model and run length they depend on), before anything loads."""
+    dp = cfg.dp
+    check_choice("dp.method", dp.method, tuple(METHODS))
+    check_choice("dp.sampler", dp.sampler, sampling.SAMPLER_NAMES)
+    check_choice("dp.clipping", dp.clipping, CLIPPING_CHOICES)
+    check_choice("dp.randomness", dp.randomness, RANDOMNESS_MODES)
+    if dp.secret_file is not None and dp.randomness != "secret":
+        raise ConfigError(
+            f"dp.secret_file={dp.secret_file} needs dp.randomness=secret (got dp.randomness={dp.randomness})"
+        )
+    if not METHODS[dp.method].private:
+        return
+    as_config_error(resolve_clipping, dp.method, dp.clipping)
+    # Ghost in bfloat16 is not exact: refused here, before any weights load.
+    check_clipping_dtype(dp.method, dp.clipping, cfg.model.get("dtype"))
+    _check_correlated_noise(cfg)
+    if dp.epsilon is None and dp.noise_multiplier is None:
+        raise ConfigError("set dp.epsilon (σ is calibrated) or dp.noise_multiplier (ε is computed)")
+    if dp.epsilon is not None and dp.noise_multiplier is not None:
+        raise ConfigError(
+            f"dp.epsilon={dp.epsilon} and dp.noise_multiplier={dp.noise_multiplier} are both set; "
+            "set one and null the other (e.g. dp.epsilon=null dp.noise_multiplier=1.1)"
+        )
+    if dp.epsilon is not None and not dp.epsilon > 0:
+        raise ConfigError(f"dp.epsilon={dp.epsilon} must be > 0")
+    if dp.noise_multiplier is not None and not dp.noise_multiplier > 0:
+        raise ConfigError(f"dp.noise_multiplier={dp.noise_multiplier} must be > 0")
+    if (dp.delta is None) == (dp.delta_exponent is None):
+        raise ConfigError("set exactly one of dp.delta (a number in (0, 1)) and dp.delta_exponent (δ = n^-e)")
+    if dp.delta is not None and not 0 < dp.delta < 1:
+        raise ConfigError(f"dp.delta={dp.delta} must lie in (0, 1)")
+    if dp.delta_exponent is not None and not dp.delta_exponent > 0:
+        raise ConfigError(f"dp.delta_exponent={dp.delta_exponent} must be > 0")
+    if not dp.clip_norm > 0:
+        raise ConfigError(f"dp.clip_norm={dp.clip_norm} must be > 0")
+    if METHODS[dp.method].frozen_labels and cfg.model.get("finetune", "lora") != "lora":
+        raise ConfigError(
+            f"dp.method={dp.method} freezes LoRA's A matrices: it needs model.finetune=lora "
+            f"(got model.finetune={cfg.model.finetune})"
+        )
+    if METHODS[dp.method].frozen_labels and cfg.model.get("lora_rank", 0) <= 0:
+        raise ConfigError(
+            f"dp.method={dp.method} freezes LoRA's A matrices: it needs a model with model.lora_rank > 0"
+        )
+
+
+def _check_correlated_noise(cfg: DictConfig) -> None:
+    """The sampler a method can be accounted under, and the strategy's sizes."""
+    dp = cfg.dp
+    spec = METHODS[dp.method]
+    if dp.sampler not in spec.samplers:
+        raise ConfigError(
+            f"dp.sampler={dp.sampler} cannot be accounted with dp.method={dp.method}; "
+            f"choose dp.sampler={' or '.join(spec.samplers)}"
+        )
+    if (spec.noise == "bandmf" or dp.sampler == "cyclic_poisson") and not dp.bands >= 1:
+        raise ConfigError(f"dp.bands={dp.bands} is not allowed; choose an integer >= 1")
+    if spec.noise == "blt" and not 1 <= dp.buffers <= 10:
+        raise ConfigError(f"dp.buffers={dp.buffers} is not allowed; choose an integer in [1, 10]")
+    if spec.noise == "bandmf" and cfg.runner.steps is not None and dp.bands > cfg.runner.steps:
+        raise ConfigError(
+            f"dp.bands={dp.bands} is more than the run's runner.steps={cfg.runner.steps}; "
+            f"choose dp.bands in [1, {cfg.runner.steps}]"
+        )
+
+
+def resolve_delta(cfg: DictConfig, num_examples: int) -> float | None:
+    """δ for this run; warns when δ >= 1/n (a mechanism could then publish one record outright)."""
+    dp = cfg.dp
+    if dp.method == "none":
+        return None
+    delta = dp.delta if dp.delta is not None else num_examples ** (-dp.delta_exponent)
+    if delta >= 1.0 / num_examples:
+        log.warning(
+            "dp.delta=%.3g >= 1/n = %.3g (n=%d training examples): the usual choice is below 1/n, "
+            "e.g. dp.delta_exponent=1.1",
+            delta,
+            1.0 / num_examples,
+            num_examples,
+        )
+    acc = cfg.get("accountant")
+    if acc is not None and acc.name == "prv" and acc.delta_error is not None and not acc.delta_error < delta:
+        raise ConfigError(
+            f"accountant.delta_error={acc.delta_error} is not allowed; choose null (δ/1000) "
+            f"or a number in (0, {delta:.3g}) (δ = n^-dp.delta_exponent with n={num_examples})"
+        )
+    return float(delta)
+
+
+def validate_batch_size(cfg: DictConfig, num_examples: int) -> None:
+    """The expected logical batch must fit in the training set (also for planning commands)."""
+    if cfg.runner.batch_size > num_examples:
+        raise ConfigError(
+            f"runner.batch_size={cfg.runner.batch_size} is larger than the training set "
+            f"({num_examples} examples of {cfg.dataset.display_name}); choose at most {num_examples}"
+        )
+
 
 # Which setting decides each field of ``Mechanism.describe()``: named in errors on resume.
 SETTING_OF_FIELD = {
@@ -142,11 +278,11 @@ def _sampler(cfg: DictConfig, num_examples: int):
     except ValueError as error:
         if cfg.dp.sampler == "cyclic_poisson":
             most = max(1, num_examples // cfg.runner.batch_size)
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"dp.bands={cfg.dp.bands} groups of runner.batch_size={cfg.runner.batch_size} do not fit in "
                 f"n={num_examples} examples (dp.sampler=cyclic_poisson); choose dp.bands in [1, {most}]"
             ) from None
-        raise config_lib.ConfigError(str(error)) from None
+        raise ConfigError(str(error)) from None
 
 
 def _strategy(cfg: DictConfig, sampler, steps: int) -> noise_lib.Strategy:
@@ -155,7 +291,7 @@ def _strategy(cfg: DictConfig, sampler, steps: int) -> noise_lib.Strategy:
     optimize = bool(cfg.dp.get("optimize_strategy", True))
     if kind == "bandmf":
         if cfg.dp.bands > steps:
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"dp.bands={cfg.dp.bands} is more than the run's {steps} logical steps; "
                 f"choose dp.bands in [1, {steps}]"
             )
@@ -180,7 +316,7 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
     steps/epochs setting gives no logical step, when the strategy does not fit the run, or when the
     accountant cannot account the sampler.
     """
-    config_lib.validate_batch_size(cfg, num_examples)
+    validate_batch_size(cfg, num_examples)
     # The sampler's seed is bound later, from the privacy randomness (Mechanism.bind).
     sampler = _sampler(cfg, num_examples)
     if cfg.runner.steps is not None:
@@ -189,7 +325,7 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
         steps = sampler.steps_for_epochs(cfg.runner.epochs)
         if steps < 1:
             one_step = 1 / sampler.steps_for_epochs(1.0)
-            raise config_lib.ConfigError(
+            raise ConfigError(
                 f"runner.epochs={cfg.runner.epochs} gives 0 logical steps (n={num_examples}, "
                 f"runner.batch_size={cfg.runner.batch_size}); choose runner.epochs >= {one_step:.3g} "
                 "or set runner.steps (an integer >= 1) with runner.epochs=null"
@@ -200,14 +336,14 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
     try:
         accounting.check_supported(sampler, cfg.accountant)
     except ValueError as error:
-        raise config_lib.ConfigError(str(error)) from error
-    delta = config_lib.resolve_delta(cfg, num_examples)
+        raise ConfigError(str(error)) from error
+    delta = resolve_delta(cfg, num_examples)
     if cfg.dp.noise_multiplier is not None:
         sigma = float(cfg.dp.noise_multiplier)
     else:
         sigma = accounting.calibrate_noise_multiplier(sampler, steps, cfg.dp.epsilon, delta, cfg.accountant)
     if not math.isfinite(sigma):
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"σ={sigma} is not finite; dp.epsilon and dp.noise_multiplier must be finite numbers > 0"
         )
     return Mechanism(

@@ -27,7 +27,9 @@ import optax
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import PartitionSpec
 
+from dpbench.errors import ConfigError, check_choice
 from dpbench.models.base import gathering_at_use
+from dpbench.schema import schema
 from dpbench.train import sharding
 
 if TYPE_CHECKING:  # train never imports privacy at run time: privacy hands the method and noise in
@@ -36,6 +38,56 @@ if TYPE_CHECKING:  # train never imports privacy at run time: privacy hands the 
 
 PyTree = Any
 log = logging.getLogger(__name__)
+
+
+RESUME_MODES = ("auto", "never", "must")
+
+
+@schema("runner")
+@dataclasses.dataclass
+class RunnerConfig:
+    """How long to train (logical steps: one noise draw each) and how often to evaluate."""
+
+    steps: int | None = None
+    epochs: float | None = None  # converted to logical steps from the sampler
+    batch_size: int = 256  # expected logical batch size; sets the sampling rate
+    eval_every: int = 500  # logical steps; 0 = only at the end
+    eval_before_training: bool = False
+    seed: int = 0
+    progress_bar: bool = True
+    # Checkpoints (<run dir>/checkpoints): every N logical steps; null = about every 10 minutes and at
+    # least every 10% of the run; 0 = only before evaluations, at the end and on SIGTERM/SIGINT.
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto: continue from the run dir's last checkpoint | never | must
+    # A DP run's records hold no statistic of the training data computed without noise (training loss,
+    # accuracy, clipped fraction, gradient norm, realised batch size, class counts, truncation) unless
+    # this is true; the privacy section lists what was released. Non-private runs release everything.
+    release_nonprivate_stats: bool = False
+
+
+def check_settings(runner) -> None:
+    """The ``runner.*`` settings, before anything loads."""
+    if (runner.steps is None) == (runner.epochs is None):
+        raise ConfigError(
+            f"set exactly one of runner.steps and runner.epochs (got {runner.steps} and {runner.epochs})"
+        )
+    if runner.steps is not None and runner.steps <= 0:
+        raise ConfigError(f"runner.steps={runner.steps} must be > 0")
+    if runner.epochs is not None and not runner.epochs > 0:
+        raise ConfigError(f"runner.epochs={runner.epochs} must be > 0")
+    if runner.batch_size <= 0:
+        raise ConfigError(f"runner.batch_size={runner.batch_size} must be > 0")
+    if runner.eval_every < 0:
+        raise ConfigError(f"runner.eval_every={runner.eval_every} must be >= 0")
+    check_choice("runner.resume", runner.resume, RESUME_MODES)
+    if runner.checkpoint_every is not None and runner.checkpoint_every < 0:
+        raise ConfigError(
+            f"runner.checkpoint_every={runner.checkpoint_every} must be >= 0 (0 = only where required) "
+            "or null (about every 10 minutes)"
+        )
+    if runner.keep_checkpoints < 1:
+        raise ConfigError(f"runner.keep_checkpoints={runner.keep_checkpoints} must be >= 1")
 
 
 def split_params(params: PyTree, is_trainable: Callable[[tuple[str, ...]], bool]) -> tuple[dict, dict]:

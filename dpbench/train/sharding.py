@@ -40,6 +40,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dpbench.errors import ConfigError
+from dpbench.schema import schema
+
 log = logging.getLogger(__name__)
 
 DATA_AXIS = "data"
@@ -57,6 +60,36 @@ class MeshConfig:
 
     data: int = -1
     fsdp: int = 1
+
+
+@schema("compute")
+@dataclasses.dataclass
+class ComputeConfig:
+    """Performance only: never changes the mechanism or ε."""
+
+    physical_batch_size: int = 64  # examples per device-parallel chunk of a logical batch
+    eval_batch_size: int = 256
+    # Text: > 0 orders each logical batch by length and pads each physical batch only to the next
+    # multiple of this many tokens (0: every batch padded to dataset.max_length).
+    sequence_bucket: int = 0
+    num_devices: int | None = None  # None = all of jax.devices()
+    # Devices along (data, fsdp): -1 = the rest. fsdp > 1 shards parameters by model.sharding_rules.
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    device_memory_gb: float | None = None  # python -m dpbench.plan: does one device's share fit?
+    # Multi-process (jax.distributed): set all three, or leave null for SLURM's variables / one process.
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+def check_settings(compute) -> None:
+    """The ``compute.*`` settings, before anything loads (the mesh is checked against the devices)."""
+    if compute.physical_batch_size <= 0:
+        raise ConfigError(f"compute.physical_batch_size={compute.physical_batch_size} must be > 0")
+    if compute.sequence_bucket < 0:
+        raise ConfigError(
+            f"compute.sequence_bucket={compute.sequence_bucket} must be >= 0 (0 = pad to dataset.max_length)"
+        )
 
 
 def mesh_shape(num_devices: int, data: int = -1, fsdp: int = 1) -> tuple[int, int]:
