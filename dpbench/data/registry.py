@@ -1,22 +1,37 @@
-"""``load_dataset(cfg)``: the one entry point from a dataset config to a ``Dataset``."""
+"""``load_dataset(cfg)``: the one entry point from a dataset config to a ``Dataset``.
+
+``dataset.name=<name>`` loads the module ``dpbench.data.<name>``, which declares ``SOURCES`` (the
+``dataset.source`` values it accepts, "auto" first) and ``load(cfg) -> Dataset``. A new dataset is
+that module plus ``conf/dataset/<name>.yaml``: nothing here lists them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import importlib
+import pkgutil
+from types import ModuleType
 from typing import Any
 
 from dpbench.data.base import Dataset
-from dpbench.data.mnist import load_mnist
-from dpbench.data.samsum import load_samsum
-from dpbench.data.schema import ALLOWED_SOURCES, hold_out_validation, validate_config
-from dpbench.data.sst2 import load_sst2
+from dpbench.data.schema import hold_out_validation, validate_config
 
-LOADERS: dict[str, Callable[[Any], Dataset]] = {
-    "mnist": load_mnist,
-    "sst2": load_sst2,
-    "samsum": load_samsum,
-}
-assert set(LOADERS) == set(ALLOWED_SOURCES), "every dataset needs a loader and its allowed sources"
+
+@functools.cache
+def dataset_modules() -> dict[str, ModuleType]:
+    """Every dataset module of ``dpbench.data`` (one that declares ``SOURCES`` and ``load``), by name.
+
+    >>> sorted(dataset_modules())
+    ['mnist', 'samsum', 'sst2']
+    """
+    import dpbench.data
+
+    modules = {}
+    for info in pkgutil.iter_modules(dpbench.data.__path__):
+        module = importlib.import_module(f"dpbench.data.{info.name}")
+        if hasattr(module, "SOURCES") and callable(getattr(module, "load", None)):
+            modules[info.name] = module
+    return modules
 
 
 def load_dataset(cfg: Any) -> Dataset:
@@ -24,9 +39,16 @@ def load_dataset(cfg: Any) -> Dataset:
 
     Raises ``ValueError`` listing the allowed names and, per dataset, the allowed sources.
     """
+    modules = dataset_modules()
+    allowed = "; ".join(f"{name}: {'|'.join(m.SOURCES)}" for name, m in sorted(modules.items()))
+    if cfg.name not in modules:
+        raise ValueError(
+            f"dataset.name={cfg.name!r} is not allowed; choose one of {', '.join(sorted(modules))} "
+            f"(dataset.name: dataset.source -> {allowed})"
+        )
+    module = modules[cfg.name]
     try:
-        validate_config(cfg)
+        validate_config(cfg, module.SOURCES)
     except ValueError as error:
-        allowed = "; ".join(f"{name}: {'|'.join(sources)}" for name, sources in ALLOWED_SOURCES.items())
         raise ValueError(f"{error} (allowed dataset.name: dataset.source -> {allowed})") from error
-    return hold_out_validation(LOADERS[cfg.name](cfg), cfg)
+    return hold_out_validation(module.load(cfg), cfg)

@@ -21,6 +21,9 @@ from dpbench.data.schema import (
     validate_config,
 )
 
+# dataset.source values ("auto" first, then the file source); dataset.name=samsum loads this module.
+SOURCES = ("auto", "json", "tfds")
+
 FIELDS = ("id", "dialogue", "summary")
 EXPECTED_FILES = (
     "the SAMSum corpus files train.json and test.json (from corpus.7z; each a JSON list of "
@@ -81,11 +84,12 @@ def load_samsum(cfg: Any) -> Dataset:
     ``<paths.data_root>/<dataset.folder>``, else TFDS (TFDS cannot download SAMSum itself); if
     neither works the error lists both reasons and how to get the corpus.
     """
-    validate_config(cfg)
+    validate_config(cfg, SOURCES)
     if cfg.name != "samsum":
         raise ValueError(f"load_samsum got dataset.name={cfg.name!r}")
     train, test, source, skipped = choose_source(
         cfg,
+        sources=SOURCES,
         expected=EXPECTED_FILES,
         load_files=load_json,
         load_tfds=load_tfds,
@@ -95,3 +99,6 @@ def load_samsum(cfg: Any) -> Dataset:
         name=cfg.display_name, source=source, train=train, eval=test, eval_split="test", info=info
     )
     return apply_limits(dataset, cfg)
+
+
+load = load_samsum  # the loader dpbench.data.registry calls for dataset.name=samsum

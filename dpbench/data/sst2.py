@@ -20,6 +20,9 @@ from dpbench.data.schema import (
     validate_config,
 )
 
+# dataset.source values ("auto" first, then the file source); dataset.name=sst2 loads this module.
+SOURCES = ("auto", "tsv", "tfds")
+
 NUM_CLASSES = 2
 EXPECTED_FILES = "GLUE SST-2 files train.tsv and dev.tsv (header 'sentence<TAB>label')"
 
@@ -69,11 +72,12 @@ def load_sst2(cfg: Any) -> Dataset:
     ``<paths.data_root>/<dataset.folder>``, else TFDS (downloading if ``dataset.download``); if
     neither works the error lists both reasons.
     """
-    validate_config(cfg)
+    validate_config(cfg, SOURCES)
     if cfg.name != "sst2":
         raise ValueError(f"load_sst2 got dataset.name={cfg.name!r}")
     train, dev, source, skipped = choose_source(
         cfg,
+        sources=SOURCES,
         expected=EXPECTED_FILES,
         load_files=load_tsv,
         load_tfds=load_tfds,
@@ -87,3 +91,6 @@ def load_sst2(cfg: Any) -> Dataset:
         name=cfg.display_name, source=source, train=train, eval=dev, eval_split="validation", info=info
     )
     return apply_limits(dataset, cfg)
+
+
+load = load_sst2  # the loader dpbench.data.registry calls for dataset.name=sst2
