@@ -1,16 +1,18 @@
 """One cell of the conformance matrix per argument, run in a subprocess with 4 fake CPU devices.
 
 ``python tests/conformance_check.py CELL...`` prints JSON ``{cell: result}``. A cell is
-``model:clipping:mesh:dtype:remat`` with ``mesh`` one of ``1``, ``d2``, ``f2``, ``d2f2``. Each cell is
+``model:clipping:mesh:dtype:remat[:noise]`` with ``mesh`` one of ``1``, ``d2``, ``f2``, ``d2f2`` and
+``noise`` one of ``iid`` (DP-SGD, the default), ``bandmf``, ``blt`` (correlated noise). Each cell is
 built through the product's own path (Hydra config -> ``experiment.build``), so a combination the
 config refuses is reported as ``{"refused": <the one-line message>}``. An accepted cell reports:
 
 - ``sum_error``: ‖S - S_ref‖ / ‖S_ref‖, S = the cell's clipped sum of one physical batch (no noise),
   S_ref = the 1-device float32 ``per_example`` sum of the same batch and parameters;
 - ``sensitivity``: max over removed examples j of ‖S - S₋ⱼ‖ / C (every example is clipped: C is tiny);
-- ``noise``, per randomness mode: the noise one logical step puts on the sum (the trainer's finalize
-  on a zero sum), its std / (σC), and its max difference to the same mode's noise on one device
-  (drawn once, from one key: the same numbers on any mesh).
+- ``noise``, per randomness mode: the noise the first two logical steps put on the sum (the trainer's
+  finalize on a zero sum, threading the noise state), each step's std / (σC) beside the strategy's
+  (the norm of that row of C⁻¹: 1 for i.i.d. noise), and the max difference to the same mechanism's
+  noise on one device (drawn once, from one key: the same numbers on any mesh).
 """
 
 import json
@@ -45,15 +47,23 @@ MODELS = {
     "gemma_full": ["model=tiny_gemma3", "dataset=samsum_aclsum", "model.finetune=full"],
 }
 MESHES = {"1": (1, 1), "d2": (2, 1), "f2": (1, 2), "d2f2": (2, 2)}
+# Correlated noise needs a run longer than its bands; closed-form strategies keep the build fast.
+NOISES = {
+    "iid": [],
+    "bandmf": ["dp=bandmf", "dp.bands=2", "dp.optimize_strategy=false"],
+    "blt": ["dp=blt", "dp.buffers=2", "dp.optimize_strategy=false"],
+}
+NOISE_STEPS = 2
 
 
-def overrides(model, clipping, mesh, dtype, remat, randomness="seeded", seed_dir="unused"):
+def overrides(model, clipping, mesh, dtype, remat, noise="iid", randomness="seeded"):
     data, fsdp = MESHES[mesh]
     items = [
         *MODELS[model],
+        *NOISES[noise],
         "logger=none",
         "runner.progress_bar=false",
-        "runner.steps=1",
+        "runner.steps=4",
         "runner.epochs=null",
         "runner.eval_every=0",
         "runner.batch_size=8",
@@ -98,9 +108,10 @@ def clipped_sum(exp, batch, mask):
     return np.concatenate([np.asarray(grad_sum[p], np.float64).ravel() for p in sorted(grad_sum)])
 
 
-def noise_of_one_step(exp, randomness: PrivacyRandomness) -> np.ndarray:
-    """σC·z of one logical step: the trainer's own finalize on a zero sum with the trainer's shardings,
-    times the expected batch size (finalize divides by it)."""
+def noise_of_steps(exp, randomness: PrivacyRandomness) -> list[np.ndarray]:
+    """σC·(C⁻¹z)ₜ of the first logical steps: the trainer's own finalize on a zero sum with the
+    trainer's shardings, threading the noise state, times the expected batch size (finalize divides
+    by it)."""
     batch, mask = one_batch(exp)
     device_batch = sharding.put_batch(batch, exp.mesh)
     device_mask = sharding.put_rows(mask, exp.mesh)
@@ -108,26 +119,43 @@ def noise_of_one_step(exp, randomness: PrivacyRandomness) -> np.ndarray:
     trainer = exp.trainer
     noise = exp.mechanism.noise_transform(randomness.noise_key())
     noise_state = noise.init(exp.state.trainable)
-    finalize = jax.jit(lambda g, count, state: trainer.finalize(g, count, state)[0])
+    finalize = jax.jit(trainer.finalize)
     trainer.noise = noise
-    noisy = jax.device_get(finalize(grad_sum, stats["count"], noise_state))
-    flat = np.concatenate([np.asarray(noisy[p], np.float64).ravel() for p in sorted(noisy)])
-    return flat * trainer.expected_batch_size
+    steps = []
+    for _ in range(NOISE_STEPS):
+        noisy, noise_state = finalize(grad_sum, stats["count"], noise_state)
+        noisy = jax.device_get(noisy)
+        flat = np.concatenate([np.asarray(noisy[p], np.float64).ravel() for p in sorted(noisy)])
+        steps.append(flat * trainer.expected_batch_size)
+    return steps
+
+
+def expected_std_ratios(exp) -> list[float]:
+    """The norm of each of the first rows of C⁻¹ (C: the strategy's lower-triangular Toeplitz matrix)."""
+    first_column = exp.mechanism.strategy.toeplitz_coefficients(NOISE_STEPS)
+    c = np.array(
+        [[first_column[i - j] if i >= j else 0.0 for j in range(NOISE_STEPS)] for i in range(NOISE_STEPS)]
+    )
+    return [float(np.linalg.norm(row)) for row in np.linalg.inv(c)]
 
 
 REFERENCES: dict = {}
 
 
 def run_cell(cell: str, workdir: Path) -> dict:
-    model, clipping, mesh, dtype, remat = cell.split(":")
+    model, clipping, mesh, dtype, remat, *rest = cell.split(":")
+    noise_kind = rest[0] if rest else "iid"
     out = workdir / cell.replace(":", "_")
     try:
-        exp = build(overrides(model, clipping, mesh, dtype, remat), out)
+        exp = build(overrides(model, clipping, mesh, dtype, remat, noise_kind), out)
     except config_lib.SETTING_ERRORS as error:
         return {"refused": str(error)}
-    if model not in REFERENCES:  # one per model: the 1-device float32 per-example build
-        REFERENCES[model] = build(overrides(model, "per_example", "1", "float32", "none"), workdir / model)
-    reference = REFERENCES[model]
+    if (model, noise_kind) not in REFERENCES:  # one per model and noise: 1 device, float32, per-example
+        REFERENCES[model, noise_kind] = build(
+            overrides(model, "per_example", "1", "float32", "none", noise_kind),
+            workdir / f"{model}_{noise_kind}",
+        )
+    reference = REFERENCES[model, noise_kind]
     batch, mask = one_batch(exp)
     ref_batch, ref_mask = one_batch(reference)
     assert all(np.array_equal(batch[k], ref_batch[k]) for k in batch)
@@ -143,15 +171,20 @@ def run_cell(cell: str, workdir: Path) -> dict:
         randomness = (
             PrivacyRandomness.draw() if mode == "secret" else PrivacyRandomness.seeded(0, {"cell": cell})
         )
-        drawn = noise_of_one_step(exp, randomness)
-        on_one_device = noise_of_one_step(reference, randomness)
+        drawn = noise_of_steps(exp, randomness)
+        on_one_device = noise_of_steps(reference, randomness)
         noise[mode] = {
-            "std_ratio": float(np.std(drawn) / (SIGMA * CLIP)),
-            "mean_ratio": float(np.mean(drawn) / (SIGMA * CLIP)),
-            "size": int(drawn.size),
-            "max_diff_to_one_device": float(np.max(np.abs(drawn - on_one_device)) / (SIGMA * CLIP)),
+            "std_ratio": [float(np.std(d) / (SIGMA * CLIP)) for d in drawn],
+            "expected_std_ratio": expected_std_ratios(exp),
+            "mean_ratio": [float(np.mean(d) / (SIGMA * CLIP)) for d in drawn],
+            "size": int(drawn[0].size),
+            "max_diff_to_one_device": max(
+                float(np.max(np.abs(d - r)) / (SIGMA * CLIP))
+                for d, r in zip(drawn, on_one_device, strict=True)
+            ),
         }
     return {
+        "noise_kind": exp.mechanism.strategy.kind,
         "clipping": exp.method.clipping,
         "devices": exp.mesh.size,
         "sum_error": float(np.linalg.norm(total - expected) / np.linalg.norm(expected)),

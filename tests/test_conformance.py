@@ -1,11 +1,13 @@
-"""The conformance matrix: model x clipping x mesh x dtype x remat x randomness, through the real config.
+"""The conformance matrix: model x clipping x mesh x dtype x remat x noise x randomness, through the real
+config.
 
 Every cell the config accepts must give (tests/conformance_check.py, 4 fake CPU devices):
 - the clipped sum of the 1-device float32 per-example implementation (float32: to 1e-4 relative;
   bfloat16: to 5e-2, the model itself rounds);
 - a remove-one sensitivity <= C (every example clipped, so the bound is tight), up to float32 rounding;
-- noise of standard deviation σC on the sum, drawn once: the same numbers on every mesh as on one
-  device for the same key, in both randomness modes.
+- noise of standard deviation σC on the sum (correlated noise: σC times the norm of the row of C⁻¹,
+  over the first two steps), drawn once: the same numbers on every mesh as on one device for the
+  same key and mechanism, in both randomness modes.
 Every cell the config refuses must say why in one line that names a setting.
 
 A new path (a model, a clipping implementation, a mesh axis, a dtype) gets its row here. The fast
@@ -34,6 +36,10 @@ def _cells() -> list[str]:
         dtypes = ("float32",) if model.startswith("cnn") else ("float32", "bfloat16")
         remats = ("none", "full") if model.startswith("gemma") else ("none",)
         cells += [f"{model}:{clipping}:{mesh}:{d}:{r}" for d, r in itertools.product(dtypes, remats)]
+    # Correlated noise (BandMF, BLT) on every model and mesh, with the clipping every preset uses.
+    for model, mesh, noise in itertools.product(MODELS, MESHES, ("bandmf", "blt")):
+        if model != "encoder_ffa":  # dp=ffa is a method of its own, with i.i.d. noise
+            cells.append(f"{model}:bookkeeping:{mesh}:float32:none:{noise}")
     return cells
 
 
@@ -49,6 +55,8 @@ FAST = [
     "gemma_lora:bookkeeping:d2f2:bfloat16:full",
     "gemma_lora:ghost:1:bfloat16:none",
     "gemma_full:ghost:f2:float32:none",
+    "cnn:bookkeeping:d2f2:float32:none:bandmf",
+    "encoder_lora:ghost:f2:float32:none:blt",
 ]
 
 
@@ -67,20 +75,26 @@ def check_cell(cell: str, result: dict) -> None:
         message = result["refused"]
         assert "\n" not in message and ("dp.clipping" in message or "compute." in message), (cell, message)
         return
-    dtype = cell.split(":")[3]
+    parts = cell.split(":")
+    dtype, noise_kind = parts[3], (parts[5] if len(parts) > 5 else "iid")
+    assert result["noise_kind"] == noise_kind, (cell, result)
     assert result["count"] == 8 and result["sum_norm_over_c"] > 1.0, (cell, result)
     assert result["sum_error"] <= (1e-4 if dtype == "float32" else 5e-2), (cell, result)
     assert result["sensitivity"] <= 1 + 1e-4, (cell, result)
     for mode, noise in result["noise"].items():
         tolerance = 5 / np.sqrt(2 * noise["size"])  # 5 standard errors of a sample std
-        assert abs(noise["std_ratio"] - 1) <= tolerance, (cell, mode, noise)
-        assert abs(noise["mean_ratio"]) <= 5 / np.sqrt(noise["size"]), (cell, mode, noise)
+        expected = noise["expected_std_ratio"]
+        if noise_kind == "iid":
+            assert expected == [1.0, 1.0], (cell, noise)
+        for step, (std, want, mean) in enumerate(zip(noise["std_ratio"], expected, noise["mean_ratio"])):
+            assert abs(std / want - 1) <= tolerance, (cell, mode, step, noise)
+            assert abs(mean) <= 5 * want / np.sqrt(noise["size"]), (cell, mode, step, noise)
         # Drawn once from one key: the same noise on this mesh as on one device (float32 sums).
         assert noise["max_diff_to_one_device"] <= 1e-5, (cell, mode, noise)
 
 
 def _expected_refusal(cell: str) -> bool:
-    _, clipping, _, dtype, _ = cell.split(":")
+    _, clipping, _, dtype, *_ = cell.split(":")
     return clipping == "ghost" and dtype == "bfloat16"
 
 
