@@ -273,7 +273,7 @@ def _finish(
     baseline = next((line for line in evaluations if line["step"] == 0), None)
     during = [line for line in evaluations if line["step"] > 0]
     claim = release.privacy_claim(
-        exp.mechanism, exp.tracker, cfg.accountant, cfg.dp.epsilon, exp.method.clipping
+        exp.mechanism, exp.tracker, cfg.accountant, cfg.dp.epsilon, exp.method.clipping, exp.method.clip_fn
     )
     audit = None
     if exp.audit is not None:

@@ -95,10 +95,12 @@ def test_experiment_runs_tiny(experiment, tmp_path):
         ("dp.noise_multiplier=1.0", "both set"),
         ("dp=ffa", "needs a model with model.lora_rank > 0"),
         ("runner.epochs=2", "set exactly one of runner.steps and runner.epochs"),
+        ("dp.clip_fn=auto_v", "dp.clip_fn='auto_v' is not allowed; choose one of fixed, automatic"),
+        ("dp.clip_fn=automatic dp.clip_gamma=0", "dp.clip_gamma=0.0 is not allowed; choose a number > 0"),
     ],
 )
 def test_bad_settings_fail_before_loading_anything(override, message):
-    cfg = compose_config([override, "dataset.data_dir=/nonexistent"])
+    cfg = compose_config([*override.split(), "dataset.data_dir=/nonexistent"])
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate_static(cfg)
 

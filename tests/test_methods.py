@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from dpbench.data import text
 from dpbench.models.encoder import build_encoder
+from dpbench.privacy import clipping as clipping_lib
 from dpbench.privacy.batch_selection import PoissonSampler
 from dpbench.privacy.methods import FASTEST_EXACT, METHODS, GradientMethod, make_method
 from dpbench.privacy.noise import iid_gaussian
@@ -74,6 +75,35 @@ def test_sensitivity_at_most_c_for_every_method(method_name, clipping, removed):
     without = summed(method, task, trainable, frozen, arrays, [i for i in full if i != removed], 4)
     diff = norm(jax.tree_util.tree_map(jnp.subtract, with_all, without))
     assert 0.5 * CLIP < diff <= CLIP * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("clipping", ["per_example", "ghost", "bookkeeping"])
+def test_automatic_clipping_scales_each_gradient_by_c_over_norm_plus_gamma(clipping):
+    """AUTO-S (dp.clip_fn=automatic): sum of gᵢ·C/(‖gᵢ‖+γ), the same under every implementation, and
+    removing one example moves it by C‖g‖/(‖g‖+γ) < C."""
+    gamma = 0.01
+    dp = {
+        "method": "vanilla",
+        "clip_norm": CLIP,
+        "clipping": clipping,
+        "clip_fn": "automatic",
+        "clip_gamma": gamma,
+    }
+    method = make_method(OmegaConf.create(dp))
+    assert (method.clip_fn, method.clip_gamma) == ("automatic", gamma)
+    task, trainable, frozen, arrays = encoder_problem(())
+    batch = {k: jnp.asarray(v[:8]) for k, v in arrays.items()}
+    grads, _, _ = clipping_lib.per_example_grads(task.losses_fn, trainable, batch, frozen)
+    norms = clipping_lib.global_norms(grads)
+    weights = CLIP / (norms + gamma)
+    expected = jax.tree_util.tree_map(lambda g: jnp.tensordot(weights, g, axes=1), grads)
+    total = summed(method, task, trainable, frozen, arrays, range(8), 4)
+    error = norm(jax.tree_util.tree_map(jnp.subtract, total, expected)) / norm(expected)
+    assert error < 1e-4, error  # float32 sums in another order (the conformance matrix: 1e-4)
+    without = summed(method, task, trainable, frozen, arrays, [i for i in range(8) if i != 3], 4)
+    moved = norm(jax.tree_util.tree_map(jnp.subtract, total, without))
+    assert moved == pytest.approx(float(CLIP * norms[3] / (norms[3] + gamma)), rel=1e-4)
+    assert moved <= CLIP
 
 
 @pytest.mark.parametrize("method_name", ["vanilla", "ffa"])

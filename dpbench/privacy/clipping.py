@@ -433,14 +433,37 @@ def require_exact_in(implementation: str, dtype: Any, method: str | None = None)
     )
 
 
+CLIP_FNS = ("fixed", "automatic")
+
+
 def clip_factors(
-    norms: jax.Array, losses: jax.Array, mask: jax.Array, clip_norm: float
+    norms: jax.Array,
+    losses: jax.Array,
+    mask: jax.Array,
+    clip_norm: float,
+    clip_fn: str = "fixed",
+    gamma: float = 0.01,
 ) -> tuple[jax.Array, jax.Array]:
-    """cᵢ = min(1, C/‖gᵢ‖) for real, finite examples, else 0; and which examples those are."""
+    """The factor cᵢ of each example's gradient, 0 for padded or non-finite examples; and which examples
+    are kept. Either way ‖cᵢ gᵢ‖ <= C, so one example moves the clipped sum by at most C.
+
+    - ``fixed``: cᵢ = min(1, C/‖gᵢ‖) (Abadi et al. 2016);
+    - ``automatic``: cᵢ = C/(‖gᵢ‖+γ), AUTO-S of Bu et al. (2023): every gradient is normalised, small
+      ones less (γ > 0), so C only scales the update and needs no tuning beside the learning rate.
+
+    >>> norms, ok = jnp.array([0.5, 2.0, 0.0]), jnp.array([True, True, True])
+    >>> clip_factors(norms, jnp.zeros(3), ok, 1.0)[0].tolist()
+    [1.0, 0.5, 1.0]
+    >>> [round(c, 4) for c in clip_factors(norms, jnp.zeros(3), ok, 1.0, "automatic", 0.5)[0].tolist()]
+    [1.0, 0.4, 2.0]
+    """
     finite = jnp.isfinite(norms) & jnp.isfinite(losses)
     keep = mask & finite
-    # Written so that a zero gradient gives factor 1, not NaN.
-    factors = jnp.minimum(1.0, clip_norm / jnp.maximum(jnp.where(keep, norms, 1.0), 1e-12))
+    safe_norms = jnp.where(keep, norms, 1.0)
+    if clip_fn == "automatic":
+        factors = clip_norm / (safe_norms + gamma)
+    else:  # written so that a zero gradient gives factor 1, not NaN
+        factors = jnp.minimum(1.0, clip_norm / jnp.maximum(safe_norms, 1e-12))
     return _at_least_f32(jnp.where(keep, factors, 0.0)), keep
 
 
@@ -452,20 +475,23 @@ def clipped_grad_sum(
     clip_norm: float,
     *args,
     clipping: str = "per_example",
+    clip_fn: str = "fixed",
+    gamma: float = 0.01,
 ) -> tuple[dict, dict]:
-    """Sum over real, finite rows of per-example gradients, each scaled to L2 norm <= ``clip_norm``."""
+    """Sum over real, finite rows of per-example gradients, each scaled to L2 norm <= ``clip_norm``
+    (by :func:`clip_factors` with ``clip_fn``; every implementation scales by the same factors)."""
     _check(clipping)
     if clipping == "per_example":
         grads, losses, aux = per_example_grads(losses_fn, trainable, batch, *args)
         norms = global_norms(grads)
-        factors, keep = clip_factors(norms, losses, mask, clip_norm)
+        factors, keep = clip_factors(norms, losses, mask, clip_norm, clip_fn, gamma)
         grad_sum = _weighted_sum(grads, factors, keep)
     else:
         losses_fn, trainable, unflatten = _flat(losses_fn, trainable)
         tapped = _Tapped(losses_fn, trainable, batch, args, two_pass=clipping == "ghost")
         losses, aux = tapped.losses, tapped.aux
         norms = jnp.sqrt(tapped.squared_norms())
-        factors, keep = clip_factors(norms, losses, mask, clip_norm)
+        factors, keep = clip_factors(norms, losses, mask, clip_norm, clip_fn, gamma)
         if clipping == "ghost":
             grad_sum = tapped.second_pass_sum(factors, keep)
         else:

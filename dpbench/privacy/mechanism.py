@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from dpbench.errors import ConfigError, as_config_error, check_choice
 from dpbench.privacy import accounting
 from dpbench.privacy import batch_selection as sampling
+from dpbench.privacy import clipping as clipping_lib
 from dpbench.privacy import noise as noise_lib
 from dpbench.privacy.methods import CLIPPING_CHOICES, METHODS, check_clipping_dtype, resolve_clipping
 from dpbench.privacy.randomness import MODES as RANDOMNESS_MODES
@@ -45,6 +46,11 @@ class DPConfig:
     delta: float | None = 1e-5
     delta_exponent: float | None = None  # δ = n^-exponent (dp-lora uses 1.1); needs delta=null
     clip_norm: float = 1.0
+    # How each example's gradient is scaled (dpbench/privacy/clipping.py, clip_factors): fixed =
+    # min(1, C/‖g‖); automatic = C/(‖g‖+clip_gamma), AUTO-S of Bu et al. 2023 (norm < C either way:
+    # the same sensitivity and ε).
+    clip_fn: str = "fixed"
+    clip_gamma: float = 0.01
     sampler: str = "poisson"  # poisson | shuffle | cyclic_poisson (dp.bands groups) | balls_in_bins
     # Correlated noise (dpbench/privacy/noise.py). bands: BandMF's bands, and the groups of
     # sampler=cyclic_poisson; buffers: BLT's most buffers; optimize_strategy: fit the strategy to the
@@ -96,6 +102,9 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"dp.delta_exponent={dp.delta_exponent} must be > 0")
     if not dp.clip_norm > 0:
         raise ConfigError(f"dp.clip_norm={dp.clip_norm} must be > 0")
+    check_choice("dp.clip_fn", dp.clip_fn, clipping_lib.CLIP_FNS)
+    if dp.clip_fn == "automatic" and not dp.clip_gamma > 0:
+        raise ConfigError(f"dp.clip_gamma={dp.clip_gamma} is not allowed; choose a number > 0 (e.g. 0.01)")
     if METHODS[dp.method].frozen_labels and cfg.model.get("finetune", "lora") != "lora":
         raise ConfigError(
             f"dp.method={dp.method} freezes LoRA's A matrices: it needs model.finetune=lora "

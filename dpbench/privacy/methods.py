@@ -69,6 +69,8 @@ class GradientMethod:
     clip_norm: float | None  # None for the non-private method
     frozen_labels: tuple[str, ...] = ()  # parameter labels the method freezes (ModelBundle.with_frozen)
     clipping: str = "per_example"  # how the clipped sum is computed; exact either way
+    clip_fn: str = "fixed"  # dp.clip_fn: fixed (min(1, C/‖g‖)) | automatic (C/(‖g‖+γ))
+    clip_gamma: float = 0.01  # dp.clip_gamma: γ of automatic clipping
 
     @property
     def private(self) -> bool:
@@ -78,7 +80,15 @@ class GradientMethod:
         """Sum over one physical batch; sums from several physical batches simply add up."""
         if self.private:
             return clipping_lib.clipped_grad_sum(
-                losses_fn, trainable, batch, mask, self.clip_norm, *args, clipping=self.clipping
+                losses_fn,
+                trainable,
+                batch,
+                mask,
+                self.clip_norm,
+                *args,
+                clipping=self.clipping,
+                clip_fn=self.clip_fn,
+                gamma=self.clip_gamma,
             )
         return clipping_lib.masked_grad_sum(losses_fn, trainable, batch, mask, *args)
 
@@ -131,4 +141,6 @@ def make_method(dp_cfg) -> GradientMethod:
         clip_norm=float(dp_cfg.clip_norm),
         frozen_labels=spec.frozen_labels,
         clipping=clipping,
+        clip_fn=dp_cfg.get("clip_fn", "fixed"),
+        clip_gamma=float(dp_cfg.get("clip_gamma", 0.01)),
     )

@@ -116,6 +116,7 @@ def privacy_claim(
     accountant: DictConfig,
     target_epsilon: float | None,
     clipping_implementation: str | None = None,
+    clip_fn: str | None = None,
 ) -> dict:
     """The final (ε, δ) claim with everything needed to recompute it; refuses a claim above target."""
     if tracker is None:
@@ -142,6 +143,8 @@ def privacy_claim(
     privacy["noise"] = mechanism.strategy.describe()
     if clipping_implementation is not None:  # dp.clipping=auto resolved: speed only
         privacy["clipping_implementation"] = clipping_implementation
+    if clip_fn is not None:  # how gradients were scaled to norm <= C (the same sensitivity either way)
+        privacy["clip_fn"] = clip_fn
     log.info(
         "privacy: (ε=%.4f, δ=%.3g) with σ=%.4f over %d logical steps",
         epsilon,
