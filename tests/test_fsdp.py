@@ -187,8 +187,7 @@ GENERATE = """
 import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np
-from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3
-from dpbench.models.generate import greedy_generate
+from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3, greedy_generate
 from dpbench.train import sharding
 
 cfg = Gemma3ModelConfig(preset="tiny", random_init=True, tokenizer="bytes", lora_rank=4, lora_alpha=8)

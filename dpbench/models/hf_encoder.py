@@ -1,9 +1,9 @@
 """Hugging Face BERT / RoBERTa checkpoints (``config.json`` + safetensors) for the Flax encoder.
 
-Reads tensors with ``safetensors.numpy`` (no torch at run time) and maps every Hugging Face name
-explicitly onto the parameter paths of ``dpbench.models.encoder``. Loading is strict: a missing
-backbone tensor, a tensor of the wrong shape, or a tensor that is neither used nor on the
-``IGNORED`` allowlist is an error, so a checkpoint can never be half-loaded silently.
+Reads tensors with ``dpbench.models.checkpoints.read_safetensors`` (no torch at run time) and maps
+every Hugging Face name explicitly onto the parameter paths of ``dpbench.models.encoder``. Loading is
+strict: a missing backbone tensor, a tensor of the wrong shape, or a tensor that is neither used nor
+on the ``IGNORED`` allowlist is an error, so a checkpoint can never be half-loaded silently.
 
 Both prefixed names (``roberta.encoder...`` from ``*ForSequenceClassification`` / ``*ForMaskedLM``)
 and unprefixed ones (``encoder...`` from ``BertModel`` / sentence-transformers, e.g. all-MiniLM-L6-v2)
@@ -18,7 +18,8 @@ import re
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
+
+from dpbench.models.checkpoints import read_safetensors
 
 FAMILIES = ("bert", "roberta")
 
@@ -92,23 +93,6 @@ def arch_from_hf_config(config: dict) -> EncoderArch:
         type_vocab_size=config["type_vocab_size"],
         pad_token_id=config.get("pad_token_id") if config.get("pad_token_id") is not None else 0,
         layer_norm_eps=config["layer_norm_eps"],
-    )
-
-
-def read_safetensors(checkpoint_dir: Path) -> dict[str, np.ndarray]:
-    """All tensors of ``model.safetensors``, or of the shards ``model.safetensors.index.json`` lists."""
-    single = checkpoint_dir / "model.safetensors"
-    index = checkpoint_dir / "model.safetensors.index.json"
-    if single.exists():
-        return load_file(str(single))
-    if index.exists():
-        tensors: dict[str, np.ndarray] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            tensors.update(load_file(str(checkpoint_dir / shard)))
-        return tensors
-    raise FileNotFoundError(
-        f"{checkpoint_dir} has neither model.safetensors nor model.safetensors.index.json "
-        "(only safetensors checkpoints are read; convert .bin files with transformers first)"
     )
 
 
@@ -245,13 +229,17 @@ def map_hf_tensors(tensors: dict[str, np.ndarray], arch: EncoderArch, num_labels
     return LoadedEncoder(arch=arch, params=params, head_loaded=head_loaded)
 
 
-def load_hf_encoder(checkpoint_dir: str | Path, num_labels: int) -> LoadedEncoder:
-    """Read ``config.json`` and the safetensors weights of a BERT/RoBERTa checkpoint folder."""
-    checkpoint_dir = Path(checkpoint_dir)
-    config_path = checkpoint_dir / "config.json"
+def read_arch(checkpoint_dir: str | Path) -> EncoderArch:
+    """The architecture in a BERT/RoBERTa checkpoint folder's ``config.json`` (no tensor is read)."""
+    config_path = Path(checkpoint_dir) / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(
             f"{checkpoint_dir} has no config.json; is it a Hugging Face checkpoint folder?"
         )
-    arch = arch_from_hf_config(json.loads(config_path.read_text()))
+    return arch_from_hf_config(json.loads(config_path.read_text()))
+
+
+def load_hf_encoder(checkpoint_dir: str | Path, num_labels: int) -> LoadedEncoder:
+    """Read ``config.json`` and the safetensors weights of a BERT/RoBERTa checkpoint folder."""
+    arch = read_arch(checkpoint_dir)
     return map_hf_tensors(read_safetensors(checkpoint_dir), arch, num_labels)

