@@ -2,12 +2,14 @@
 
 Composes the same config as ``python -m dpbench``, then, on ``compute.mesh.data x compute.mesh.fsdp``
 fake CPU devices (``compute.num_devices`` when an axis is -1), builds the training step on *abstract*
-inputs: parameter shapes from ``jax.eval_shape`` with their sharding rules, a physical batch of
-``compute.physical_batch_size`` rows of the dataset's sequence length. No weights are read. It lowers
+inputs: parameter shapes from the model's own builder (``build_model(..., abstract=True)``; any
+``model.arch``) with their sharding rules, a physical batch of ``compute.physical_batch_size`` rows of
+the dataset's sequence length (images: the model's ``image_shape``). No weights are read. It lowers
 and compiles one physical-batch accumulation and the per-logical-step update (noise + optimizer) and
 prints, per device: bytes of frozen and trainable parameters, optimizer state, the gradient
 accumulator, XLA's temporaries (``compiled.memory_analysis()``), their total against
-``compute.device_memory_gb``, and the mechanism (n, q, σ, steps, ε).
+``compute.device_memory_gb``, and the mechanism as ``python -m dpbench.privacy`` prints it (n with any
+audit canaries, q, σ, steps, ε).
 
 The compile is XLA:CPU's: buffer assignment and fusion differ on GPU/TPU, so the numbers are an
 estimate of the accelerator's (the output says so). The plan keeps XLA's optimization barriers, as
@@ -105,64 +107,40 @@ def _abstract(tree, shardings):
     )
 
 
-def _gemma_parts(cfg, mesh, method, plan_cfg):
-    """Abstract Gemma 3 parameters (nothing read or initialised) and the summarisation losses."""
+def _model_parts(cfg, method, plan_cfg):
+    """The model's parameters as shapes (``build_model(..., abstract=True)``: nothing read or
+    initialised), its task's per-example losses and an abstract physical batch."""
     import jax
     import jax.numpy as jnp
     from flax.traverse_util import flatten_dict
 
-    from dpbench.models import gemma3
-    from dpbench.models.base import ModelBundle, finetune_labels
-    from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer
-    from dpbench.models.lora import LoraSpec, effective_rank
-    from dpbench.train.summarization import SummarizationTask
+    from dpbench.models.registry import build_model
+    from dpbench.train.tasks import task_class
 
-    m = cfg.model
-    if m.preset is None:
-        raise config_lib.ConfigError("the plan needs model.preset (the architecture) for arch=gemma3")
-    config = gemma3.PRESETS[m.preset]
-    dtype = gemma3.DTYPES[m.dtype]
-    lora = LoraSpec(
-        rank=effective_rank(m.finetune, m.lora_rank), alpha=m.lora_alpha, targets=tuple(m.lora_targets)
-    )
-    module = gemma3.Gemma3(config, lora, dtype, remat=m.remat)
-    dummy = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
-    shapes = flatten_dict(jax.eval_shape(module.init, jax.random.PRNGKey(0), *dummy)["params"])
-    in_float32 = gemma3.stored_in_float32(m.finetune)  # as build_gemma3 stores them
-    params = {
-        p: jax.ShapeDtypeStruct(s.shape, jnp.float32 if in_float32(p) else dtype) for p, s in shapes.items()
-    }
-    body = module.clone(head=False)
-
-    def apply_fn(params, batch):
-        return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-
-    def hidden_states_fn(params, batch):
-        return body.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
-
-    def logits_fn(params, hidden):
-        return gemma3.tied_logits(hidden, params["embed_tokens"]["embedding"], config, dtype)
-
-    bundle = ModelBundle(
-        apply_fn=apply_fn,
-        params=params,
-        label_of=gemma3.label_of,
-        trainable_labels=finetune_labels(m.finetune),
-        weights_source="none (plan)",
-        tokenizer=Gemma3ByteTokenizer(),
-        module=module,
-        extras={"hidden_states_fn": hidden_states_fn, "logits_fn": logits_fn},
-    ).with_frozen(method.frozen_labels)  # as experiment.build
-    task = SummarizationTask(bundle, cfg.dataset, progress_bar=False)
-    length = int(cfg.dataset.max_length)
-    task.max_targets = min(int(plan_cfg.get("max_targets") or cfg.dataset.max_new_tokens + 1), length - 1)
+    try:
+        bundle = build_model(cfg.model, jax.random.PRNGKey(0), abstract=True)
+    except ValueError as error:
+        raise config_lib.ConfigError(f"the plan cannot build model.arch={cfg.model.arch}: {error}") from error
+    bundle = bundle.with_frozen(method.frozen_labels)  # as experiment.build
     rows = int(cfg.compute.physical_batch_size)
-    batch = {
-        k: jax.ShapeDtypeStruct((rows, length), jnp.int32)
-        for k in ("input_ids", "attention_mask", "loss_mask")
-    }
-    notes = [f"summarisation loss on {task.max_targets} response positions per example"]
-    return params, bundle.is_trainable, task.losses_fn, batch, notes
+    length = int(cfg.dataset.max_length)
+    notes = []
+    if cfg.dataset.task == "summarization":
+        task = task_class(cfg.dataset.task)(bundle, cfg.dataset, progress_bar=False)
+        task.max_targets = min(int(plan_cfg.get("max_targets") or cfg.dataset.max_new_tokens + 1), length - 1)
+        keys = ("input_ids", "attention_mask", "loss_mask")
+        batch = {k: jax.ShapeDtypeStruct((rows, length), jnp.int32) for k in keys}
+        notes.append(f"summarisation loss on {task.max_targets} response positions per example")
+    else:  # classification: of token sequences with a tokenizer, else of images
+        task = task_class(cfg.dataset.task).build(bundle, None, cfg)
+        if bundle.tokenizer is not None:
+            batch = {
+                k: jax.ShapeDtypeStruct((rows, length), jnp.int32) for k in ("input_ids", "attention_mask")
+            }
+        else:
+            batch = {"image": jax.ShapeDtypeStruct((rows, *cfg.model.image_shape), jnp.float32)}
+        batch["label"] = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    return flatten_dict(bundle.params), bundle, task.losses_fn, batch, notes
 
 
 def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str]]:
@@ -174,22 +152,15 @@ def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str
     from dpbench.train.loop import Trainer, split_params
     from dpbench.train.optimizers import make_optimizer
 
-    if cfg.model.arch != "gemma3":
-        raise config_lib.ConfigError(
-            f"python -m dpbench.plan plans model.arch=gemma3 (got {cfg.model.arch}); smaller models fit "
-            "anyway"
-        )
     try:
         mesh = sharding.mesh_from_config(cfg.compute)
         rules = sharding.model_rules(cfg.model)
     except ValueError as error:
         raise config_lib.ConfigError(str(error)) from error
     config_lib.validate_with_data(cfg, int(plan_cfg.get("num_examples") or 10**9), mesh.size)
-    params, is_trainable, losses_fn, batch, notes = _gemma_parts(cfg, mesh, method, plan_cfg)
-    trainable, frozen = split_params(unflatten_dict(params), is_trainable)
+    params, bundle, losses_fn, batch, notes = _model_parts(cfg, method, plan_cfg)
+    trainable, frozen = split_params(unflatten_dict(params), bundle.is_trainable)
     frozen_sh = sharding.shardings_for(frozen, mesh, rules)
-    from dpbench.models.gemma3 import gathers_at_use
-
     noise = _noise_for_memory(cfg) if method.private else None
     trainer = Trainer(
         losses_fn,
@@ -199,7 +170,7 @@ def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str
         noise,
         cfg.runner.batch_size,
         param_rules=rules,
-        gathered_at_use=gathers_at_use,
+        gathered_at_use=bundle.gathered_at_use,
     )
     trainer.param_shardings = sharding.shardings_for(trainable, mesh, rules)
     opt_shapes = jax.eval_shape(trainer.optimizer.init, trainable)
@@ -242,39 +213,22 @@ def memory_plan(cfg: DictConfig, method, plan_cfg) -> tuple[MemoryPlan, list[str
 
 
 def mechanism_rows(cfg: DictConfig, plan_cfg) -> list[tuple[str, str]]:
+    """``python -m dpbench.privacy``'s rows (n, sampler, σ, ε, ...), with n from ``+plan.num_examples``
+    when given, else from the training set."""
     from dpbench.data.registry import load_dataset
-    from dpbench.privacy import accounting
-    from dpbench.privacy.mechanism import plan_mechanism
+    from dpbench.privacy.__main__ import plan_rows
 
     num_examples = plan_cfg.get("num_examples")
-    source = "+plan.num_examples"
-    if num_examples is None:
-        try:
-            dataset = load_dataset(cfg.dataset)
-        except (FileNotFoundError, ValueError) as error:
-            raise config_lib.ConfigError(
-                f"the plan needs n, the number of training examples: cannot load {cfg.dataset.name} "
-                f"({error}); give +plan.num_examples=N (SAMSum's train split: 14732)"
-            ) from None
-        num_examples, source = dataset.num_train, f"{dataset.name} ({dataset.source})"
-    num_examples = int(num_examples)
-    mechanism = plan_mechanism(cfg, num_examples)
-    sampler = mechanism.sampler
-    rows = [
-        ("training examples n", f"{num_examples} from {source}"),
-        ("sampler", f"{sampler.name}, q={sampler.sampling_rate:.6g} (batch {cfg.runner.batch_size})"),
-        ("logical steps", str(mechanism.steps)),
-    ]
-    if mechanism.noise_multiplier is None:
-        return rows + [("privacy", "none (dp.method=none)")]
-    sigma = mechanism.noise_multiplier
-    epsilon = accounting.compute_epsilon(sampler, sigma, mechanism.steps, mechanism.delta, cfg.accountant)
-    rows += [
-        ("σ (noise multiplier)", f"{sigma:.6f}" + (" given" if cfg.dp.noise_multiplier is not None else "")),
-        ("clip norm C, δ", f"{cfg.dp.clip_norm:g}, {mechanism.delta:.3g}"),
-        ("ε", f"{epsilon:.4f} ({cfg.accountant.name})"),
-    ]
-    return rows
+    if num_examples is not None:
+        return plan_rows(cfg, num_examples=int(num_examples))
+    try:
+        dataset = load_dataset(cfg.dataset)
+    except (FileNotFoundError, ValueError) as error:
+        raise config_lib.ConfigError(
+            f"the plan needs n, the number of training examples: cannot load {cfg.dataset.name} "
+            f"({error}); give +plan.num_examples=N (SAMSum's train split: 14732)"
+        ) from None
+    return plan_rows(cfg, dataset=dataset)
 
 
 def _rss() -> int:
@@ -345,22 +299,42 @@ def _gib(value: int) -> str:
     return f"{value / 1024**2:8.3f} MiB"
 
 
+def _model_row(model_cfg) -> str:
+    """The model's architecture and the settings that size it (those its schema has).
+
+    >>> from omegaconf import OmegaConf
+    >>> _model_row(OmegaConf.create({"arch": "gemma3", "preset": "1b", "dtype": "bfloat16", "remat": "full"}))
+    'gemma3 1b (bfloat16, remat=full)'
+    >>> _model_row(OmegaConf.create({"arch": "cnn", "variant": "tutorial", "activation": "relu"}))
+    'cnn (variant=tutorial, activation=relu)'
+    """
+    name = " ".join(str(part) for part in (model_cfg.arch, model_cfg.get("preset")) if part is not None)
+    settings = [str(model_cfg.dtype)] if "dtype" in model_cfg else []
+    keys = ("finetune", "lora_rank", "remat", "variant", "activation")
+    settings += [f"{key}={model_cfg[key]}" for key in keys if key in model_cfg]
+    return f"{name} ({', '.join(settings)})" if settings else name
+
+
+def _batch_row(cfg: DictConfig) -> str:
+    rows = cfg.compute.physical_batch_size
+    if "image_shape" in cfg.model:  # an image model
+        return f"{rows} x {' x '.join(str(d) for d in cfg.model.image_shape)} images"
+    return f"{rows} x {cfg.dataset.max_length} tokens"
+
+
 def plan_report(cfg: DictConfig) -> str:
     from omegaconf import OmegaConf
 
+    from dpbench.privacy.__main__ import format_table
     from dpbench.privacy.methods import make_method
 
     config_lib.validate_static(cfg)
     plan_cfg = OmegaConf.to_container(cfg.plan) if "plan" in cfg else {}
     method = make_method(cfg.dp)
     rows = [
-        (
-            "model",
-            f"{cfg.model.arch} {cfg.model.get('preset')} ({cfg.model.dtype}, finetune={cfg.model.finetune}, "
-            f"lora_rank={cfg.model.lora_rank}, remat={cfg.model.remat})",
-        ),
+        ("model", _model_row(cfg.model)),
         ("dp", f"{cfg.dp.method}, clipping={method.clipping if method.private else '-'}"),
-        ("physical batch", f"{cfg.compute.physical_batch_size} x {cfg.dataset.max_length} tokens"),
+        ("physical batch", _batch_row(cfg)),
     ]
     rows += mechanism_rows(cfg, plan_cfg)
     measured = []
@@ -407,11 +381,6 @@ def plan_report(cfg: DictConfig) -> str:
         )
     )
     return format_table(rows)
-
-
-def format_table(rows: list[tuple[str, str]]) -> str:
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
 # XLA:CPU removes optimization barriers early in its pipeline (the pass is named cse_barrier_expander),

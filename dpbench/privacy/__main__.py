@@ -21,19 +21,23 @@ from dpbench.privacy.mechanism import plan_mechanism
 config_lib.register_configs()
 
 
-def plan_rows(cfg: DictConfig) -> list[tuple[str, str]]:
-    """(name, value) rows describing the mechanism ``cfg`` would train under."""
+def plan_rows(cfg: DictConfig, dataset=None, num_examples: int | None = None) -> list[tuple[str, str]]:
+    """(name, value) rows describing the mechanism ``cfg`` would train under.
+
+    The training set is loaded for its size n unless given: ``dataset`` (loaded already) or
+    ``num_examples`` (n alone, e.g. ``python -m dpbench.plan``'s ``+plan.num_examples``).
+    """
     config_lib.validate_static(cfg)
-    dataset = load_dataset(cfg.dataset)
-    num_examples = dataset.num_train
-    rows = [("dataset", f"{dataset.name} ({dataset.source})")]
+    if num_examples is None:
+        dataset = dataset if dataset is not None else load_dataset(cfg.dataset)
+        num_examples = dataset.num_train
+        rows = [("dataset", f"{dataset.name} ({dataset.source})")]
+    else:
+        rows = [("dataset", f"{cfg.dataset.name} (not loaded: n given)")]
     if cfg.audit.name == "canary":
         # The runner trains on the real examples plus the included canaries: n (and so q) changes.
-        from dpbench.privacy.audit_run import CanaryAudit
-
-        audit = CanaryAudit(cfg.audit, dataset.train, num_classes=dataset.info.get("num_classes"))
-        num_examples = len(audit.train_arrays["label"])
-        rows.append(("audit", audit.describe()))
+        num_examples, audit = _with_canaries(cfg.audit, dataset, num_examples)
+        rows.append(("audit", audit))
     rows.append(("training examples n", str(num_examples)))
     mechanism = plan_mechanism(cfg, num_examples)
     sampler = mechanism.sampler
@@ -79,6 +83,24 @@ def plan_rows(cfg: DictConfig) -> list[tuple[str, str]]:
         ("accountant", accountant),
     ]
     return rows
+
+
+def _with_canaries(audit_cfg, dataset, num_examples: int) -> tuple[int, str]:
+    """n with the included canaries, and the audit's description (which, without ``dataset``, says
+    less: the canaries' images need the training set's)."""
+    if dataset is not None:
+        from dpbench.privacy.audit_run import CanaryAudit
+
+        audit = CanaryAudit(audit_cfg, dataset.train, num_classes=dataset.info.get("num_classes"))
+        return len(audit.train_arrays["label"]), audit.describe()
+    from dpbench.privacy.audit import draw_canary_inclusion
+
+    included = int(draw_canary_inclusion(audit_cfg.num_canaries, audit_cfg.seed).sum())
+    description = (
+        f"{audit_cfg.num_canaries} canaries ({included} included, seed {audit_cfg.seed}); "
+        f"training set {num_examples} -> {num_examples + included} examples"
+    )
+    return num_examples + included, description
 
 
 def _noise_row(description: dict) -> str:
