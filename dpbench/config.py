@@ -29,6 +29,7 @@ from dpbench.errors import ConfigError, check_choice
 from dpbench.models import cnn, encoder, gemma3
 from dpbench.privacy import accounting, audit, mechanism
 from dpbench.privacy.mechanism import resolve_delta, validate_batch_size  # noqa: F401 (re-exported)
+from dpbench.privacy.methods import METHODS
 from dpbench.train import loop, optimizers, sharding
 from dpbench.train.tasks import TASKS
 
@@ -91,7 +92,8 @@ def validate_static(cfg: DictConfig) -> None:
     _check_finite(OmegaConf.to_container(cfg, resolve=True), "")
     mechanism.check_settings(cfg)
     accounting.check_settings(cfg.accountant, cfg.dp)
-    optimizers.check_settings(cfg.optimizer)
+    method = METHODS[cfg.dp.method]
+    optimizers.check_settings(cfg.optimizer, method.private, method.noise)
     loggers.check_settings(cfg.logger)
     check_choice("dataset.task", cfg.dataset.task, tuple(TASKS))
     loop.check_settings(cfg.runner)

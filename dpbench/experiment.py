@@ -153,7 +153,7 @@ def build(cfg: DictConfig) -> Experiment:
     trainer = Trainer(
         task.losses_fn,
         method,
-        make_optimizer(cfg.optimizer),
+        make_optimizer(cfg.optimizer, mechanism.gradient_noise_variance),
         mesh,
         noise=mechanism.noise_transform(randomness.noise_key()),
         expected_batch_size=mechanism.expected_batch_size,

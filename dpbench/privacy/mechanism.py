@@ -208,6 +208,14 @@ class Mechanism:
         sampler = self.sampler
         return float(getattr(sampler, "expected_batch_size", None) or sampler.batch_size)
 
+    @property
+    def gradient_noise_variance(self) -> float:
+        """The variance i.i.d. noise adds to each coordinate of the averaged gradient, (σC/B)²
+        (0 when non-private); DP-AdamBC subtracts it."""
+        if not self.private:
+            return 0.0
+        return (self.noise_multiplier * self.clip_norm / self.expected_batch_size) ** 2
+
     def dp_event(self, steps: int | None = None):
         """The accounting event of the first ``steps`` logical steps (default: the whole run)."""
         return self.sampler.dp_event(self.noise_multiplier, self.steps if steps is None else steps)
