@@ -26,7 +26,7 @@ from dpbench import loggers, schema
 from dpbench.data import schema as data_schema  # noqa: F401 (declares the dataset schema)
 from dpbench.data.roots import register_resolvers
 from dpbench.errors import ConfigError, check_choice
-from dpbench.models import cnn, encoder, gemma3
+from dpbench.models import registry
 from dpbench.privacy import accounting, audit, mechanism
 from dpbench.privacy.mechanism import resolve_delta, validate_batch_size  # noqa: F401 (re-exported)
 from dpbench.privacy.methods import METHODS
@@ -51,10 +51,7 @@ FINITE_HINTS = {
 def register_configs() -> None:
     """Put every declared schema into Hydra's ConfigStore (idempotent)."""
     register_resolvers()
-    # The model schemas, until their modules declare them with @schema as the others do.
-    schema.schema("model", "cnn_schema")(cnn.CNNModelConfig)
-    schema.schema("model", "encoder_schema")(encoder.EncoderModelConfig)
-    schema.schema("model", "gemma3_schema")(gemma3.Gemma3ModelConfig)
+    registry.model_modules()  # imports every model module, which declares its schema
     schema.store_all()
 
 

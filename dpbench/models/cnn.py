@@ -16,8 +16,10 @@ import jax.numpy as jnp
 
 from dpbench.models.base import LABELS, ModelBundle, layer_label
 from dpbench.models.layers import Conv, LoRADense
+from dpbench.schema import schema
 
 
+@schema("model", "cnn_schema")
 @dataclasses.dataclass
 class CNNModelConfig:
     arch: str = "cnn"
@@ -101,3 +103,6 @@ def build_cnn(cfg: CNNModelConfig, rng: jax.Array, placement=None, abstract: boo
         weights_source=f"random init ({cfg.variant} CNN, {cfg.activation})",
         module=module,
     )
+
+
+build = build_cnn  # model.arch=cnn (dpbench.models.registry)

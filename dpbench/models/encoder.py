@@ -31,6 +31,7 @@ from dpbench.models.hf_encoder import FAMILIES, EncoderArch, load_hf_encoder, re
 from dpbench.models.hf_tokenizer import ByteTokenizer, HFTokenizer
 from dpbench.models.layers import Embed, LayerNorm
 from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, lora_label
+from dpbench.schema import schema
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 HUB_FILES = [
@@ -58,6 +59,7 @@ class RandomInitConfig:
     type_vocab_size: int = 1
 
 
+@schema("model", "encoder_schema")
 @dataclasses.dataclass
 class EncoderModelConfig:
     """Hydra schema ``encoder_schema``. Exactly one of ``checkpoint`` / ``random_init`` is set.
@@ -405,3 +407,6 @@ def _bundle(
         extras={"arch": module.arch, "hidden_states_fn": hidden_states_fn},
         float32_variant=float32_variant,
     )
+
+
+build = build_encoder  # model.arch=encoder (dpbench.models.registry)

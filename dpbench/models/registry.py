@@ -1,19 +1,37 @@
-"""Model builders by ``model.arch``; imports of heavy model code happen only when chosen."""
+"""Model builders by ``model.arch``: ``model.arch=<name>`` builds with ``dpbench.models.<name>.build``.
+
+A model module (or package) declares its Hydra schema with ``@schema("model", "<name>_schema")`` and a
+``build(cfg, rng, placement=None, abstract=False) -> ModelBundle``. A new model is that module plus
+``conf/model/<name>.yaml``: nothing here lists them.
+"""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
+from types import ModuleType
 
 import jax
 
 from dpbench.models.base import ModelBundle
 
-_BUILDERS = {
-    "cnn": ("dpbench.models.cnn", "build_cnn"),
-    "encoder": ("dpbench.models.encoder", "build_encoder"),
-    "gemma3": ("dpbench.models.gemma3", "build_gemma3"),
-}
-PLACED = ("gemma3", "encoder")  # builders that place their weights by sharding rule themselves
+
+@functools.cache
+def model_modules() -> dict[str, ModuleType]:
+    """Every model module of ``dpbench.models`` (one with a ``build``), by ``model.arch`` name.
+
+    >>> sorted(model_modules())
+    ['cnn', 'encoder', 'gemma3']
+    """
+    import dpbench.models
+
+    modules = {}
+    for info in pkgutil.iter_modules(dpbench.models.__path__):
+        module = importlib.import_module(f"dpbench.models.{info.name}")
+        if callable(getattr(module, "build", None)):
+            modules[info.name] = module
+    return modules
 
 
 def build_model(cfg, rng: jax.Array, placement=None, abstract: bool = False) -> ModelBundle:
@@ -23,9 +41,7 @@ def build_model(cfg, rng: jax.Array, placement=None, abstract: bool = False) -> 
     initialised (see each builder for what else it reads).
 
     The bundle trains what ``model.finetune`` trains; a DP method freezes more with ``with_frozen``."""
-    if cfg.arch not in _BUILDERS:
-        raise ValueError(f"model.arch={cfg.arch!r} is not known; choose one of {', '.join(_BUILDERS)}")
-    module_name, fn_name = _BUILDERS[cfg.arch]
-    extra = {"placement": placement} if placement is not None and cfg.arch in PLACED else {}
-    builder = getattr(importlib.import_module(module_name), fn_name)
-    return builder(cfg, rng, abstract=abstract, **extra)
+    modules = model_modules()
+    if cfg.arch not in modules:
+        raise ValueError(f"model.arch={cfg.arch!r} is not known; choose one of {', '.join(sorted(modules))}")
+    return modules[cfg.arch].build(cfg, rng, placement=placement, abstract=abstract)

@@ -22,7 +22,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from dpbench.data import text
-from dpbench.models.generate import greedy_generate
+from dpbench.models.gemma3.generate import greedy_generate
 from dpbench.train.loop import merge_params
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -77,7 +77,7 @@ def max_response_tokens(summaries: Sequence[str], tokenizer, max_length: int) ->
     """The most loss tokens any training sequence of ``text.build_lm_examples`` can hold: the longest
     tokenised summary plus eos, at most ``max_length - 1`` (the first token is never a target).
 
-    >>> from dpbench.models.gemma3_tokenizer import Gemma3ByteTokenizer
+    >>> from dpbench.models.gemma3 import Gemma3ByteTokenizer
     >>> max_response_tokens(["hi", "hello"], Gemma3ByteTokenizer(), max_length=512)
     6
     >>> max_response_tokens(["hello"], Gemma3ByteTokenizer(), max_length=4)

@@ -36,6 +36,8 @@ from dpbench.models.gemma3.model import (
 )
 from dpbench.models.gemma3.tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
 
+build = build_gemma3  # model.arch=gemma3 (dpbench.models.registry)
+
 __all__ = [
     "ACTIVATIONS",
     "DTYPES",
@@ -54,6 +56,7 @@ __all__ = [
     "Gemma3ModelConfig",
     "Gemma3Tokenizer",
     "attention_masks",
+    "build",
     "build_gemma3",
     "gathers_at_use",
     "greedy_generate",

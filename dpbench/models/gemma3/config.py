@@ -14,6 +14,7 @@ from dpbench.models import remat as remat_lib
 from dpbench.models.gemma3.loading import DEFAULT_CACHE_DIR
 from dpbench.models.gemma3.tokenizer import Gemma3ByteTokenizer
 from dpbench.models.lora import check_finetune
+from dpbench.schema import schema
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 SLIDING, GLOBAL = "sliding_attention", "full_attention"
@@ -160,6 +161,7 @@ PRESETS: dict[str, Gemma3Config] = {
 TOKENIZERS = ("checkpoint", "bytes")
 
 
+@schema("model", "gemma3_schema")
 @dataclasses.dataclass
 class Gemma3ModelConfig:
     """Hydra schema ``gemma3_schema``.
