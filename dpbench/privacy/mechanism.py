@@ -41,16 +41,16 @@ class DPConfig:
     # How the clipped sum is computed: per_example | ghost | bookkeeping | auto (the fastest measured).
     # A performance knob: every choice is exact, so it never changes ε or the result.
     clipping: str = "auto"
-    epsilon: float | None = 1.0
+    epsilon: float | None = 1.0  # the (ε, δ) target: σ is calibrated to spend exactly this
     noise_multiplier: float | None = None  # set it (and epsilon=null) to report the ε it gives
-    delta: float | None = 1e-5
+    delta: float | None = 1e-5  # δ of the claim; null with delta_exponent set
     delta_exponent: float | None = None  # δ = n^-exponent (dp-lora uses 1.1); needs delta=null
-    clip_norm: float = 1.0
-    # How each example's gradient is scaled (dpbench/privacy/clipping.py, clip_factors): fixed =
-    # min(1, C/‖g‖); automatic = C/(‖g‖+clip_gamma), AUTO-S of Bu et al. 2023 (norm < C either way:
-    # the same sensitivity and ε).
+    clip_norm: float = 1.0  # C: every example contributes a gradient of norm <= C (the sensitivity)
+    # fixed: each example's gradient times min(1, C/‖g‖); automatic: times C/(‖g‖+clip_gamma), AUTO-S of
+    # Bu et al. 2023. Norm <= C either way: the same sensitivity and ε (dpbench/privacy/clipping.py).
     clip_fn: str = "fixed"
-    clip_gamma: float = 0.01
+
+    clip_gamma: float = 0.01  # γ of clip_fn=automatic (> 0): how much less small gradients are scaled up
     sampler: str = "poisson"  # poisson | shuffle | cyclic_poisson (dp.bands groups) | balls_in_bins
     # Correlated noise (dpbench/privacy/noise.py). bands: BandMF's bands, and the groups of
     # sampler=cyclic_poisson; buffers: BLT's most buffers; optimize_strategy: fit the strategy to the
