@@ -91,6 +91,12 @@ def validate_static(cfg: DictConfig) -> None:
     accounting.check_settings(cfg.accountant, cfg.dp)
     method = METHODS[cfg.dp.method]
     optimizers.check_settings(cfg.optimizer, method.private, method.noise)
+    if cfg.optimizer.name in optimizers.BIAS_CORRECTED and cfg.dp.adaptive_clip.target_quantile is not None:
+        raise ConfigError(
+            f"optimizer.name={cfg.optimizer.name} corrects a fixed noise variance (σC/B)², and "
+            "dp.adaptive_clip changes C every step: choose optimizer=adam(w), or "
+            "dp.adaptive_clip.target_quantile=null"
+        )
     loggers.check_settings(cfg.logger)
     check_choice("dataset.task", cfg.dataset.task, tuple(TASKS))
     loop.check_settings(cfg.runner)

@@ -159,6 +159,8 @@ def build(cfg: DictConfig) -> Experiment:
         expected_batch_size=mechanism.expected_batch_size,
         param_rules=rules,
         gathered_at_use=bundle.gathered_at_use,
+        adaptive_clip=mechanism.adaptive,
+        clip_key=randomness.count_noise_key_data(),
     )
     config_dict = OmegaConf.to_container(cfg, resolve=True)
     if cfg.runner.resume == "never":
@@ -232,7 +234,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
         callbacks = LoopCallbacks(
             evaluate=evaluate,
             epsilon_at=exp.tracker.epsilon_at if exp.tracker else (lambda step: None),
-            log=hooks.TrainLog(policy, history, exp.logger, mechanism.noise_multiplier),
+            log=hooks.TrainLog(policy, history, exp.logger, mechanism.noise_multiplier, state),
             check_budget=exp.tracker.check_step if exp.tracker else (lambda step: None),
             release=policy.train_record,
             save=checkpointing,
@@ -295,6 +297,8 @@ def _finish(
     preparation = policy.preparation(exp.preparation)
     if exp.private:
         policy.annotate(claim["privacy"], exp.randomness)
+    if state.clip_state is not None:  # adaptive clipping: C's end point, a DP release like its path
+        claim["privacy"]["adaptive_clip"]["final_clip_norm"] = float(state.clip_state["clip_norm"])
     final = {k: v for k, v in during[-1].items() if k != "step"}
     final_sha256 = records.params_sha256(jax.device_get(state.trainable))
     distributed.check_same_on_every_process("final trainable parameters", final_sha256)

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from dpbench.errors import ConfigError, as_config_error, check_choice
 from dpbench.privacy import accounting
+from dpbench.privacy import adaptive_clip as adaptive_clip_lib
 from dpbench.privacy import batch_selection as sampling
 from dpbench.privacy import clipping as clipping_lib
 from dpbench.privacy import noise as noise_lib
@@ -51,6 +52,10 @@ class DPConfig:
     clip_fn: str = "fixed"
 
     clip_gamma: float = 0.01  # γ of clip_fn=automatic (> 0): how much less small gradients are scaled up
+    # C follows a quantile of the gradient norms (dpbench/privacy/adaptive_clip.py); dp.clip_norm is C₀.
+    adaptive_clip: adaptive_clip_lib.AdaptiveClipConfig = dataclasses.field(
+        default_factory=adaptive_clip_lib.AdaptiveClipConfig
+    )
     sampler: str = "poisson"  # poisson | shuffle | cyclic_poisson (dp.bands groups) | balls_in_bins
     # Correlated noise (dpbench/privacy/noise.py). bands: BandMF's bands, and the groups of
     # sampler=cyclic_poisson; buffers: BLT's most buffers; optimize_strategy: fit the strategy to the
@@ -103,6 +108,7 @@ def check_settings(cfg: DictConfig) -> None:
     if not dp.clip_norm > 0:
         raise ConfigError(f"dp.clip_norm={dp.clip_norm} must be > 0")
     check_choice("dp.clip_fn", dp.clip_fn, clipping_lib.CLIP_FNS)
+    adaptive_clip_lib.check_settings(dp.adaptive_clip, dp.clip_fn, METHODS[dp.method].noise)
     if dp.clip_fn == "automatic" and not dp.clip_gamma > 0:
         raise ConfigError(f"dp.clip_gamma={dp.clip_gamma} is not allowed; choose a number > 0 (e.g. 0.01)")
     if METHODS[dp.method].frozen_labels and cfg.model.get("finetune", "lora") != "lora":
@@ -181,6 +187,7 @@ SETTING_OF_FIELD = {
     "accountant": "accountant.*",
     "randomness": "dp.randomness",
     "noise": "dp.method, dp.bands, dp.buffers, dp.optimize_strategy",
+    "adaptive_clip": "dp.adaptive_clip.*",
 }
 
 
@@ -197,6 +204,8 @@ class Mechanism:
     accountant: dict | None = None  # the accountant's name and parameters (None when non-private)
     randomness: str | None = None  # dp.randomness: secret | seeded (None when non-private)
     strategy: noise_lib.Strategy = dataclasses.field(default_factory=noise_lib.Strategy)
+    # Adaptive quantile clipping (None: C fixed at clip_norm); σ is then the composed multiplier.
+    adaptive: adaptive_clip_lib.AdaptiveClip | None = None
 
     @property
     def private(self) -> bool:
@@ -224,7 +233,19 @@ class Mechanism:
         """The noise transform of this run (``dpbench.privacy.noise``), keyed by the privacy randomness."""
         if not self.private:
             return None
+        if self.adaptive is not None:  # per unit of C: the trainer scales it by each step's C
+            return self.strategy.transform(self.gradient_noise_multiplier, key)
         return self.strategy.transform(self.noise_multiplier * self.clip_norm, key)
+
+    @property
+    def gradient_noise_multiplier(self) -> float | None:
+        """The multiplier of the gradient noise: σ, or with adaptive clipping the larger z_Δ that
+        composes with the count's noise to σ (Andrew et al. 2021, Theorem 1)."""
+        if self.adaptive is None:
+            return self.noise_multiplier
+        return adaptive_clip_lib.gradient_noise_multiplier(
+            self.noise_multiplier, self.adaptive.count_noise_multiplier
+        )
 
     def epsilon_tracker(self, accountant: DictConfig) -> accounting.EpsilonTracker | None:
         """ε spent after each logical step under ``accountant``, refusing steps past the budget."""
@@ -252,6 +273,7 @@ class Mechanism:
             "accountant": self.accountant,
             "randomness": self.randomness,
             "noise": self.strategy.describe() if self.private else None,
+            **({"adaptive_clip": self.adaptive.describe(self.noise_multiplier)} if self.adaptive else {}),
         }
 
 
@@ -363,7 +385,7 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
         raise ConfigError(
             f"σ={sigma} is not finite; dp.epsilon and dp.noise_multiplier must be finite numbers > 0"
         )
-    return Mechanism(
+    mechanism = Mechanism(
         sampler,
         steps,
         sigma,
@@ -374,3 +396,9 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
         randomness=cfg.dp.randomness,
         strategy=strategy,
     )
+    adaptive = cfg.dp.get("adaptive_clip")
+    if adaptive is not None and adaptive.target_quantile is not None:
+        mechanism.adaptive = adaptive_clip_lib.AdaptiveClip.from_config(
+            adaptive, mechanism.clip_norm, mechanism.expected_batch_size, sigma
+        )
+    return mechanism

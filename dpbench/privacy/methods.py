@@ -76,15 +76,17 @@ class GradientMethod:
     def private(self) -> bool:
         return self.clip_norm is not None
 
-    def grad_sum(self, losses_fn, trainable, batch, mask, *args):
-        """Sum over one physical batch; sums from several physical batches simply add up."""
+    def grad_sum(self, losses_fn, trainable, batch, mask, *args, clip_norm=None):
+        """Sum over one physical batch; sums from several physical batches simply add up.
+        ``clip_norm``: this step's C when it changes during the run (adaptive clipping), else
+        ``self.clip_norm``."""
         if self.private:
             return clipping_lib.clipped_grad_sum(
                 losses_fn,
                 trainable,
                 batch,
                 mask,
-                self.clip_norm,
+                self.clip_norm if clip_norm is None else clip_norm,
                 *args,
                 clipping=self.clipping,
                 clip_fn=self.clip_fn,

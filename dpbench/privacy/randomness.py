@@ -91,6 +91,10 @@ class PrivacyRandomness:
         """Raw threefry key data (two uint32) for the noise; ``fold_in(key, step)`` per logical step."""
         return np.frombuffer(_derive(self.secret, b"noise")[:8], dtype=np.uint32).copy()
 
+    def count_noise_key_data(self) -> np.ndarray:
+        """Raw threefry key data for the noise on adaptive clipping's count (its own stream)."""
+        return np.frombuffer(_derive(self.secret, b"clip_count")[:8], dtype=np.uint32).copy()
+
     def noise_key(self):
         import jax.numpy as jnp
 

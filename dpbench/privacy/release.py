@@ -141,6 +141,8 @@ def privacy_claim(
     # The noise strategy (i.i.d., BandMF's coefficients, BLT's buffers) and the batch selection
     # it is accounted under are part of the mechanism description above (sampler) and here.
     privacy["noise"] = mechanism.strategy.describe()
+    if mechanism.adaptive is not None:
+        privacy["adaptive_clip"] = mechanism.adaptive.describe(mechanism.noise_multiplier)
     if clipping_implementation is not None:  # dp.clipping=auto resolved: speed only
         privacy["clipping_implementation"] = clipping_implementation
     if clip_fn is not None:  # how gradients were scaled to norm <= C (the same sensitivity either way)

@@ -54,18 +54,27 @@ class Evaluation:
 
 
 class TrainLog:
-    """Publish a logged training step: what the release policy lets out, and σ (public)."""
+    """Publish a logged training step: what the release policy lets out, σ (public) and, with adaptive
+    clipping, the clip norm of the next step (a function of the noisy counts: covered by the claim)."""
 
     def __init__(
-        self, policy: ReleasePolicy, history: records.History, logger, noise_multiplier: float | None
+        self,
+        policy: ReleasePolicy,
+        history: records.History,
+        logger,
+        noise_multiplier: float | None,
+        state: TrainState | None = None,
     ):
         self.policy, self.history, self.logger = policy, history, logger
         self.noise_multiplier = noise_multiplier
+        self.state = state
 
     def __call__(self, record: dict, step: int) -> None:
         record = self.policy.throughput(record)
         if self.noise_multiplier is not None:
             record = {**record, "privacy/sigma": self.noise_multiplier}
+        if self.state is not None and self.state.clip_state is not None:
+            record = {**record, "privacy/clip_norm": float(self.state.clip_state["clip_norm"])}
         if self.history.append("train", step, record):
             self.logger.log(record, step)
 

@@ -110,11 +110,20 @@ class TrainState:
     trainable: dict
     opt_state: Any
     noise_state: Any = None  # the noise transform's state (None: non-private)
+    clip_state: Any = None  # adaptive clipping's state: next C, count-noise key and step (None: fixed C)
 
     @property
     def saved_state(self) -> tuple:
-        """What a checkpoint stores besides the trainable parameters: optimizer and noise state."""
-        return (self.opt_state, self.noise_state)
+        """What a checkpoint stores besides the trainable parameters: optimizer, noise and (adaptive
+        clipping) clip state."""
+        if self.clip_state is None:
+            return (self.opt_state, self.noise_state)
+        return (self.opt_state, self.noise_state, self.clip_state)
+
+    def restore_saved(self, saved: tuple) -> None:
+        """Put back what :attr:`saved_state` returned (from a checkpoint)."""
+        self.opt_state, self.noise_state, *clip = saved
+        self.clip_state = clip[0] if clip else None
 
 
 class Trainer:
@@ -130,6 +139,8 @@ class Trainer:
         expected_batch_size: float,
         param_rules=None,
         gathered_at_use: Callable[[tuple], bool] | None = None,
+        adaptive_clip=None,
+        clip_key=None,
     ):
         # param_rules: sharding rules (dpbench.train.sharding) of the trainable parameters, their
         # optimizer state and gradient sums; None replicates them (LoRA). Frozen ones come placed.
@@ -146,6 +157,10 @@ class Trainer:
         # noise: the mechanism's noise transform (dpbench.privacy.noise), None for a non-private run.
         self.noise = noise
         self.expected_batch_size = float(expected_batch_size)
+        # adaptive_clip (dpbench.privacy.adaptive_clip.AdaptiveClip): C changes every step, from a
+        # noisy count keyed by clip_key; the noise transform is then per unit of C.
+        self.adaptive_clip = adaptive_clip
+        self.clip_key = clip_key
         self.accumulate = jax.jit(self._accumulate, donate_argnums=(0,))
         self.update = jax.jit(self._update, donate_argnums=(0, 1, 2))
         self.noise_shardings = None
@@ -168,7 +183,12 @@ class Trainer:
             shapes = jax.eval_shape(self.noise.init, trainable)
             self.noise_shardings = sharding.like_params(shapes, self.param_shardings, self.mesh)
             noise_state = jax.jit(self.noise.init, out_shardings=self.noise_shardings)(trainable)
-        return TrainState(step=0, trainable=trainable, opt_state=opt_state, noise_state=noise_state)
+        clip_state = None
+        if self.adaptive_clip is not None:
+            clip_state = sharding.put_replicated(self.adaptive_clip.init(self.clip_key), self.mesh)
+        return TrainState(
+            step=0, trainable=trainable, opt_state=opt_state, noise_state=noise_state, clip_state=clip_state
+        )
 
     def zero_accumulator(self, trainable: dict, frozen: dict, batch: dict, mask: jax.Array) -> tuple:
         """Zeros shaped like one physical batch's (gradient sum, statistics)."""
@@ -194,7 +214,7 @@ class Trainer:
         shardings = sharding.shardings_for(frozen, self.mesh, self.param_rules)
         return {path: shardings[path].spec for path in frozen}
 
-    def _global_grad_sum(self, trainable, frozen, batch, mask):
+    def _global_grad_sum(self, trainable, frozen, batch, mask, clip_norm=None):
         """Each device sums its own rows of the physical batch; collectives make the global sum.
 
         Manual (``shard_map``) over every mesh axis that splits the batch, ``data`` and ``fsdp``:
@@ -237,7 +257,9 @@ class Trainer:
             if self.gathered_at_use is not None and self.gathered_at_use(p) and spec != PartitionSpec()
         }
 
-        def local(trainable, frozen, batch, mask):
+        clip_args = () if clip_norm is None else (clip_norm,)  # adaptive clipping: this step's C
+
+        def local(trainable, frozen, batch, mask, *clip_norm):
             # Trainable weights are gathered first, always: a per-example gradient is taken with
             # respect to the whole weight, on this device (gathering later would sum its transpose
             # over devices, mixing examples).
@@ -258,7 +280,14 @@ class Trainer:
                 return unflatten_dict(flat)
 
             with gathering_at_use(gather_block):
-                grad_sum, stats = self.method.grad_sum(self.losses_fn, trainable, batch, mask, frozen)
+                grad_sum, stats = self.method.grad_sum(
+                    self.losses_fn,
+                    trainable,
+                    batch,
+                    mask,
+                    frozen,
+                    clip_norm=clip_norm[0] if clip_norm else None,
+                )
             if at_use - gathered:  # a sharded weight the model never gathered: a bug, loudly
                 raise RuntimeError(f"the model did not gather {sorted(at_use - gathered)[:3]} at use")
             grad_sum = {p: sharding.reduce_to_spec(g, trainable_specs[p], axes) for p, g in grad_sum.items()}
@@ -268,13 +297,15 @@ class Trainer:
         return jax.shard_map(
             local,
             mesh=self.mesh,
-            in_specs=(trainable_specs, frozen_specs, rows, rows),
+            in_specs=(trainable_specs, frozen_specs, rows, rows, *[PartitionSpec() for _ in clip_args]),
             out_specs=(trainable_specs, PartitionSpec()),
             axis_names=set(axes),
-        )(trainable, frozen, batch, mask)
+        )(trainable, frozen, batch, mask, *clip_args)
 
-    def _accumulate(self, acc, trainable, frozen, batch, mask):
-        return jax.tree_util.tree_map(jnp.add, acc, self._global_grad_sum(trainable, frozen, batch, mask))
+    def _accumulate(self, acc, trainable, frozen, batch, mask, clip_norm=None):
+        return jax.tree_util.tree_map(
+            jnp.add, acc, self._global_grad_sum(trainable, frozen, batch, mask, clip_norm)
+        )
 
     def finalize(self, grad_sum, count, noise_state):
         """The gradient the optimizer sees, from the summed gradient of a whole logical batch.
@@ -288,28 +319,39 @@ class Trainer:
         noised, noise_state = self.noise.update(grad_sum, noise_state)
         return jax.tree_util.tree_map(lambda g: g / self.expected_batch_size, noised), noise_state
 
-    def _update(self, trainable, opt_state, noise_state, acc):
+    def _update(self, trainable, opt_state, noise_state, acc, clip_state=None):
         grad_sum, stats = acc
-        grads, noise_state = self.finalize(grad_sum, stats["count"], noise_state)
+        if clip_state is None:
+            grads, noise_state = self.finalize(grad_sum, stats["count"], noise_state)
+        else:
+            # Adaptive clipping: noise per unit of this step's C (z_Δ·Z), so the sum gets z_Δ·C·Z; then
+            # C moves by the noisy count of unclipped examples (dpbench.privacy.adaptive_clip).
+            clip_norm = clip_state["clip_norm"]
+            unit_sum = jax.tree_util.tree_map(lambda g: g / clip_norm, grad_sum)
+            grads, noise_state = self.finalize(unit_sum, stats["count"], noise_state)
+            grads = jax.tree_util.tree_map(lambda g: g * clip_norm, grads)
+            unclipped = stats["count"] - stats["nonfinite_sum"] - stats["clipped_fraction_sum"]
+            clip_state = self.adaptive_clip.update(clip_state, unclipped, stats["count"])
         updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         trainable = sharding.constrain(trainable, self.param_shardings)
         opt_state = sharding.constrain(opt_state, self.opt_shardings)
         if self.noise_shardings is not None:
             noise_state = sharding.constrain(noise_state, self.noise_shardings)
-        return trainable, opt_state, noise_state, stats
+        return trainable, opt_state, noise_state, stats, clip_state
 
     def logical_step(self, state: TrainState, frozen: dict, chunks: list[tuple[dict, np.ndarray]]) -> dict:
         """Run one logical batch given as (host batch, mask) chunks; returns summed statistics."""
         acc = None
+        clip_norm = None if state.clip_state is None else state.clip_state["clip_norm"]
         for batch, mask in chunks:
             batch = sharding.put_batch(batch, self.mesh)
             mask = sharding.put_rows(mask, self.mesh)
             if acc is None:
                 acc = self.zero_accumulator(state.trainable, frozen, batch, mask)
-            acc = self.accumulate(acc, state.trainable, frozen, batch, mask)
-        state.trainable, state.opt_state, state.noise_state, stats = self.update(
-            state.trainable, state.opt_state, state.noise_state, acc
+            acc = self.accumulate(acc, state.trainable, frozen, batch, mask, clip_norm)
+        state.trainable, state.opt_state, state.noise_state, stats, state.clip_state = self.update(
+            state.trainable, state.opt_state, state.noise_state, acc, state.clip_state
         )
         state.step += 1
         return stats

@@ -192,9 +192,8 @@ def resume(
         )
     if not structure_matches(meta, state.trainable, state.saved_state):
         raise different_run(what, run_dir, ["the trainable parameters, optimizer state or noise state"])
-    state.trainable, (state.opt_state, state.noise_state) = checkpoints.restore(
-        latest, state.trainable, state.saved_state
-    )
+    state.trainable, saved = checkpoints.restore(latest, state.trainable, state.saved_state)
+    state.restore_saved(saved)
     state.step = latest
     log.info(
         "resuming from the checkpoint at logical step %d of %d in %s",
