@@ -20,6 +20,7 @@ from dpbench.train.preemption import Preempted
 
 register_configs()
 _job_started = False
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -48,7 +49,26 @@ def resume_command() -> str:
     return " ".join(["python -m dpbench", *(shlex.quote(a) for a in args)])
 
 
+def check_group_options(args: list[str], conf: Path = CONF) -> None:
+    """``group=option`` (a sweep's ``group=a,b`` too) must name a YAML in ``conf/<group>/``: one line
+    with the choices and exit 2, before Hydra prints every option it has, schemas included."""
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or arg.startswith("-") or key.startswith("hydra") or not (conf / key).is_dir():
+            continue
+        options = sorted(p.stem for p in (conf / key).glob("*.yaml"))
+        for option in value.split(","):
+            if option and option not in options:
+                print(
+                    f"error: {key}={option} is not an option; choose one of {', '.join(options)}",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
+
+
 def cli() -> None:
+    check_group_options(sys.argv[1:])
     try:
         main()
     except SystemExit as stop:

@@ -84,6 +84,24 @@ def _check_finite(node: Any, path: str) -> None:
         raise ConfigError(f"{path}={node} is not allowed; choose {FINITE_HINTS.get(path, 'a finite number')}")
 
 
+def _check_model_fits_dataset(cfg: DictConfig) -> None:
+    """The model reads what the dataset gives and serves its task (model.arch's INPUT and TASKS against
+    the dataset module's INPUT and dataset.task), before anything loads."""
+    from dpbench.data.registry import dataset_modules
+
+    models, datasets = registry.model_modules(), dataset_modules()
+    if cfg.model.arch not in models or cfg.dataset.name not in datasets:
+        return  # unknown names are refused, naming the allowed ones, where they are loaded
+    model, given = models[cfg.model.arch], datasets[cfg.dataset.name].INPUT
+    fitting = sorted(a for a, m in models.items() if m.INPUT == given and cfg.dataset.task in m.TASKS)
+    if model.INPUT != given or cfg.dataset.task not in model.TASKS:
+        raise ConfigError(
+            f"model.arch={cfg.model.arch} reads {model.INPUT} for {'/'.join(model.TASKS)}, and "
+            f"dataset.name={cfg.dataset.name} gives {given} for {cfg.dataset.task}; choose a model with "
+            f"model.arch={' or '.join(fitting) or '(none yet)'}"
+        )
+
+
 def validate_static(cfg: DictConfig) -> None:
     """Checks that need no data: run before anything is loaded so bad input fails early."""
     _check_finite(OmegaConf.to_container(cfg, resolve=True), "")
@@ -91,6 +109,15 @@ def validate_static(cfg: DictConfig) -> None:
     accounting.check_settings(cfg.accountant, cfg.dp)
     method = METHODS[cfg.dp.method]
     optimizers.check_settings(cfg.optimizer, method.private, method.noise)
+    if cfg.dp.method == "none" and (cfg.dp.epsilon is not None or cfg.dp.noise_multiplier is not None):
+        # Not refused: sweeps pass one dp.epsilon to a grid of dp=none and DP rows, so that the
+        # non-private row's folder matches; said once, so nobody reads an ε into it.
+        given = "dp.epsilon" if cfg.dp.epsilon is not None else "dp.noise_multiplier"
+        log.warning(
+            "dp=none trains without privacy: %s=%s is ignored (the record has no ε)",
+            given,
+            cfg.dp.get(given.split(".")[1]),
+        )
     if cfg.optimizer.name in optimizers.BIAS_CORRECTED and cfg.dp.adaptive_clip.target_quantile is not None:
         raise ConfigError(
             f"optimizer.name={cfg.optimizer.name} corrects a fixed noise variance (σC/B)², and "
@@ -99,6 +126,15 @@ def validate_static(cfg: DictConfig) -> None:
         )
     loggers.check_settings(cfg.logger)
     check_choice("dataset.task", cfg.dataset.task, tuple(TASKS))
+    _check_model_fits_dataset(cfg)
+    finetune, rank = cfg.model.get("finetune"), cfg.model.get("lora_rank")
+    if rank is not None and rank < 0:
+        raise ConfigError(f"model.lora_rank={rank} is not allowed; choose an integer >= 1 (LoRA's rank)")
+    if finetune == "lora" and rank == 0:
+        raise ConfigError(
+            "model.lora_rank=0 with model.finetune=lora adds no LoRA factors (only the head would train); "
+            "choose model.lora_rank >= 1, or model.finetune=head (or full)"
+        )
     loop.check_settings(cfg.runner)
     sharding.check_settings(cfg.compute)
     audit.check_settings(cfg.audit)

@@ -5,15 +5,18 @@ class ConfigError(ValueError):
     """A setting has a value dpbench refuses; the message names the setting and what is allowed."""
 
 
-def as_config_error(call, *args, **kwargs):
-    """``call(*args, **kwargs)``; a ValueError from checking a setting (its message names the setting)
-    becomes a one-line :class:`ConfigError`."""
+def as_config_error(call, *args, naming: str | None = None, **kwargs):
+    """``call(*args, **kwargs)``; a ValueError from checking a setting becomes a one-line
+    :class:`ConfigError`. With ``naming`` (e.g. ``"model."``), only one whose message names such a
+    setting: any other ValueError is an internal error and keeps its traceback."""
     try:
         return call(*args, **kwargs)
     except ConfigError:
         raise
     except ValueError as error:
-        raise ConfigError(str(error)) from error
+        if naming is not None and naming not in str(error):
+            raise
+        raise ConfigError(" ".join(str(error).split())) from error
 
 
 def check_choice(setting: str, value, allowed) -> None:

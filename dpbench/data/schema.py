@@ -164,7 +164,14 @@ def choose_source(
             log.info("%s source=auto chose %s (%s)", cfg.display_name, splits[2], why)
         return (*splits, [])
     if cfg.source == "tfds":
-        return (*load_tfds(cfg.download), [])
+        try:
+            return (*load_tfds(cfg.download), [])
+        except RuntimeError as error:  # TFDS's own message spans lines: one line naming the settings
+            hint = "set dataset.download=true (needs network)" if not cfg.download else "check the network"
+            raise ValueError(
+                f"dataset.source=tfds could not load {cfg.name}: {' '.join(str(error).split())[:300]}; "
+                f"{hint}, or choose dataset.source={' or '.join(s for s in sources if s != 'tfds')}"
+            ) from error
     if cfg.source in others:
         return (*others[cfg.source](), [])
     if cfg.source != "auto":

@@ -21,6 +21,7 @@ from dpbench.data.schema import (
 )
 
 # dataset.source values ("auto" first, then the file source); dataset.name=sst2 loads this module.
+INPUT = "text"  # what a model reads from it (dpbench.models.<arch>.INPUT must match)
 SOURCES = ("auto", "tsv", "tfds")
 
 NUM_CLASSES = 2

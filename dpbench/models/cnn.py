@@ -105,4 +105,6 @@ def build_cnn(cfg: CNNModelConfig, rng: jax.Array, placement=None, abstract: boo
     )
 
 
+INPUT = "image"  # what it reads (a dataset module's INPUT)
+TASKS = ("classification",)  # the dataset.task values it serves
 build = build_cnn  # model.arch=cnn (dpbench.models.registry)

@@ -409,4 +409,6 @@ def _bundle(
     )
 
 
+INPUT = "text"  # what it reads (a dataset module's INPUT)
+TASKS = ("classification",)  # the dataset.task values it serves
 build = build_encoder  # model.arch=encoder (dpbench.models.registry)

@@ -36,6 +36,8 @@ from dpbench.models.gemma3.model import (
 )
 from dpbench.models.gemma3.tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
 
+INPUT = "text"  # what it reads (a dataset module's INPUT)
+TASKS = ("summarization",)  # the dataset.task values it serves
 build = build_gemma3  # model.arch=gemma3 (dpbench.models.registry)
 
 __all__ = [
