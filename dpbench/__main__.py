@@ -68,6 +68,11 @@ def check_group_options(args: list[str], conf: Path = CONF) -> None:
 
 
 def cli() -> None:
+    if "--version" in sys.argv[1:]:
+        import dpbench
+
+        print(f"dpbench {dpbench.__version__}")
+        return
     check_group_options(sys.argv[1:])
     try:
         main()

@@ -209,6 +209,12 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
     history = records.History(distributed.side_path(exp.output_dir / records.HISTORY_FILE), resume_step=start)
     policy = release.ReleasePolicy(exp.private, cfg.runner.release_nonprivate_stats)
     clock = hooks.TrainClock(float(saved_meta.get("train_seconds", 0.0)))
+
+    def privacy_at(step: int) -> dict:  # ε and δ beside every evaluation (what was spent to get there)
+        if exp.tracker is None:
+            return {}
+        return {"privacy/epsilon": exp.tracker.epsilon_at(step), "privacy/delta": mechanism.delta}
+
     evaluate = hooks.Evaluation(
         exp.task,
         state,
@@ -218,6 +224,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
         exp.mesh,
         history,
         exp.logger,
+        privacy_at,
     )
     checkpointing = hooks.Checkpointing(
         checkpoints,
@@ -301,7 +308,7 @@ def _finish(
         policy.annotate(claim["privacy"], exp.randomness)
     if state.clip_state is not None:  # adaptive clipping: C's end point, a DP release like its path
         claim["privacy"]["adaptive_clip"]["final_clip_norm"] = float(state.clip_state["clip_norm"])
-    final = {k: v for k, v in during[-1].items() if k != "step"}
+    final = {k: v for k, v in during[-1].items() if k != "step" and not k.startswith("privacy/")}
     final_sha256 = records.params_sha256(jax.device_get(state.trainable))
     distributed.check_same_on_every_process("final trainable parameters", final_sha256)
     record = records.RunRecord(
@@ -320,7 +327,9 @@ def _finish(
             "command": records.command_line(),
         },
         config=exp.config_dict,
-        baseline_metrics={k: v for k, v in baseline.items() if k != "step"} if baseline else None,
+        baseline_metrics={k: v for k, v in baseline.items() if k != "step" and not k.startswith("privacy/")}
+        if baseline
+        else None,
         resumed_at=resumed_at,
         final_params_sha256=final_sha256,
         train_seconds=train_seconds,

@@ -33,18 +33,30 @@ class TrainClock:
 
 
 class Evaluation:
-    """Evaluate the current parameters on the evaluation split; record and publish the metrics."""
+    """Evaluate the current parameters on the evaluation split; record and publish the metrics, with
+    the privacy spent so far (``privacy_at(step)``: ε and δ, empty for a non-private run)."""
 
     def __init__(
-        self, task, state: TrainState, frozen: dict, arrays: dict, batch_size: int, mesh, history, logger
+        self,
+        task,
+        state: TrainState,
+        frozen: dict,
+        arrays: dict,
+        batch_size: int,
+        mesh,
+        history,
+        logger,
+        privacy_at=lambda step: {},
     ):
         self.task, self.state, self.frozen, self.arrays = task, state, frozen, arrays
         self.batch_size, self.mesh, self.history, self.logger = batch_size, mesh, history, logger
+        self.privacy_at = privacy_at
 
     def __call__(self, step: int) -> dict:
         metrics = self.task.evaluate(
             self.state.trainable, self.frozen, self.arrays, self.batch_size, self.mesh
         )
+        metrics = {**metrics, **self.privacy_at(step)}
         if self.history.append("eval", step, metrics):
             self.logger.log(metrics, step)
         log.info(
