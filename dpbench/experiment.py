@@ -210,22 +210,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
     policy = release.ReleasePolicy(exp.private, cfg.runner.release_nonprivate_stats)
     clock = hooks.TrainClock(float(saved_meta.get("train_seconds", 0.0)))
 
-    def privacy_at(step: int) -> dict:  # ε and δ beside every evaluation (what was spent to get there)
-        if exp.tracker is None:
-            return {}
-        return {"privacy/epsilon": exp.tracker.epsilon_at(step), "privacy/delta": mechanism.delta}
-
-    evaluate = hooks.Evaluation(
-        exp.task,
-        state,
-        exp.frozen,
-        exp.eval_arrays,
-        cfg.compute.eval_batch_size,
-        exp.mesh,
-        history,
-        exp.logger,
-        privacy_at,
-    )
+    evaluate = hooks.Evaluation(exp, history, hooks.privacy_spent(exp.tracker, mechanism.delta))
     checkpointing = hooks.Checkpointing(
         checkpoints,
         Cadence(cfg.runner.checkpoint_every, mechanism.steps),
@@ -271,6 +256,11 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
     return _finish(exp, history, policy, clock.seconds(), resumed_at)
 
 
+def _metrics(evaluation: dict) -> dict:
+    """An evaluation line's metrics, without its step and the privacy spent beside it."""
+    return {k: v for k, v in evaluation.items() if k != "step" and not k.startswith("privacy/")}
+
+
 def _finish(
     exp: Experiment,
     history: records.History,
@@ -297,18 +287,13 @@ def _finish(
             claimed_epsilon=claim["epsilon"],
             delta=exp.mechanism.delta,
         )
-        log.info(
-            "audit: empirical ε lower bound %.3f (claimed ε %s)",
-            audit["epsilon_lower_bound"],
-            claim["epsilon"],
-        )
     dataset_info = policy.dataset_info(exp.dataset.info)
     preparation = policy.preparation(exp.preparation)
     if exp.private:
         policy.annotate(claim["privacy"], exp.randomness)
     if state.clip_state is not None:  # adaptive clipping: C's end point, a DP release like its path
         claim["privacy"]["adaptive_clip"]["final_clip_norm"] = float(state.clip_state["clip_norm"])
-    final = {k: v for k, v in during[-1].items() if k != "step" and not k.startswith("privacy/")}
+    final = _metrics(during[-1])
     final_sha256 = records.params_sha256(jax.device_get(state.trainable))
     distributed.check_same_on_every_process("final trainable parameters", final_sha256)
     record = records.RunRecord(
@@ -327,9 +312,7 @@ def _finish(
             "command": records.command_line(),
         },
         config=exp.config_dict,
-        baseline_metrics={k: v for k, v in baseline.items() if k != "step" and not k.startswith("privacy/")}
-        if baseline
-        else None,
+        baseline_metrics=_metrics(baseline) if baseline else None,
         resumed_at=resumed_at,
         final_params_sha256=final_sha256,
         train_seconds=train_seconds,

@@ -11,6 +11,8 @@ scores into an empirical ε lower bound with a stated confidence.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 
@@ -18,6 +20,8 @@ from dpbench.data.canaries import make_image_canaries
 from dpbench.privacy.audit import draw_canary_inclusion, epsilon_lower_bound
 from dpbench.train import sharding
 from dpbench.train.tasks import padded_chunks
+
+log = logging.getLogger("dpbench")
 
 # δ used for the bound when the run claims no (ε, δ) at all (dp.method=none).
 NONPRIVATE_AUDIT_DELTA = 1e-5
@@ -116,4 +120,9 @@ class CanaryAudit:
             result["delta_note"] = (
                 f"non-private run claims no (ε, δ); the bound uses δ={NONPRIVATE_AUDIT_DELTA:g}"
             )
+        log.info(
+            "audit: empirical ε lower bound %.3f (claimed ε %s)",
+            result["epsilon_lower_bound"],
+            claimed_epsilon,
+        )
         return result

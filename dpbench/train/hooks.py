@@ -36,21 +36,11 @@ class Evaluation:
     """Evaluate the current parameters on the evaluation split; record and publish the metrics, with
     the privacy spent so far (``privacy_at(step)``: ε and δ, empty for a non-private run)."""
 
-    def __init__(
-        self,
-        task,
-        state: TrainState,
-        frozen: dict,
-        arrays: dict,
-        batch_size: int,
-        mesh,
-        history,
-        logger,
-        privacy_at=lambda step: {},
-    ):
-        self.task, self.state, self.frozen, self.arrays = task, state, frozen, arrays
-        self.batch_size, self.mesh, self.history, self.logger = batch_size, mesh, history, logger
-        self.privacy_at = privacy_at
+    def __init__(self, exp, history: records.History, privacy_at=lambda step: {}):
+        # exp: a dpbench.experiment.Experiment (its task, state, frozen weights, eval split, mesh, logger)
+        self.task, self.state, self.frozen, self.arrays = exp.task, exp.state, exp.frozen, exp.eval_arrays
+        self.batch_size, self.mesh, self.logger = exp.cfg.compute.eval_batch_size, exp.mesh, exp.logger
+        self.history, self.privacy_at = history, privacy_at
 
     def __call__(self, step: int) -> dict:
         metrics = self.task.evaluate(
@@ -63,6 +53,13 @@ class Evaluation:
             "step %d: %s", step, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
         )
         return metrics
+
+
+def privacy_spent(tracker, delta: float | None):
+    """``step -> {privacy/epsilon, privacy/delta}`` spent to reach ``step`` (empty when non-private)."""
+    if tracker is None:
+        return lambda step: {}
+    return lambda step: {"privacy/epsilon": tracker.epsilon_at(step), "privacy/delta": delta}
 
 
 class TrainLog:
