@@ -14,8 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from dpbench import experiment
-from dpbench.config import exit_on_setting_error, register_configs
+from dpbench import experiment, sweeps
+from dpbench.config import SETTING_ERRORS, exit_on_setting_error, register_configs
 from dpbench.train.preemption import Preempted
 
 register_configs()
@@ -27,6 +27,19 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def main(cfg: DictConfig) -> float | None:
     global _job_started
     _job_started = True
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        # One job of a sweep: a bad setting or a failure is recorded and the next job runs.
+        try:
+            record = experiment.run(cfg)
+        except SETTING_ERRORS as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            raise sweeps.JobFailed(str(error)) from None
+        except Preempted as stop:
+            print(f"{stop}\nresume with: {resume_command()}", file=sys.stderr, flush=True)
+            sys.exit(stop.exit_status)
+        sweeps.SKIPPED[:] = [bool(record.get("skipped"))]
+        metrics = record["metrics"]
+        return metrics.get("eval/accuracy", metrics.get("eval/rougeL"))
     with exit_on_setting_error():
         try:
             metrics = experiment.run(cfg)["metrics"]
@@ -80,7 +93,11 @@ def cli() -> None:
         # Hydra reports a bad override or config option itself (one message, status 1) before any job.
         if stop.code == 1 and not _job_started:
             sys.exit(2)
+        if sweeps.OUTCOMES:  # a sweep in which a job failed: Hydra raised it after the last job
+            sys.exit(sweeps.print_summary())
         raise
+    if sweeps.OUTCOMES:
+        sweeps.print_summary()
 
 
 if __name__ == "__main__":

@@ -343,5 +343,5 @@ def run(cfg: DictConfig, stop_after: int | None = None) -> dict:
     config_lib.validate_static(cfg)
     done = resume.completed_record(cfg)
     if done is not None:
-        return done.to_dict()
+        return {**done.to_dict(), "skipped": True}
     return train_and_evaluate(build(cfg), stop_after=stop_after).to_dict()
