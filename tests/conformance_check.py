@@ -32,7 +32,7 @@ from dpbench import experiment  # noqa: E402
 from dpbench.privacy.randomness import PrivacyRandomness  # noqa: E402
 from dpbench.train import sharding  # noqa: E402
 from dpbench.train.loop import gather_chunks  # noqa: E402
-from tests.compose import compose_config  # noqa: E402
+from tests.helpers import compose_config  # noqa: E402
 
 CLIP = 1e-4  # every example's gradient is larger: each one contributes exactly C
 SIGMA = 1.5

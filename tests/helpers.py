@@ -1,11 +1,16 @@
-"""Compose dpbench configs in tests with Hydra's compose API (no CLI, no network), and data locations.
+"""Test helpers: compose dpbench configs with Hydra's compose API (no CLI, no network), data locations,
+and ``run_cli``, which runs ``python -m dpbench...`` (or a script) in a subprocess.
 
 Fast tests read the tiny real-data root in ``tests/fixtures/data`` (same layout as ``../shared/data``),
 so they pass on a fresh clone. Tests that need the full shared data use ``needs_shared_data``: they
-are ``slow`` and skip, naming the folder, when it is absent.
+are ``slow`` and skip, naming the folder, when it is absent. tests/conftest.py offers ``run_cli`` and
+``FIXTURE_DATA`` as fixtures too (``run_cli``, ``fixture_data``); import them from here where a fixture
+does not fit (module-level helpers, module-scoped fixtures).
 """
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +68,31 @@ TINY = [
     "compute.physical_batch_size=8",
     "compute.eval_batch_size=16",
 ]
+
+
+# Set over os.environ in every subprocess, whatever the caller's shell says: the CPU, W&B offline and quiet.
+CLI_ENV = {"JAX_PLATFORMS": "cpu", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+STDERR_TAIL = 4000  # characters of stderr a failed run shows
+
+
+def run_cli(
+    *args: str | Path, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python ARGS`` in a subprocess from the repository root; return the finished process.
+
+    ``args`` follow the interpreter: ``"-m", "dpbench", *overrides``, a script and its arguments, or
+    ``"-c", code``. The environment is os.environ, then ``CLI_ENV``, then ``env``; stdout and stderr are
+    captured as text. With ``check`` (the default) a non-zero exit fails the test, showing the tail of
+    stderr; pass ``check=False`` to assert on a failing run's status and output.
+    """
+    done = subprocess.run(
+        [sys.executable, *map(str, args)],
+        cwd=REPO,
+        env={**os.environ, **CLI_ENV, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert done.returncode == 0, f"exit status {done.returncode}:\n{done.stderr[-STDERR_TAIL:]}"
+    return done

@@ -1,7 +1,5 @@
 """audit=canary: canaries join the training set, are scored through the task, and yield a sound ε bound."""
 
-from pathlib import Path
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,10 +9,8 @@ from dpbench import config
 from dpbench.privacy.audit import AuditConfig, epsilon_lower_bound
 from dpbench.privacy.audit_run import NONPRIVATE_AUDIT_DELTA, CanaryAudit
 from dpbench.train import sharding
-from tests.compose import FULL_DATA
+from tests.helpers import CONF_DIR, FULL_DATA
 
-REPO = Path(__file__).resolve().parents[1]
-CONF_DIR = str(REPO / "conf")
 MNIST_DIR = FULL_DATA / "mnist"
 
 

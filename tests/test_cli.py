@@ -1,16 +1,11 @@
 """The command line: a tiny end-to-end job, W&B offline files, and a 4-job multirun."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.compose import FIXTURE_DATA
+from tests.helpers import FIXTURE_DATA, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_CLI = [
     f"dataset.data_dir={FIXTURE_DATA}/mnist",
     "dataset.max_train_examples=256",
@@ -24,18 +19,8 @@ TINY_CLI = [
 ]
 
 
-def dpbench(*args, timeout=600):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    done = subprocess.run(
-        [sys.executable, "-m", "dpbench", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
+def dpbench(*args):
+    return run_cli("-m", "dpbench", *args)
 
 
 def test_cli_run_writes_results_and_an_offline_wandb_run(tmp_path):

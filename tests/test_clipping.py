@@ -22,7 +22,7 @@ from dpbench.privacy.noise import iid_gaussian
 from dpbench.train.loop import Trainer, physical_batches, split_params
 from dpbench.train.summarization import SummarizationTask
 from dpbench.train.tasks import ClassificationTask
-from tests.compose import compose_config
+from tests.helpers import compose_config
 from tests.test_ghost_clipping import DIALOGUES, SENTENCES, SUMMARIES, perturb_lora_b
 
 CLIP = 0.5

@@ -5,7 +5,7 @@ import pytest
 
 from dpbench.config import ConfigError, validate_static
 from dpbench.privacy.methods import FASTEST_EXACT, check_clipping_dtype, make_method
-from tests.compose import TINY, compose_config
+from tests.helpers import TINY, compose_config
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from dpbench import config as config_lib
 from dpbench import report
 from dpbench.experiment import run
-from tests.compose import EXPERIMENTS, FIXTURE_DATA, TINY, compose_config
+from tests.helpers import EXPERIMENTS, FIXTURE_DATA, TINY, compose_config
 
 MNIST = [f"dataset.data_dir={FIXTURE_DATA}/mnist"]
 # Offline stand-ins for the parts of an experiment that need the hub or a GPU.

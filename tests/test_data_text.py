@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from dpbench.data.text import (
     special_suffix_length,
     tokenize_classification,
 )
-from tests.compose import FIXTURE_DATA, FULL_DATA, compose_config, needs_shared_data
+from tests.helpers import FIXTURE_DATA, FULL_DATA, compose_config, needs_shared_data
 
 SST2_RT = str(FULL_DATA / "sst2-rt")
 
@@ -204,11 +203,6 @@ def sst2_cfg(**overrides) -> DatasetConfig:
 
 def samsum_cfg(**overrides) -> DatasetConfig:
     return dataclasses.replace(DatasetConfig(name="samsum", display_name="SAMSum"), **overrides)
-
-
-@pytest.fixture
-def no_tfds(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
 
 
 def test_sst2_tsv_parser_on_a_tiny_folder(tmp_path):

@@ -1,12 +1,9 @@
 """The default job (python -m dpbench): the tutorial's mechanism, sized to finish in minutes."""
 
 import json
-import os
-import subprocess
-import sys
 
 from dpbench import config as config_lib
-from tests.compose import FULL_DATA, REPO, compose_config, needs_shared_data
+from tests.helpers import FULL_DATA, compose_config, needs_shared_data
 
 
 def test_default_job_keeps_the_tutorial_mechanism():
@@ -36,18 +33,16 @@ def test_experiments_keep_their_own_settings_over_the_demo_defaults():
 
 
 @needs_shared_data("mnist")
-def test_default_job_learns_on_full_mnist(tmp_path):
+def test_default_job_learns_on_full_mnist(tmp_path, run_cli):
     # ~3 min on 2 busy cores: the command a new user runs first, on the full data.
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "offline", "DPBENCH_DATA": str(FULL_DATA)}
-    done = subprocess.run(
-        [sys.executable, "-m", "dpbench", "runner.progress_bar=false", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+    done = run_cli(
+        "-m",
+        "dpbench",
+        "runner.progress_bar=false",
+        f"hydra.run.dir={tmp_path}",
+        env={"DPBENCH_DATA": str(FULL_DATA)},
         timeout=1200,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["metrics"]["eval/accuracy"] > 0.8 and 0.99 < results["epsilon"] <= 1.0
     assert "dpbench summary" in done.stdout and "accuracy" in done.stdout

@@ -28,11 +28,12 @@ from dpbench.models.encoder import (
 from dpbench.models.hf_encoder import EncoderArch, load_hf_encoder
 from dpbench.models.hf_tokenizer import ByteTokenizer, HFTokenizer
 from dpbench.models.lora import merge_lora
+from tests.helpers import CONF_DIR
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(CONF_DIR, "model")
 WORDS = "the a movie film was is good bad great awful not very plot actors".split()
 
 

@@ -3,15 +3,13 @@
 import ast
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dpbench import config as config_lib
 from dpbench import experiment, records
-from tests.compose import FIXTURE_DATA, REPO, TINY, compose_config
+from tests.helpers import REPO, TINY, compose_config, run_cli
 
 TINY_EVAL = [*TINY, "runner.steps=4", "runner.eval_every=2", "runner.eval_before_training=true"]
 
@@ -103,25 +101,15 @@ def test_registries_name_the_allowed_options(override, message):
         config_lib.validate_static(compose_config([override]))
 
 
-def _cli(*args, env_extra=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "dpbench", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def _cli(*args, env=None):
+    return run_cli("-m", "dpbench", *args, env=env, timeout=300, check=False)
 
 
 def test_a_bad_setting_is_one_line_and_status_2(tmp_path):
     done = _cli("dp.epsilon=-1", "logger=none", f"hydra.run.dir={tmp_path}")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == ["error: dp.epsilon=-1.0 must be > 0"]
-    full = _cli(
-        "dp.epsilon=-1", "logger=none", f"hydra.run.dir={tmp_path}", env_extra={"HYDRA_FULL_ERROR": "1"}
-    )
+    full = _cli("dp.epsilon=-1", "logger=none", f"hydra.run.dir={tmp_path}", env={"HYDRA_FULL_ERROR": "1"})
     assert (
         full.returncode != 0 and "Traceback" in full.stderr and "dp.epsilon=-1.0 must be > 0" in full.stderr
     )
@@ -213,22 +201,15 @@ def test_planning_with_a_batch_larger_than_the_data_names_runner_batch_size():
         plan_mechanism(compose_config([]), 100)
 
 
-def test_the_planning_command_names_runner_batch_size_in_one_line(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dpbench.privacy",
-            f"paths.data_root={FIXTURE_DATA}",
-            "runner.batch_size=100000",
-            f"hydra.run.dir={tmp_path}",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
+def test_the_planning_command_names_runner_batch_size_in_one_line(tmp_path, fixture_data):
+    done = run_cli(
+        "-m",
+        "dpbench.privacy",
+        f"paths.data_root={fixture_data}",
+        "runner.batch_size=100000",
+        f"hydra.run.dir={tmp_path}",
         timeout=300,
+        check=False,
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: runner.batch_size=100000 is larger than")

@@ -8,28 +8,22 @@ fine-tuning (sharded trainable weights and Adam state), the tiny encoder, bfloat
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import run_cli
+
 REFERENCE = "gemma:lora:per_example:1:1"
 CNN_REFERENCE = "cnn:replicated:per_example:1:1"
 CLIP = 0.05  # tests/fsdp_check.py
-REPO = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).with_name("fsdp_check.py")
 
 
 def run_cases(*cases: str) -> dict:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    script = Path(__file__).with_name("fsdp_check.py")
-    proc = subprocess.run(
-        [sys.executable, str(script), *cases], env=env, capture_output=True, text=True, timeout=3000
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return json.loads(run_cli(SCRIPT, *cases, env=env, timeout=3000).stdout)
 
 
 # Parameters after three Adam steps (lr 1e-2): Adam divides by sqrt(v), so the float32 reordering of a
@@ -206,9 +200,5 @@ print(json.dumps({"equal": bool(np.array_equal(one, spread)), "shape": list(spre
 
 @pytest.mark.slow
 def test_generation_sharded_over_the_mesh_equals_one_device():
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-c", GENERATE], env=env, capture_output=True, text=True, timeout=1200, cwd=REPO
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli("-c", GENERATE, timeout=1200)
     assert json.loads(proc.stdout) == {"equal": True, "shape": [8, 6]}

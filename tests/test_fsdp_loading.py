@@ -2,10 +2,7 @@
 devices, each device reading only its slice of the memory-mapped file, equals the unsharded load."""
 
 import json
-import os
 import struct
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -145,14 +142,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_placement_equals_unsharded_load(tmp_path):
+def test_sharded_placement_equals_unsharded_load(tmp_path, run_cli):
     make_checkpoint(tmp_path)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
+    out = json.loads(run_cli("-c", SCRIPT, tmp_path).stdout)
     assert out["equal"]
     assert out["dtypes"] == ["bfloat16"]
     assert "fsdp" in out["up_spec"]

@@ -37,11 +37,12 @@ from dpbench.models.gemma3 import (
 )
 from dpbench.models.lora import merge_lora
 from dpbench.privacy.methods import METHODS
+from tests.helpers import CONF_DIR
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
+CONF = Path(CONF_DIR, "model")
 VOCAB = 128
 WORDS = "the a dialogue summary said and to of is was it he she they we".split()
 

@@ -31,7 +31,7 @@ from dpbench.privacy import clipping
 from dpbench.train.loop import physical_batches, split_params
 from dpbench.train.summarization import SummarizationTask
 from dpbench.train.tasks import ClassificationTask
-from tests.compose import compose_config
+from tests.helpers import compose_config
 
 FAST = ("ghost", "bookkeeping")
 RTOL = 1e-5  # float32

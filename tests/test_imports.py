@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-from tests.compose import REPO
+from tests.helpers import REPO
 
 PACKAGE = REPO / "dpbench"
 

@@ -13,7 +13,7 @@ from dpbench import experiment
 from dpbench.models.base import FINETUNE_LABELS, LABELS, finetune_labels, trainable_by_labels
 from dpbench.models.registry import build_model
 from dpbench.privacy.methods import METHODS, make_method
-from tests.compose import TINY, compose_config
+from tests.helpers import TINY, compose_config
 
 MODELS = [
     ("cnn", None),

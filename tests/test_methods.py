@@ -19,7 +19,7 @@ from dpbench.privacy.noise import iid_gaussian
 from dpbench.train import sharding
 from dpbench.train.loop import LoopCallbacks, Trainer, gather_chunks, split_params, train_loop
 from dpbench.train.tasks import ClassificationTask
-from tests.compose import compose_config
+from tests.helpers import compose_config
 
 CLIP = 0.05
 SENTENCES = [f"sentence number {i} is {'good' if i % 2 else 'bad'}" for i in range(11)]

@@ -2,24 +2,21 @@
 every clipping implementation (per_example, ghost, bookkeeping)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.helpers import run_cli
 
 SIGMA, CLIP = 1.1, 0.5
 
 
 @pytest.fixture(scope="module")
 def result():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     script = Path(__file__).with_name("multidevice_check.py")
-    proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return json.loads(run_cli(script, env=env).stdout)
 
 
 @pytest.mark.parametrize("four", ["4", "4_ghost", "4_bookkeeping"])

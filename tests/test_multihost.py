@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from dpbench.privacy.randomness import SECRET_FILE
-from tests.compose import FIXTURE_DATA, REPO, TINY
+from tests.helpers import FIXTURE_DATA, REPO, TINY
 
 RUN = [
     "dataset=sst2_rt",

@@ -7,9 +7,6 @@ trainer, on several devices, across a checkpoint), the same ε for the same sett
 covariance (C times the stream is i.i.d. N(0, σ²C²)).
 """
 
-import subprocess
-import sys
-
 import dp_accounting
 import jax
 import jax.numpy as jnp
@@ -30,7 +27,7 @@ from dpbench.train import sharding
 from dpbench.train.checkpoint import Checkpoints
 from dpbench.train.loop import Trainer
 from dpbench.train.preemption import Preempted
-from tests.compose import REPO, TINY, compose_config
+from tests.helpers import TINY, compose_config
 
 STEPS = 12
 PARAMS = {("dense", "kernel"): jnp.zeros((8, 3)), ("dense", "bias"): jnp.zeros((3,))}
@@ -120,7 +117,7 @@ def test_trainer_noise_across_a_checkpoint_equals_the_uninterrupted_stream(kind,
     assert (tmp_path / "checkpoints").stat().st_mode & 0o077 == 0  # owner-only: it holds past noise
 
 
-def test_noise_on_two_fsdp_devices_equals_one_device():
+def test_noise_on_two_fsdp_devices_equals_one_device(run_cli):
     """A subprocess with 2 fake CPU devices: the FSDP-sharded noise state gives the same stream."""
     code = (
         "import os; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'\n"
@@ -137,10 +134,8 @@ def test_noise_on_two_fsdp_devices_equals_one_device():
         "    assert \"P(None, 'fsdp', None)\" in specs, specs  # buffers sharded like the kernel\n"
         "print('ok')\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+    result = run_cli("-c", code)
+    assert result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,14 +255,9 @@ def test_more_groups_than_the_data_holds_is_one_line_naming_dp_bands(tmp_path):
         experiment.build(cfg)
 
 
-def test_the_cli_refuses_a_bad_mechanism_in_one_line_with_exit_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "dpbench", "dp=bandmf", "dp.sampler=shuffle", f"hydra.run.dir={tmp_path}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_the_cli_refuses_a_bad_mechanism_in_one_line_with_exit_2(tmp_path, run_cli):
+    args = ("-m", "dpbench", "dp=bandmf", "dp.sampler=shuffle", f"hydra.run.dir={tmp_path}")
+    result = run_cli(*args, timeout=300, check=False)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "dp.sampler=shuffle" in lines[0] and "Traceback" not in result.stderr

@@ -10,7 +10,7 @@ import pytest
 from dpbench import config as config_lib
 from dpbench import experiment
 from dpbench.train.optimizers import OptimizerConfig, make_optimizer
-from tests.compose import TINY, compose_config
+from tests.helpers import TINY, compose_config
 
 GRADS = [
     {"w": jnp.array([0.3, -0.02, 0.0, 1.5]), "b": jnp.array([0.01])},

@@ -1,20 +1,17 @@
 """python -m dpbench.plan: the memory plan and mechanism of a run, compiled on fake CPU devices."""
 
-import os
 import re
 import subprocess
-import sys
 
 import pytest
 
-from tests.compose import FIXTURE_DATA, REPO
+from tests.helpers import FIXTURE_DATA, run_cli
 
 UNITS = {"MiB": 1024**2, "GiB": 1024**3}
 
 
 def _plan(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
+    return run_cli(
         "-m",
         "dpbench.plan",
         f"paths.data_root={FIXTURE_DATA}",
@@ -22,9 +19,9 @@ def _plan(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
         "hydra.output_subdir=null",
         "logger=none",
         *overrides,
-    ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        timeout=900,
+        check=False,
+    )
 
 
 def _rows(stdout: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ import pytest
 from dpbench import experiment, records
 from dpbench.privacy.randomness import SECRET_FILE
 from dpbench.train.checkpoint import Checkpoints
-from tests.compose import FIXTURE_DATA, REPO, TINY, compose_config
+from tests.helpers import FIXTURE_DATA, REPO, TINY, compose_config, run_cli
 
 # 40 DP steps of the tiny job with a checkpoint every 4: long enough to be stopped mid-run.
 JOB = [*TINY, "runner.steps=40", "runner.eval_every=20", "runner.checkpoint_every=4", "accountant=rdp"]
@@ -87,16 +87,7 @@ def test_sigterm_checkpoints_exits_nonzero_and_prints_the_resume_command(uninter
     assert max(Checkpoints(tmp_path, keep=2).all_steps()) == stopped_at  # the step it finished
     assert f"hydra.run.dir={tmp_path}" in command
     args = command.removeprefix("resume with: python -m dpbench ").split()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-m", "dpbench", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_cli("-m", "dpbench", *args, timeout=300)
     record = records.load_record(tmp_path)
     assert record.resumed_at == [stopped_at]
     assert record.final_params_sha256 == uninterrupted["final_params_sha256"]
@@ -104,9 +95,7 @@ def test_sigterm_checkpoints_exits_nonzero_and_prints_the_resume_command(uninter
 
 @pytest.mark.slow  # two sweeps of two jobs through the CLI: ~1 min on 2 busy cores
 def test_a_rerun_sweep_skips_complete_jobs_and_resumes_interrupted_ones(tmp_path):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     command = [
-        sys.executable,
         "-m",
         "dpbench",
         "-m",
@@ -118,16 +107,14 @@ def test_a_rerun_sweep_skips_complete_jobs_and_resumes_interrupted_ones(tmp_path
         "runner.seed=0,1",
         f"hydra.sweep.dir={tmp_path}",
     ]
-    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    run_cli(*command)
     complete, interrupted = tmp_path / "0", tmp_path / "1"
     finished = records.load_record(interrupted)
     # Make job 1 look killed after step 6: no record, no checkpoint at 8.
     (interrupted / "results.json").unlink()
     shutil.rmtree(interrupted / "checkpoints" / "8")
     before = (complete / "results.json").read_text()
-    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = run_cli(*command)
     assert (complete / "results.json").read_text() == before
     assert "skipping this job" in second.stderr + second.stdout
     resumed = records.load_record(interrupted)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from dpbench import experiment
 from dpbench.privacy.methods import resolve_clipping
-from tests.compose import EXPERIMENTS, compose_config
+from tests.helpers import EXPERIMENTS, compose_config
 
 # Offline stand-ins, by model.arch: the model, and the fixture data of its task.
 STAND_INS = {

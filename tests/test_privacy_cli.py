@@ -1,40 +1,25 @@
 """``python -m dpbench.privacy``: the privacy plan of a run, from the same config, without training."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from dpbench.privacy import accounting
 from dpbench.privacy.batch_selection import PoissonSampler
-from tests.compose import FULL_DATA, needs_shared_data
+from tests.helpers import FULL_DATA, needs_shared_data, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 MNIST_TRAIN = 60_000
 
 
 def _plan(tmp_path, *overrides: str) -> dict[str, str]:
     """Run the CLI; its table as {setting: value} (Hydra's "[time][logger][LEVEL]" log lines skipped)."""
-    command = [
-        sys.executable,
+    done = run_cli(
         "-m",
         "dpbench.privacy",
         f"paths.data_root={FULL_DATA}",
         f"hydra.run.dir={tmp_path}",
         "hydra.output_subdir=null",
         *overrides,
-    ]
-    done = subprocess.run(
-        command,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
         timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
-    assert done.returncode == 0, done.stderr
     rows = [line.split("  ", 1) for line in done.stdout.strip().splitlines() if not line.startswith("[")]
     return {name.strip(): value.strip() for name, value in rows}
 

@@ -2,10 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import dp_accounting
 import pytest
@@ -22,9 +18,8 @@ from dpbench.privacy.accounting import (
 )
 from dpbench.privacy.batch_selection import PoissonSampler, ShuffleSampler
 from dpbench.privacy.prv import PrvAccountant
-from tests.compose import FIXTURE_DATA, TINY, compose_config
+from tests.helpers import FIXTURE_DATA, TINY, compose_config, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 DELTA = 1e-5
 PRV = AccountantConfig(name="prv")  # eps_error 0.01, delta_error δ/1000
 # ../shared/ANCHORS.md, "Privacy accounting reference values" (Poisson-subsampled Gaussian,
@@ -199,12 +194,7 @@ def test_delta_error_not_below_the_resolved_delta_is_a_config_error():
 
 
 def _run(module, *args):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    done = subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
+    return run_cli("-m", module, *args)
 
 
 TINY_MNIST = [

@@ -20,7 +20,7 @@ from dpbench.privacy import noise
 from dpbench.privacy.randomness import SECRET_FILE, PrivacyRandomness
 from dpbench.summary import summary_block
 from dpbench.train.preemption import Preempted
-from tests.compose import TINY, compose_config
+from tests.helpers import TINY, compose_config
 
 BATCH = 16  # TINY's runner.batch_size: the expected batch size the noisy sum is divided by
 ONE_STEP = [*TINY, "runner.steps=1", "optimizer=sgd", "optimizer.learning_rate=1.0", "dp.clip_norm=1.0"]

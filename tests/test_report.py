@@ -15,7 +15,7 @@ from dpbench.report import load_runs, markdown, rank_grid
 from dpbench.report.__main__ import main, update
 from dpbench.report.anchors import load_anchors
 from dpbench.report.table import column
-from tests.compose import REPO
+from tests.helpers import REPO
 
 RESULTS = REPO / "results"
 RECORDS = sorted((RESULTS / "runs").rglob("*.json"))

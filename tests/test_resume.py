@@ -10,7 +10,7 @@ from dpbench.privacy import release
 from dpbench.privacy.randomness import SECRET_FILE
 from dpbench.train.checkpoint import Checkpoints
 from dpbench.train.preemption import Preempted
-from tests.compose import TINY, compose_config
+from tests.helpers import TINY, compose_config
 
 # 6 DP steps, evaluations at 2, 4 and 6; checkpoints only where required (before an evaluation,
 # at the end, on a stop), so a stop at 3 or 5 resumes from exactly that step.

@@ -82,7 +82,7 @@ def test_remat_changes_nothing_in_the_clipped_sum():
 
 def test_cpu_run_warns_when_remat_would_save_nothing(tmp_path, caplog, monkeypatch):
     from dpbench import experiment
-    from tests.compose import TINY, compose_config
+    from tests.helpers import TINY, compose_config
 
     monkeypatch.setenv("XLA_FLAGS", "")
     overrides = [*TINY, "model=tiny_gemma3", "dataset=samsum_aclsum", "model.remat=full"]

@@ -8,7 +8,7 @@ from dpbench import config as config_lib
 from dpbench import experiment
 from dpbench.train import sharding
 from dpbench.train.loop import gather_chunks
-from tests.compose import TINY, compose_config
+from tests.helpers import TINY, compose_config
 
 
 def random_text_arrays(rng, num_examples=50, width=24):

@@ -23,7 +23,7 @@ from dpbench.train.summarization import (
     rouge_f1,
     target_positions,
 )
-from tests.compose import TINY, compose_config
+from tests.helpers import TINY, compose_config
 
 DIALOGUES = [
     "Anna: are we still on for lunch?\nBen: yes, 12:30 at the usual place.",

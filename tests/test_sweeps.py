@@ -1,9 +1,6 @@
 """conf/sweep/*.yaml: every job of every sweep composes and passes start-up validation."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from dpbench import config as config_lib
-from tests.compose import CONF_DIR, FIXTURE_DATA, REPO, TINY, compose_config
+from tests.helpers import CONF_DIR, FIXTURE_DATA, TINY, compose_config
 
 SWEEPS = sorted(p.stem for p in Path(CONF_DIR, "sweep").glob("*.yaml"))
 
@@ -81,13 +78,10 @@ def test_dp_lora_grid_is_method_by_rank_by_epsilon_on_the_dp_lora_setting():
 
 
 @pytest.mark.slow
-def test_a_sweep_runs_as_a_hydra_multirun(tmp_path):
+def test_a_sweep_runs_as_a_hydra_multirun(tmp_path, run_cli):
     # Two tiny jobs of the CPU ε sweep, on the fixture digits: one results.json each.
     tiny = [o for o in TINY if not o.startswith("dataset.max_train")]
-    command = [sys.executable, "-m", "dpbench", "-m", "+sweep=mnist_epsilon_cpu", "dp.epsilon=1,8", *tiny]
-    command += [f"paths.data_root={FIXTURE_DATA}", f"hydra.sweep.dir={tmp_path}"]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "WANDB_MODE": "offline"}
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    command = ["-m", "dpbench", "-m", "+sweep=mnist_epsilon_cpu", "dp.epsilon=1,8", *tiny]
+    run_cli(*command, f"paths.data_root={FIXTURE_DATA}", f"hydra.sweep.dir={tmp_path}")
     results = sorted(tmp_path.glob("*/results.json"))
     assert len(results) == 2
