@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 
 from tests import helpers  # noqa: E402
 
-# The *_check.py scripts run only as subprocesses (python tests/.../fsdp_check.py CASE...). Imported by
+# The *_check.py scripts run only as subprocesses (python tests/train/fsdp_check.py CASE...). Imported by
 # --doctest-modules they would set XLA_FLAGS (fake devices) in the pytest process and every subprocess.
 collect_ignore_glob = ["*_check.py"]
 

@@ -37,7 +37,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_a_resumed_run_is_bit_identical_across_evaluations(uninterrupted, tmp_path):
     reference, reference_dir = uninterrupted
-    # The reference run's own secret: the same batches and noise (tests/test_randomness.py: resuming
+    # The reference run's own secret: the same batches and noise (tests/privacy/test_randomness.py: resuming
     # with the run folder's own secret file).
     cfg = compose_config([*JOB, f"dp.secret_file={reference_dir / SECRET_FILE}"], tmp_path)
     with pytest.raises(Preempted) as stopped:

@@ -1,4 +1,4 @@
-"""Run in a subprocess with 8 fake CPU devices (tests/test_fsdp.py): ``python fsdp_check.py CASE...``.
+"""Run in a subprocess with 8 fake CPU devices (tests/train/test_fsdp.py): ``python fsdp_check.py CASE...``.
 
 A case is ``model:finetune:clipping:data:fsdp[:dtype[:remat]]``; for each it builds the model with its
 weights placed by sharding rule on that mesh, then reports (as JSON on stdout) the clipped gradient sum

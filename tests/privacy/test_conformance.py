@@ -1,7 +1,7 @@
 """The conformance matrix: model x clipping x mesh x dtype x remat x noise x randomness, through the real
 config.
 
-Every cell the config accepts must give (tests/conformance_check.py, 4 fake CPU devices):
+Every cell the config accepts must give (tests/privacy/conformance_check.py, 4 fake CPU devices):
 - the clipped sum of the 1-device float32 per-example implementation (float32: to 1e-4 relative;
   bfloat16: to 5e-2, the model itself rounds);
 - a remove-one sensitivity <= C (every example clipped, so the bound is tight), up to float32 rounding;

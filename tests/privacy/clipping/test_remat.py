@@ -18,7 +18,7 @@ from dpbench.models.remat import CPU_KEEP_REMAT
 from dpbench.privacy import clipping
 from dpbench.train.loop import split_params
 from dpbench.train.summarization import SummarizationTask
-from tests.test_ghost_clipping import DIALOGUES, SUMMARIES, check_exact, perturb_lora_b
+from tests.privacy.clipping.test_fast_exact import DIALOGUES, SUMMARIES, check_exact, perturb_lora_b
 
 
 def gemma_problem(finetune: str, remat: str):

@@ -15,7 +15,7 @@ SIGMA, CLIP = 1.1, 0.5
 @pytest.fixture(scope="module")
 def result():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    script = Path(__file__).with_name("multidevice_check.py")
+    script = Path(__file__).with_name("data_parallel_check.py")
     return json.loads(run_cli(script, env=env).stdout)
 
 

@@ -1,4 +1,4 @@
-"""Run in a subprocess with 4 fake CPU devices (see test_multidevice.py); prints JSON."""
+"""Run in a subprocess with 4 fake CPU devices (see test_data_parallel.py); prints JSON."""
 
 import functools
 import json

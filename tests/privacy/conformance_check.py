@@ -1,6 +1,6 @@
 """One cell of the conformance matrix per argument, run in a subprocess with 4 fake CPU devices.
 
-``python tests/conformance_check.py CELL...`` prints JSON ``{cell: result}``. A cell is
+``python tests/privacy/conformance_check.py CELL...`` prints JSON ``{cell: result}``. A cell is
 ``model:clipping:mesh:dtype:remat[:noise]`` with ``mesh`` one of ``1``, ``d2``, ``f2``, ``d2f2`` and
 ``noise`` one of ``iid`` (DP-SGD, the default), ``bandmf``, ``blt`` (correlated noise). Each cell is
 built through the product's own path (Hydra config -> ``experiment.build``), so a combination the
@@ -22,7 +22,7 @@ from pathlib import Path
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

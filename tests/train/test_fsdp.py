@@ -1,6 +1,6 @@
 """FSDP on 8 fake CPU devices: a (data, fsdp) mesh gives the one-device clipped sums and parameters.
 
-Each group of cases runs in one subprocess (tests/fsdp_check.py). The default suite checks tiny Gemma 3
+Each group of cases runs in one subprocess (tests/train/fsdp_check.py). The default suite checks tiny Gemma 3
 + LoRA on (data=2, fsdp=4) against one device, and the MNIST CNN (convolutions: the layer XLA's SPMD
 partitioner got wrong per example when the batch was split over fsdp) on fsdp=2 and data=2 x fsdp=2,
 with its remove-one sensitivity; the slow suite adds (data=8), ghost and book-keeping clipping, full
@@ -17,7 +17,7 @@ from tests.helpers import run_cli
 
 REFERENCE = "gemma:lora:per_example:1:1"
 CNN_REFERENCE = "cnn:replicated:per_example:1:1"
-CLIP = 0.05  # tests/fsdp_check.py
+CLIP = 0.05  # tests/train/fsdp_check.py
 SCRIPT = Path(__file__).with_name("fsdp_check.py")
 
 

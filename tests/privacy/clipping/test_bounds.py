@@ -23,7 +23,7 @@ from dpbench.train.loop import Trainer, physical_batches, split_params
 from dpbench.train.summarization import SummarizationTask
 from dpbench.train.tasks import ClassificationTask
 from tests.helpers import compose_config
-from tests.test_ghost_clipping import DIALOGUES, SENTENCES, SUMMARIES, perturb_lora_b
+from tests.privacy.clipping.test_fast_exact import DIALOGUES, SENTENCES, SUMMARIES, perturb_lora_b
 
 CLIP = 0.5
 

@@ -123,7 +123,7 @@ def test_noise_on_two_fsdp_devices_equals_one_device(run_cli):
         "import os; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'\n"
         "import jax, numpy as np\n"
         "from dpbench.train import sharding\n"
-        "from tests.test_noise import STRATEGIES, _trainer_noise\n"
+        "from tests.privacy.test_correlated_noise import STRATEGIES, _trainer_noise\n"
         "for kind, make in sorted(STRATEGIES.items()):\n"
         "    s = make()\n"
         "    one = _trainer_noise(s, sharding.make_mesh(1), 0.5, 8)\n"
