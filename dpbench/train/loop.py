@@ -72,8 +72,11 @@ def check_settings(runner) -> None:
         raise ConfigError("set runner.steps (logical steps) or runner.epochs (passes over the data)")
     if runner.steps is not None and runner.epochs is not None:
         # A preset gives epochs and a user asks for a few steps: the steps win, said once.
-        log.warning("runner.steps=%s overrides runner.epochs=%s (set runner.steps=null to train by epochs)",
-                    runner.steps, runner.epochs)
+        log.warning(
+            "runner.steps=%s overrides runner.epochs=%s (set runner.steps=null to train by epochs)",
+            runner.steps,
+            runner.epochs,
+        )
     if runner.steps is not None and runner.steps <= 0:
         raise ConfigError(f"runner.steps={runner.steps} must be > 0")
     if runner.epochs is not None and not runner.epochs > 0:
