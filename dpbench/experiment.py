@@ -2,7 +2,7 @@
 
 ``build`` wires the parts the config names (data, model, task, DP method, mechanism, trainer,
 logger) and checks everything that can be checked before training; ``train_and_evaluate`` resumes
-(``dpbench.train.resume``), runs the loop with its hooks (``dpbench.train.hooks``) and writes the
+(``dpbench.job.resume``), runs the loop with its hooks (``dpbench.job.hooks``) and writes the
 record, publishing only what the release policy (``dpbench.privacy.release``) allows. ``run(cfg)``
 is both.
 """
@@ -23,6 +23,7 @@ from dpbench import loggers, records
 from dpbench.data.base import Dataset
 from dpbench.data.registry import load_dataset
 from dpbench.errors import as_config_error
+from dpbench.job import hooks, resume
 from dpbench.models import remat
 from dpbench.models.base import ModelBundle
 from dpbench.models.registry import build_model
@@ -31,7 +32,7 @@ from dpbench.privacy.mechanism import Mechanism, plan_mechanism
 from dpbench.privacy.methods import GradientMethod, make_method
 from dpbench.privacy.randomness import PrivacyRandomness
 from dpbench.summary import summary_block
-from dpbench.train import distributed, hooks, resume, sharding
+from dpbench.train import distributed, sharding
 from dpbench.train.checkpoint import Cadence, Checkpoints
 from dpbench.train.loop import LoopCallbacks, StopTraining, Trainer, TrainState, split_params, train_loop
 from dpbench.train.optimizers import make_optimizer

@@ -38,7 +38,12 @@ def test_record_is_typed_versioned_and_complete(tiny_dp_run):
     assert saved.schema_version == records.SCHEMA_VERSION and saved.complete
     assert saved.task == "classification" and saved.steps == 4
     assert [h["step"] for h in saved.history] == [2, 4]
-    assert saved.metrics == {k: v for k, v in saved.history[-1].items() if k != "step"}
+    # The privacy spent to reach each evaluation stands beside it; the final metrics are the model's.
+    assert saved.metrics == {
+        k: v for k, v in saved.history[-1].items() if k != "step" and not k.startswith("privacy/")
+    }
+    assert saved.history[-1]["privacy/epsilon"] == pytest.approx(saved.epsilon)
+    assert saved.history[-1]["privacy/delta"] == saved.delta
     assert saved.baseline_metrics is not None and "eval/accuracy" in saved.baseline_metrics
     assert len(saved.final_params_sha256) == 64
     assert 0 < saved.epsilon <= 1.0

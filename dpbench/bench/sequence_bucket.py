@@ -4,7 +4,7 @@ One logical step of ``+experiment=sst2_minilm_cpu`` (real MiniLM-L6, DP-LoRA, 64
 every physical batch padded to ``dataset.max_length`` against the same logical batches bucketed to
 multiples of ``--bucket`` tokens. Both run in one process, in interleaved rounds (alternating
 which goes first), after a warm-up that compiles every shape; the medians and their ratio are
-printed. The mechanism is identical (tests/test_sequence_bucket.py checks the sums).
+printed. The mechanism is identical (tests/train/test_sequence_bucket.py checks the sums).
 
     python -m dpbench.bench.sequence_bucket --rounds 12 --bucket 16 [hydra overrides...]
 """

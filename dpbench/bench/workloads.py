@@ -36,7 +36,7 @@ class Workload:
     timed_steps: int = 3  # per subprocess, after one warm-up (compiling) step
     vocab_size: int = 0  # token ids of the synthetic batch are drawn below this
     # Architecture for the torch side where no checkpoint gives it (decoders, tiny encoders); the
-    # decoder dims are dpbench's Gemma 3 presets (tests/test_bench.py checks they agree).
+    # decoder dims are dpbench's Gemma 3 presets (tests/cli/test_bench_cli.py checks they agree).
     torch_dims: dict = dataclasses.field(default_factory=dict)
 
     @property

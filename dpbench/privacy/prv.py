@@ -16,7 +16,7 @@ Events it translates (all other events: ``supports`` is False, with a reason):
   ``PoissonSubsampledGaussianMechanism(q, σ)``. q = 1 is a plain Gaussian, q = 0 a no-op.
 * ``GaussianDpEvent(σ)``: ``GaussianMechanism(σ, l2_sensitivity=1)`` under add/remove-one, and
   ``l2_sensitivity=2`` under replace-one (replacing one example moves the sum by at most 2C, as
-  dp_accounting's PLD accountant assumes; tests/test_prv.py checks the two agree).
+  dp_accounting's PLD accountant assumes; tests/privacy/test_prv.py checks the two agree).
 * ``SelfComposedDpEvent``, ``ComposedDpEvent`` of these, ``NoOpDpEvent``, and ``NonPrivateDpEvent``
   (or σ = 0), which gives ε = inf.
 

@@ -226,7 +226,7 @@ class Trainer:
         XLA's SPMD partitioner never partitions a per-example computation. It mis-computed
         per-example convolution-kernel gradients of a batch-sharded ``vmap`` (jax 0.10.2, CPU: the
         MNIST CNN's clipped sums 60% off on fsdp=2 and a remove-one sensitivity of 1.2 C;
-        tests/test_fsdp.py). Inside, each device
+        tests/train/test_fsdp.py). Inside, each device
 
         1. all-gathers every fsdp-sharded trainable parameter to its full shape, and every frozen
            one except those the model gathers itself inside each block (``gathered_at_use``:
@@ -234,7 +234,7 @@ class Trainer:
            for its backward pass instead of all being held at once),
         2. casts the trainable ones to device-varying: inside shard_map the gradient with respect to
            a device-*invariant* input is implicitly summed over the mesh, so each "per-example"
-           gradient would really be a sum over devices (tests/test_multidevice.py). Varying, every
+           gradient would really be a sum over devices (tests/train/test_data_parallel.py). Varying, every
            gradient stays local and the collectives below are the only cross-device sums,
         3. computes the clipped sum (``method.grad_sum``: any clipping implementation, or the
            non-private sum) of its rows alone, in full: the per-example work is one-device work,

@@ -23,7 +23,7 @@
   clipped sum of its own rows alone, and :func:`reduce_to_spec` sums over devices
   (``psum_scatter`` over fsdp for a sharded gradient sum, ``psum`` otherwise). XLA's SPMD
   partitioner never sees a batch-sharded per-example gradient: it mis-computed convolution-kernel
-  gradients of a batch-sharded ``vmap`` (jax 0.10.2, CPU; tests/test_fsdp.py), so every example's
+  gradients of a batch-sharded ``vmap`` (jax 0.10.2, CPU; tests/train/test_fsdp.py), so every example's
   clip is computed on one device, from its own data.
 """
 

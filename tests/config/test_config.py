@@ -94,7 +94,7 @@ def test_experiment_runs_tiny(experiment, tmp_path):
         ("dp.method=dpsgd", "dp.method='dpsgd' is not allowed; choose one of none, vanilla, ffa"),
         ("dp.noise_multiplier=1.0", "both set"),
         ("dp=ffa", "needs a model with model.lora_rank > 0"),
-        ("runner.epochs=2", "set exactly one of runner.steps and runner.epochs"),
+        ("runner.steps=null", "set runner.steps .* or runner.epochs"),
         ("dp.clip_fn=auto_v", "dp.clip_fn='auto_v' is not allowed; choose one of fixed, automatic"),
         ("dp.clip_fn=automatic dp.clip_gamma=0", "dp.clip_gamma=0.0 is not allowed; choose a number > 0"),
     ],
@@ -128,3 +128,13 @@ def test_delta_at_least_one_over_n_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert config_lib.resolve_delta(cfg, 64) == 0.05
     assert "the usual choice is below 1/n" in caplog.text
+
+
+def test_runner_steps_win_over_a_presets_epochs_with_a_warning(caplog):
+    cfg = compose_config(["+experiment=mnist_cnn_best", "runner.steps=3"])
+    with caplog.at_level(logging.WARNING):
+        config_lib.validate_static(cfg)
+    assert "runner.steps=3 overrides runner.epochs=30" in caplog.text
+    from dpbench.privacy.mechanism import plan_mechanism
+
+    assert plan_mechanism(cfg, 60_000).steps == 3

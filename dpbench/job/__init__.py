@@ -1,0 +1,3 @@
+"""One job's life around the training loop: resuming it from its folder (``resume``) and the loop's
+hooks (``hooks``). Unlike ``dpbench.train``, which never imports ``dpbench.privacy``, these wire the
+privacy mechanism, its randomness and release policy into a run."""
