@@ -169,7 +169,7 @@ def choose_source(
         except RuntimeError as error:  # TFDS's own message spans lines: one line naming the settings
             hint = "set dataset.download=true (needs network)" if not cfg.download else "check the network"
             raise ValueError(
-                f"dataset.source=tfds could not load {cfg.name}: {' '.join(str(error).split())[:300]}; "
+                f"dataset.source=tfds could not load {cfg.name}: {' '.join(str(error).split())}; "
                 f"{hint}, or choose dataset.source={' or '.join(s for s in sources if s != 'tfds')}"
             ) from error
     if cfg.source in others:

@@ -21,8 +21,8 @@ Strategies (``dp.method`` picks one; ``Mechanism`` builds it once and every read
 
 The strategies, their optimisers and the streaming noise are jax_privacy's
 (``jax_privacy.matrix_factorization``, ``jax_privacy.noise_addition``); dpbench adds the
-description, sharding and checkpointing (tests/privacy/test_correlated_noise.py checks the stream against jax_privacy's
-own privatizer).
+description, sharding and checkpointing (tests/privacy/test_correlated_noise.py checks the stream
+against jax_privacy's own privatizer).
 """
 
 from __future__ import annotations

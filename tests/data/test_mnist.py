@@ -179,8 +179,13 @@ def test_subset_is_seeded_ordered_and_recorded():
 
 
 def test_explicit_tfds_without_tfds_is_a_clear_error(no_tfds):
-    with pytest.raises(RuntimeError, match="TFDS could not load 'mnist'.*dataset.data_dir"):
+    # One line naming the setting, with TFDS's own reason and the way out.
+    with pytest.raises(
+        ValueError,
+        match="dataset.source=tfds could not load mnist: TFDS could not load 'mnist'.*dataset.data_dir",
+    ) as error:
         load_mnist(mnist_cfg(source="tfds"))
+    assert "\n" not in str(error.value)
 
 
 def test_registry_rejects_unknown_names_and_sources():
@@ -235,7 +240,7 @@ def test_download_setting_reaches_tfds(monkeypatch):
 
     monkeypatch.setattr("dpbench.data.mnist.load_tfds_numpy", fake_load_tfds_numpy)
     load_mnist(mnist_cfg(download=False, max_train_examples=10))
-    with pytest.raises(RuntimeError, match="could not load"):
+    with pytest.raises(ValueError, match="dataset.source=tfds could not load"):
         load_mnist(mnist_cfg(source="tfds"))
     assert calls == [False, True]
 

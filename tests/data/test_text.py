@@ -256,7 +256,9 @@ def test_samsum_json_reader(tmp_path):
 
 
 def test_samsum_tfds_error_explains_the_manual_download(no_tfds):
-    with pytest.raises(RuntimeError, match="corpus.7z.*downloads/manual"):
+    with pytest.raises(
+        ValueError, match="dataset.source=tfds could not load samsum: .*corpus.7z.*downloads/manual"
+    ):
         load_dataset(samsum_cfg(source="tfds"))
     with pytest.raises(FileNotFoundError, match="No SAMSum source worked.*corpus.7z"):
         load_dataset(samsum_cfg())

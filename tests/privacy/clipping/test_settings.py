@@ -15,7 +15,7 @@ from tests.helpers import TINY, compose_config
         (["dp=vanilla", "dp.clipping=per_example"], "vanilla", "per_example"),
         (["dp=ghost"], "ghost", "ghost"),
         (["dp=ghost", "dp.clipping=ghost"], "ghost", "ghost"),
-        (["dp=ffa", "model=tiny_encoder", "dp.clipping=ghost"], "ffa", "ghost"),
+        (["dp=ffa", "model=tiny_encoder", "dataset=sst2_rt", "dp.clipping=ghost"], "ffa", "ghost"),
     ],
 )
 def test_clipping_resolves_and_validates(overrides, name, clipping):
@@ -97,7 +97,7 @@ def test_ghost_clipping_in_bfloat16_is_refused_in_one_line(overrides, hint):
     ],
 )
 def test_exact_clipping_in_bfloat16_is_allowed(overrides):
-    cfg = compose_config(["model=tiny_gemma3", *overrides])
+    cfg = compose_config(["model=tiny_gemma3", "dataset=samsum_aclsum", *overrides])
     check_clipping_dtype(cfg.dp.method, cfg.dp.clipping, cfg.model.dtype)
     validate_static(cfg)
 
