@@ -5,6 +5,7 @@ A bad setting prints one line naming the setting and the allowed values and exit
 current logical step and exits with 128 + the signal number, printing the command that resumes.
 """
 
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ from dpbench.config import SETTING_ERRORS, exit_on_setting_error, register_confi
 from dpbench.train.preemption import Preempted
 
 register_configs()
+# JAX logs at INFO that it found no TPU on every CPU/GPU start: noise before every run's first line.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 _job_started = False
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -118,14 +118,35 @@ def make_logger(cfg, config: dict, output_dir: str, run_name: str, private: bool
 
 
 def run_name(cfg, dataset_name: str) -> str:
-    """``logger.run_name``, else one made of the dataset, model, method, ε (or σ) and seed."""
+    """``logger.run_name``, else what tells runs of a sweep apart: dataset, model (preset, fine-tuning,
+    LoRA rank), method, ε (or σ), learning rate and seed.
+
+    >>> from omegaconf import OmegaConf
+    >>> cfg = OmegaConf.create({"logger": {"run_name": None}, "model": {"arch": "gemma3", "preset": "270m",
+    ...     "finetune": "lora", "lora_rank": 32}, "dp": {"method": "vanilla", "epsilon": 8.0},
+    ...     "optimizer": {"learning_rate": 0.003}, "runner": {"seed": 1}})
+    >>> run_name(cfg, "SAMSum")
+    'SAMSum | gemma3-270m lora r32 | vanilla | eps8 | lr0.003 | seed1'
+    """
     if cfg.logger.run_name:
         return cfg.logger.run_name
+    model = cfg.model.arch + (f"-{cfg.model.preset}" if cfg.model.get("preset") else "")
+    finetune = cfg.model.get("finetune")
+    if finetune:
+        model += f" {finetune}" + (f" r{cfg.model.lora_rank}" if finetune == "lora" else "")
     if cfg.dp.method == "none":
         eps = "nonprivate"
     else:
         eps = f"eps{cfg.dp.epsilon:g}" if cfg.dp.epsilon is not None else f"sigma{cfg.dp.noise_multiplier:g}"
-    return f"{dataset_name} | {cfg.model.arch} | {cfg.dp.method} | {eps} | seed{cfg.runner.seed}"
+    parts = [
+        dataset_name,
+        model,
+        cfg.dp.method,
+        eps,
+        f"lr{cfg.optimizer.learning_rate:g}",
+        f"seed{cfg.runner.seed}",
+    ]
+    return " | ".join(parts)
 
 
 def check_settings(cfg) -> None:
