@@ -140,8 +140,15 @@ def validate_static(cfg: DictConfig) -> None:
     audit.check_settings(cfg.audit)
 
 
-def validate_with_data(cfg: DictConfig, num_examples: int, num_devices: int) -> None:
-    """Checks that need the training set size and the device count."""
+def validate_with_data(
+    cfg: DictConfig, num_examples: int, num_devices: int, train_arrays: dict | None = None
+) -> None:
+    """Checks that need the training set size, the device count and (when given) the training arrays."""
+    if cfg.compute.sequence_bucket and train_arrays is not None and "attention_mask" not in train_arrays:
+        raise ConfigError(
+            f"compute.sequence_bucket={cfg.compute.sequence_bucket} needs token sequences with an "
+            f"attention_mask; dataset {cfg.dataset.name} has none (set compute.sequence_bucket=0)"
+        )
     validate_batch_size(cfg, num_examples)
     physical = cfg.compute.physical_batch_size
     if physical % num_devices:

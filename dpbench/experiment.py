@@ -112,13 +112,8 @@ def build(cfg: DictConfig) -> Experiment:
         train_arrays = audit.train_arrays
         log.info("audit: %s", audit.describe())
 
-    if cfg.compute.sequence_bucket and "attention_mask" not in train_arrays:
-        raise config_lib.ConfigError(
-            f"compute.sequence_bucket={cfg.compute.sequence_bucket} needs token sequences with an "
-            f"attention_mask; dataset {cfg.dataset.name} has none (set compute.sequence_bucket=0)"
-        )
     num_examples = len(next(iter(train_arrays.values())))
-    config_lib.validate_with_data(cfg, num_examples, mesh.size)
+    config_lib.validate_with_data(cfg, num_examples, mesh.size, train_arrays)
     mechanism = plan_mechanism(cfg, num_examples)
     output_dir = Path(cfg.paths.output_dir)
     randomness = resume.privacy_randomness(cfg, mechanism, output_dir)
@@ -166,11 +161,9 @@ def build(cfg: DictConfig) -> Experiment:
         clip_key=randomness.count_noise_key_data(),
     )
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    if cfg.runner.resume == "never":
-        (output_dir / loggers.WANDB_RUN_ID_FILE).unlink(missing_ok=True)  # a fresh start: a new W&B run
-    logger_cfg = cfg.logger if distributed.is_main() else OmegaConf.merge(cfg.logger, {"name": "none"})
-    run_name = loggers.run_name(cfg, dataset.name)
-    logger = loggers.make_logger(logger_cfg, config_dict, str(output_dir), run_name, private=method.private)
+    logger = loggers.for_run(
+        cfg, config_dict, output_dir, dataset.name, distributed.is_main(), method.private
+    )
     return Experiment(
         cfg=cfg,
         dataset=dataset,

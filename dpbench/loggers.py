@@ -13,6 +13,8 @@ import secrets
 from pathlib import Path
 from typing import Protocol
 
+from omegaconf import OmegaConf
+
 from dpbench import records
 from dpbench.errors import ConfigError, check_choice
 from dpbench.schema import schema
@@ -153,3 +155,12 @@ def check_settings(cfg) -> None:
     """The ``logger.*`` settings, before anything loads."""
     check_choice("logger.name", cfg.name, tuple(LOGGERS))
     check_choice("logger.mode", cfg.mode, WANDB_MODES)
+
+
+def for_run(cfg, config: dict, output_dir, dataset_name: str, main_process: bool, private: bool):
+    """The logger of one run: ``logger.*`` on the main process, none on the others; a fresh start
+    (``runner.resume=never``) opens a new W&B run instead of continuing the folder's."""
+    if cfg.runner.resume == "never":
+        (Path(output_dir) / WANDB_RUN_ID_FILE).unlink(missing_ok=True)
+    logger_cfg = cfg.logger if main_process else OmegaConf.merge(cfg.logger, {"name": "none"})
+    return make_logger(logger_cfg, config, str(output_dir), run_name(cfg, dataset_name), private=private)
