@@ -83,7 +83,37 @@ def check_group_options(args: list[str], conf: Path = CONF) -> None:
                 sys.exit(2)
 
 
+def help_text(conf: Path = CONF) -> str:
+    """``--help``: the command, every config group with its options and what it is (the first line
+    of its schema's docstring), and where the settings are described. Hydra's own: ``--hydra-help``."""
+    from dpbench.schema import SCHEMAS
+
+    described = {group: (cls.__doc__ or "").strip().split("\n")[0] for (group, _), cls in SCHEMAS.items()}
+    described["model"] = "The network, its weights and what trains (model.arch: cnn, encoder, gemma3)."
+    described["experiment"] = "Presets of published or CPU-sized runs: +experiment=<name>."
+    described["sweep"] = "Grids over presets: python -m dpbench -m +sweep=<name>."
+    lines = [
+        "python -m dpbench [group=option ...] [setting=value ...]   (one job; -m: a sweep over a,b,c values)",
+        "python -m dpbench +experiment=<preset>   (conf/experiment/)    dpbench --version",
+        "",
+        "config groups (their options: YAML files in conf/<group>/):",
+    ]
+    for group in sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "hydra"):
+        options = ", ".join(sorted(p.stem for p in (conf / group).glob("*.yaml")))
+        what = described.get(group, "")
+        lines.append(f"  {group:<11} {options}" + (f"\n  {'':<11} {what}" if what else ""))
+    lines += [
+        "",
+        "Every setting, its default and meaning: docs/configuration.md. The composed config of a job:",
+        "python -m dpbench <overrides> --cfg job. Hydra's own flags: --hydra-help.",
+    ]
+    return "\n".join(lines)
+
+
 def cli() -> None:
+    if sys.argv[1:2] in (["--help"], ["-h"]):
+        print(help_text())
+        return
     if "--version" in sys.argv[1:]:
         import dpbench
 

@@ -29,6 +29,8 @@ WANDB_MODES = ("offline", "online", "disabled")
 @schema("logger")
 @dataclasses.dataclass
 class LoggerConfig:
+    """Where metrics go besides the run folder's records: Weights & Biases (offline by default)."""
+
     name: str = "wandb"  # wandb | none
     mode: str = "offline"  # offline | online | disabled
     project: str = "dpbench"

@@ -45,5 +45,7 @@ def register_resolvers() -> None:
 @schema("paths")
 @dataclasses.dataclass
 class PathsConfig:
+    """Where datasets are read from and where the run folder goes."""
+
     data_root: str | None = None  # ${dpbench_data_root:}: $DPBENCH_DATA, else ../shared/data if present
     output_dir: str = "outputs/manual"

@@ -67,7 +67,7 @@ _CALIBRATION_TOL = 1e-4
 @schema("accountant")
 @dataclasses.dataclass
 class AccountantConfig:
-    """Hydra schema of the ``accountant`` group (schema name ``accountant_schema``)."""
+    """How ε is computed from the mechanism: PLD, RDP or PRV, and their precision."""
 
     name: str = "pld"  # "pld" (tight, slower), "rdp" (looser, fast) or "prv" (tight, reports an upper bound)
     value_discretization_interval: float = 1e-4  # PLD only: smaller is tighter and slower

@@ -39,6 +39,8 @@ AUDITS = ("none", "canary")
 @schema("audit")
 @dataclasses.dataclass
 class AuditConfig:
+    """An empirical privacy audit of the run: canary examples inserted at random, then guessed."""
+
     name: str = "none"  # none | canary
     num_canaries: int = 1000
     confidence: float = 0.95

@@ -28,6 +28,8 @@ BIAS_CORRECTED = ("adam_bc", "adamw_bc")
 @schema("optimizer")
 @dataclasses.dataclass
 class OptimizerConfig:
+    """The optax optimizer that takes each logical step's noisy mean gradient."""
+
     name: str = "sgd"  # sgd | adam | adamw | adam_bc | adamw_bc (DP-AdamBC: Adam minus the DP noise variance)
     learning_rate: float = 0.1
     momentum: float | None = None  # sgd only
