@@ -531,9 +531,10 @@ def train_loop(
                 stats = {**stats, "nonfinite_sum": jax.device_get(nonfinite)}
                 nonfinite = None
             elapsed = time.perf_counter() - window_start
+            released = callbacks.release(stats)  # empty for a DP run that withholds training statistics
             record = {
                 "train/examples_per_s": window_steps * trainer.expected_batch_size / max(elapsed, 1e-9),
-                **callbacks.release(stats),
+                **released,
             }
             # ε spent so far, at every evaluation and about 50 times a run (PLD takes up to ~1 s).
             if is_eval or step == num_steps or step % epsilon_every == 0:
@@ -541,11 +542,13 @@ def train_loop(
                 if epsilon is not None:
                     record["privacy/epsilon"] = epsilon
             callbacks.log(record, step)
-            postfix = {"step": step}
-            if "train/loss" in record:
-                postfix["loss"] = f"{record['train/loss']:.3f}"
-            postfix["eps"] = "-" if epsilon is None else f"{epsilon:.3f}"
-            postfix["ex_s"] = f"{record['train/examples_per_s']:.0f}"
+            # The bar's counter is the step. Loss and throughput only where released (the bar is
+            # published like the records: a DP run's withheld statistics stay off it too).
+            postfix = {"eps": "-" if epsilon is None else f"{epsilon:.3f}"}
+            if "train/loss" in released:
+                postfix["loss"] = f"{released['train/loss']:.3f}"
+            if released:
+                postfix["ex_s"] = f"{record['train/examples_per_s']:.0f}"
             bar.set_postfix(postfix)
             window_steps, window_start = 0, time.perf_counter()
         stop = callbacks.stop_requested()
