@@ -105,6 +105,19 @@ def build_cnn(cfg: CNNModelConfig, rng: jax.Array, placement=None, abstract: boo
     )
 
 
+def saved_architecture(bundle: ModelBundle) -> dict:
+    """Nothing beyond ``model.*``: the CNN is its config (``dpbench.models.saved``)."""
+    del bundle
+    return {}
+
+
+def from_saved(cfg, architecture: dict, params, directory) -> ModelBundle:
+    """The CNN of a saved model folder, with its saved parameters."""
+    del architecture
+    bundle = build_cnn(cfg, jax.random.key(0), abstract=True)
+    return dataclasses.replace(bundle, params=params, weights_source=f"saved:{directory}")
+
+
 INPUT = "image"  # what it reads (a dataset module's INPUT)
 TASKS = ("classification",)  # the dataset.task values it serves
 build = build_cnn  # model.arch=cnn (dpbench.models.registry)

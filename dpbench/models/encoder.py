@@ -27,7 +27,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from dpbench.models import checkpoints
 from dpbench.models.base import ModelBundle, finetune_labels, layer_label
-from dpbench.models.hf_encoder import FAMILIES, EncoderArch, load_hf_encoder, read_arch
+from dpbench.models.hf_encoder import FAMILIES, EncoderArch, hf_config, hf_names, load_hf_encoder, read_arch
 from dpbench.models.hf_tokenizer import ByteTokenizer, HFTokenizer
 from dpbench.models.layers import Embed, LayerNorm
 from dpbench.models.lora import LoraSpec, check_finetune, dense, effective_rank, is_lora_param, lora_label
@@ -407,6 +407,38 @@ def _bundle(
         extras={"arch": module.arch, "hidden_states_fn": hidden_states_fn},
         float32_variant=float32_variant,
     )
+
+
+def saved_architecture(bundle: ModelBundle) -> dict:
+    """What :func:`from_saved` needs beside ``model.*`` (``dpbench.models.saved``): the architecture."""
+    return dataclasses.asdict(bundle.extras["arch"])
+
+
+def from_saved(cfg, architecture: dict, params, directory: Path) -> ModelBundle:
+    """The classifier of a saved model folder: its architecture, parameters and tokenizer files."""
+    _validate(cfg)
+    lora = LoraSpec(
+        rank=effective_rank(cfg.finetune, cfg.lora_rank),
+        alpha=cfg.lora_alpha,
+        targets=tuple(cfg.lora_targets),
+    )
+    tokenizer = ByteTokenizer() if cfg.random_init is not None else HFTokenizer.from_dir(directory)
+    module = EncoderForSequenceClassification(
+        EncoderArch(**architecture), cfg.num_labels, lora, DTYPES[cfg.dtype]
+    )
+    labels = functools.partial(label_of, head_pattern=cfg.head_pattern)
+    return _bundle(module, params, labels, finetune_labels(cfg.finetune), f"saved:{directory}", tokenizer)
+
+
+def hf_layout(bundle: ModelBundle):
+    """``{Bert,Roberta}ForSequenceClassification``: its config.json and every parameter's tensor name."""
+    from dpbench.models.saved import HFLayout
+
+    module = bundle.module
+    names = {
+        tuple(path.split("/")): value for path, value in hf_names(module.arch, module.num_labels).items()
+    }
+    return HFLayout(hf_config(module.arch, module.num_labels), names, peft_task="SEQ_CLS")
 
 
 INPUT = "text"  # what it reads (a dataset module's INPUT)

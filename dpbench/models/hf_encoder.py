@@ -229,6 +229,43 @@ def map_hf_tensors(tensors: dict[str, np.ndarray], arch: EncoderArch, num_labels
     return LoadedEncoder(arch=arch, params=params, head_loaded=head_loaded)
 
 
+def hf_names(arch: EncoderArch, num_labels: int) -> dict[str, tuple[str, bool]]:
+    """Our '/'-joined parameter path -> (tensor name of ``{Bert,Roberta}ForSequenceClassification``,
+    transposed?): the loader's tables reversed, the family prefix put back on the backbone."""
+    entries = backbone_name_map(arch) + [
+        e for layer in head_name_map(arch, num_labels).values() for e in layer
+    ]
+    return {
+        ours: (hf if hf.startswith("classifier") else f"{arch.family}.{hf}", transpose)
+        for hf, ours, _, transpose in entries
+    }
+
+
+def hf_config(arch: EncoderArch, num_labels: int) -> dict:
+    """The ``config.json`` of ``{Bert,Roberta}ForSequenceClassification`` with this architecture
+    (:func:`arch_from_hf_config` reads it back to ``arch``)."""
+    family = {"bert": "Bert", "roberta": "Roberta"}[arch.family]
+    return {
+        "model_type": arch.family,
+        "architectures": [f"{family}ForSequenceClassification"],
+        "vocab_size": arch.vocab_size,
+        "hidden_size": arch.hidden_size,
+        "num_hidden_layers": arch.num_layers,
+        "num_attention_heads": arch.num_heads,
+        "intermediate_size": arch.intermediate_size,
+        "max_position_embeddings": arch.max_position_embeddings,
+        "type_vocab_size": arch.type_vocab_size,
+        "pad_token_id": arch.pad_token_id,
+        "layer_norm_eps": arch.layer_norm_eps,
+        "hidden_act": "gelu",
+        "position_embedding_type": "absolute",
+        "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1,
+        "id2label": {str(i): f"LABEL_{i}" for i in range(num_labels)},
+        "label2id": {f"LABEL_{i}": i for i in range(num_labels)},
+    }
+
+
 def read_arch(checkpoint_dir: str | Path) -> EncoderArch:
     """The architecture in a BERT/RoBERTa checkpoint folder's ``config.json`` (no tensor is read)."""
     config_path = Path(checkpoint_dir) / "config.json"

@@ -15,6 +15,31 @@ from tokenizers import Tokenizer as _FastTokenizer
 
 # Where each special token's name may be found, in order: special_tokens_map.json keys, then the
 # usual BERT / RoBERTa spellings when the folder has no such file.
+# The tokenizer files of a Hugging Face checkpoint folder: what ``save`` copies next to a saved model.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
+
+def copy_tokenizer_files(source: Path, directory: Path) -> list[str]:
+    """Copy the ``TOKENIZER_FILES`` that ``source`` (a checkpoint folder) holds into ``directory``."""
+    import shutil
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(directory) / name)
+            copied.append(name)
+    return copied
+
+
 _ROLES = {
     "pad": (("pad_token",), ("[PAD]", "<pad>")),
     "bos": (("bos_token", "cls_token"), ("[CLS]", "<s>")),
@@ -25,7 +50,12 @@ _ROLES = {
 class HFTokenizer:
     """A ``tokenizer.json`` with explicit special-token ids; bos/eos are [CLS]/[SEP] (BERT) or <s>/</s>."""
 
-    def __init__(self, tokenizer: _FastTokenizer, special_tokens: dict | None = None):
+    def __init__(
+        self, tokenizer: _FastTokenizer, special_tokens: dict | None = None, source_dir: Path | None = None
+    ):
+        self.source_dir = (
+            source_dir  # the checkpoint folder it came from (its files are what ``save`` copies)
+        )
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self._tok = tokenizer
@@ -52,7 +82,23 @@ class HFTokenizer:
             )
         special_map = checkpoint_dir / "special_tokens_map.json"
         special = json.loads(special_map.read_text()) if special_map.exists() else None
-        return cls(_FastTokenizer.from_file(str(path)), special)
+        return cls(_FastTokenizer.from_file(str(path)), special, checkpoint_dir)
+
+    def save(self, directory: str | Path) -> None:
+        """Write what :meth:`from_dir` reads into ``directory``: the checkpoint's own tokenizer files."""
+        if self.source_dir is not None:
+            copy_tokenizer_files(self.source_dir, Path(directory))
+            return
+        self._tok.save(str(Path(directory) / "tokenizer.json"))
+        names = {
+            role: self._tok.id_to_token(i)
+            for role, i in (("pad", self.pad_id), ("bos", self.bos_id), ("eos", self.eos_id))
+            if i is not None
+        }
+        special = {"pad_token": names["pad"]}
+        special.update({"cls_token": names["bos"]} if "bos" in names else {})
+        special.update({"sep_token": names["eos"]} if "eos" in names else {})
+        (Path(directory) / "special_tokens_map.json").write_text(json.dumps(special, indent=1))
 
     @property
     def vocab_size(self) -> int:
@@ -91,6 +137,9 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [b + self.offset for b in text.encode("utf-8")]
         return [self.bos_id, *ids, self.eos_id] if add_special_tokens else ids
+
+    def save(self, directory: str | Path) -> None:
+        """Nothing to write: the byte tokenizer needs no file."""
 
     def decode(self, ids: list[int]) -> str:
         return bytes(i - self.offset for i in ids if i >= self.offset).decode("utf-8", errors="replace")

@@ -12,7 +12,14 @@
 The names below are importable from ``dpbench.models.gemma3`` itself.
 """
 
-from dpbench.models.gemma3.builder import build_gemma3, label_of, stored_in_float32
+from dpbench.models.gemma3.builder import (
+    build_gemma3,
+    from_saved,
+    hf_layout,
+    label_of,
+    saved_architecture,
+    stored_in_float32,
+)
 from dpbench.models.gemma3.config import (
     ACTIVATIONS,
     DTYPES,
@@ -23,7 +30,7 @@ from dpbench.models.gemma3.config import (
     Gemma3Config,
     Gemma3ModelConfig,
 )
-from dpbench.models.gemma3.generate import greedy_generate
+from dpbench.models.gemma3.generate import Sampling, generate, greedy_generate
 from dpbench.models.gemma3.layers import MLP, Attention, DecoderLayer, attention_masks, rope
 from dpbench.models.gemma3.model import (
     EMBEDDING_PATH,
@@ -49,6 +56,7 @@ __all__ = [
     "PRESETS",
     "REMAT_POLICIES",
     "SLIDING",
+    "Sampling",
     "TOKENIZERS",
     "Attention",
     "DecoderLayer",
@@ -60,12 +68,16 @@ __all__ = [
     "attention_masks",
     "build",
     "build_gemma3",
+    "from_saved",
     "gathers_at_use",
+    "generate",
     "greedy_generate",
+    "hf_layout",
     "init_cache",
     "label_of",
     "remat_layer",
     "rope",
+    "saved_architecture",
     "stored_in_float32",
     "tied_logits",
 ]

@@ -3,6 +3,7 @@ labels, and the shapes-only bundle that ``python -m dpbench.plan`` compiles agai
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from dpbench.models.checkpoints import read_safetensors
 from dpbench.models.gemma3.config import DTYPES, PRESETS, Gemma3Config, Gemma3ModelConfig, validate
 from dpbench.models.gemma3.loading import (
     gguf_hf_config,
+    hf_name,
     load_gguf_params,
     map_hf_tensors,
     read_gguf,
@@ -231,3 +233,41 @@ def _bundle(module, config, dtype, params, trainable_labels, source, tokenizer, 
         float32_variant=float32_variant,
         gathered_at_use=gathers_at_use,
     )
+
+
+def saved_architecture(bundle: ModelBundle) -> dict:
+    """What :func:`from_saved` needs beside ``model.*`` (``dpbench.models.saved``): the architecture."""
+    return dataclasses.asdict(bundle.extras["config"])
+
+
+def from_saved(cfg, architecture: dict, params, directory: Path) -> ModelBundle:
+    """The decoder of a saved model folder: its architecture, parameters and tokenizer files."""
+    validate(cfg)
+    config = Gemma3Config(**{**architecture, "layer_types": tuple(architecture["layer_types"])})
+    dtype = DTYPES[cfg.dtype]
+    lora = LoraSpec(
+        rank=effective_rank(cfg.finetune, cfg.lora_rank),
+        alpha=cfg.lora_alpha,
+        targets=tuple(cfg.lora_targets),
+    )
+    tokenizer = None
+    if cfg.tokenizer == "bytes":
+        tokenizer = Gemma3ByteTokenizer()
+    elif (Path(directory) / "tokenizer.json").exists() or (Path(directory) / "tokenizer.model").exists():
+        tokenizer = Gemma3Tokenizer.from_dir(directory)
+    module = Gemma3(config, lora, dtype)
+    trainable = finetune_labels(cfg.finetune)
+    return _bundle(module, config, dtype, params, trainable, f"saved:{directory}", tokenizer, lora)
+
+
+def hf_layout(bundle: ModelBundle):
+    """``Gemma3ForCausalLM``: its config.json (with the tokenizer's special ids) and tensor names."""
+    from dpbench.models.saved import HFLayout
+
+    config = bundle.extras["config"].to_hf()
+    tok = bundle.tokenizer
+    if tok is not None:
+        config.update(pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    paths = flatten_dict(bundle.params).keys()
+    names = {path: hf_name(path) for path in paths if not is_lora_param(path)}
+    return HFLayout(config, names, peft_task="CAUSAL_LM")

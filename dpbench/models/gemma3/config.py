@@ -113,6 +113,40 @@ class Gemma3Config:
             max_position_embeddings=hf.get("max_position_embeddings", 32_768),
         )
 
+    def to_hf(self) -> dict:
+        """The ``config.json`` of ``Gemma3ForCausalLM`` (transformers 5 names; :meth:`from_hf` reads it).
+
+        >>> Gemma3Config.from_hf(PRESETS["4b"].to_hf()) == PRESETS["4b"]
+        True
+        """
+        global_rope = {"rope_type": "default", "rope_theta": self.rope_global_base}
+        if self.rope_global_scale != 1.0:
+            global_rope.update(rope_type="linear", factor=self.rope_global_scale)
+        return {
+            "model_type": "gemma3_text",
+            "architectures": ["Gemma3ForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "query_pre_attn_scalar": self.query_pre_attn_scalar,
+            "sliding_window": self.sliding_window,
+            "layer_types": list(self.layer_types),
+            "rope_parameters": {
+                SLIDING: {"rope_type": "default", "rope_theta": self.rope_local_base},
+                GLOBAL: global_rope,
+            },
+            "rms_norm_eps": self.rms_norm_eps,
+            "attn_logit_softcapping": self.attn_logit_softcapping,
+            "final_logit_softcapping": self.final_logit_softcapping,
+            "hidden_activation": self.hidden_activation,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": True,
+        }
+
     def differences(self, other: Gemma3Config) -> list[str]:
         """Fields that differ (floats compared to 1e-6 relative: GGUF stores float32)."""
         out = []

@@ -135,6 +135,29 @@ def flax_path(hf_name: str) -> tuple[tuple[str, ...], bool]:
     raise KeyError(hf_name)
 
 
+_HF_OF = {flax: hf for table in (_LINEAR, _NORMS) for hf, flax in table.items()}
+
+
+def hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
+    """The ``Gemma3ForCausalLM`` tensor name of a flax path and whether it is transposed: the inverse
+    of :func:`flax_path`, from the same tables.
+
+    >>> hf_name(("layer_3", "attn", "q_proj", "kernel"))
+    ('model.layers.3.self_attn.q_proj.weight', True)
+    >>> all(flax_path(hf_name(p)[0][len("model.") :])[0] == p for p in [("final_norm", "scale"),
+    ...     ("embed_tokens", "embedding"), ("layer_0", "post_feedforward_layernorm", "scale")])
+    True
+    """
+    if path == ("embed_tokens", "embedding"):
+        return "model.embed_tokens.weight", False
+    if path == ("final_norm", "scale"):
+        return "model.norm.weight", False
+    layer, inner = path[0], tuple(path[1:-1])
+    if not layer.startswith("layer_") or inner not in _HF_OF:
+        raise KeyError(path)
+    return f"model.layers.{layer.removeprefix('layer_')}.{_HF_OF[inner]}.weight", path[-1] == "kernel"
+
+
 def text_prefix(names: list[str] | set[str]) -> str:
     """Which of ``TEXT_PREFIXES`` the checkpoint's text decoder lives under."""
     found = [p for p in TEXT_PREFIXES if f"{p}embed_tokens.weight" in names]

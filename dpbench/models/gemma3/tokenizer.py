@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Tokenizer, decoders, normalizers
+from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
 from tokenizers.models import BPE
 
 NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6  # GGUF / SentencePiece piece types
@@ -76,8 +76,9 @@ class _SentencePieceBackend:
 class Gemma3Tokenizer:
     """Gemma 3 has ``pad_id`` 0, ``eos_id`` 1, ``bos_id`` 2, ``end_of_turn_id`` 106 (read from its pieces)."""
 
-    def __init__(self, backend: Any, source: str, add_bos: bool = True):
+    def __init__(self, backend: Any, source: str, add_bos: bool = True, source_dir: Path | None = None):
         self._backend = backend
+        self.source_dir = source_dir  # the checkpoint folder it came from (None: a GGUF vocabulary)
         self.source = source
         self.add_bos = add_bos
         ids = {
@@ -110,11 +111,31 @@ class Gemma3Tokenizer:
         checkpoint_dir = Path(checkpoint_dir)
         if (checkpoint_dir / "tokenizer.json").exists():
             path = checkpoint_dir / "tokenizer.json"
-            return cls(_FastBackend(Tokenizer.from_file(str(path))), str(path), _add_bos(checkpoint_dir))
+            backend = _FastBackend(Tokenizer.from_file(str(path)))
+            return cls(backend, str(path), _add_bos(checkpoint_dir), checkpoint_dir)
         if (checkpoint_dir / "tokenizer.model").exists():
             path = checkpoint_dir / "tokenizer.model"
-            return cls(_SentencePieceBackend(path), str(path), _add_bos(checkpoint_dir))
+            return cls(_SentencePieceBackend(path), str(path), _add_bos(checkpoint_dir), checkpoint_dir)
         raise FileNotFoundError(f"{checkpoint_dir} has neither tokenizer.json nor tokenizer.model")
+
+    def save(self, directory: str | Path) -> None:
+        """Write what :meth:`from_dir` reads into ``directory``: a folder's own tokenizer files, or (from
+        a GGUF vocabulary) the equivalent ``tokenizer.json`` and whether to add ``<bos>``."""
+        from dpbench.models.hf_tokenizer import copy_tokenizer_files
+
+        directory = Path(directory)
+        if self.source_dir is not None:
+            copy_tokenizer_files(self.source_dir, directory)
+            return
+        tok = Tokenizer.from_str(self._backend.tok.to_str())
+        if self.add_bos:  # for Hugging Face loaders, which encode through the file's post-processor
+            tok.post_processor = processors.TemplateProcessing(
+                single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", self.bos_id)]
+            )
+        tok.save(str(directory / "tokenizer.json"))
+        config = {"add_bos_token": self.add_bos, "add_eos_token": False}
+        config.update({"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"})
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
 
     @classmethod
     def from_gguf_metadata(cls, metadata: dict, source: str = "gguf vocabulary") -> Gemma3Tokenizer:
@@ -225,6 +246,9 @@ class Gemma3ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [b + self.offset for b in text.encode("utf-8")]
         return [self.bos_id, *ids] if add_special_tokens else ids
+
+    def save(self, directory: str | Path) -> None:
+        """Nothing to write: the byte tokenizer needs no file."""
 
     def decode(self, ids) -> str:
         data = bytes(int(i) - self.offset for i in ids if int(i) >= self.offset)
