@@ -1,18 +1,24 @@
-"""The end of a run: the privacy claim, the audit, and the complete record, written atomically and
-summarised (results.json, the W&B summary, the console block). Only what the release policy
-(``dpbench.privacy.release``) allows leaves the run."""
+"""The end of a run: the privacy claim, the audit, the final model (``model/``, with a model card) and
+the complete record, written atomically and summarised (results.json, the W&B summary, the console
+block). Only what the release policy (``dpbench.privacy.release``) allows leaves the run: the model
+card is made from the record, after the policy filtered it."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
 import jax
+import numpy as np
 
 from dpbench import records
+from dpbench.models import saved
+from dpbench.models.base import LABELS
 from dpbench.privacy import release
 from dpbench.summary import summary_block
 from dpbench.train import distributed
+from dpbench.train.loop import merge_params
 
 log = logging.getLogger("dpbench")
 
@@ -87,6 +93,7 @@ def finish(
         audit=audit,
         **claim,
     )
+    model_dir = save_final_model(exp, record)  # before results.json: a complete record has its model
     record.wall_seconds = time.perf_counter() - exp.start_time
     path = records.write_record(distributed.side_path(exp.output_dir / records.RESULTS_FILE).parent, record)
     # W&B gets the same privacy claim (and audit) as results.json, for reviewers of a dashboard.
@@ -94,5 +101,123 @@ def finish(
     exp.logger.summary({k: values[k] for k in SUMMARY_KEYS if values.get(k) is not None})
     exp.logger.finish()
     log.info("results: %s", path)
+    if model_dir is not None:
+        log.info("model: %s (python -m dpbench.sample %s)", model_dir, exp.output_dir)
     print(summary_block(record, exp.output_dir), flush=True)
     return record
+
+
+def _on_host(value) -> np.ndarray:
+    """A parameter as one host array; sharded over several processes, every process takes part."""
+    if getattr(value, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(value))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(value, tiled=True))
+
+
+def save_final_model(exp, record: records.RunRecord):
+    """``<run dir>/model/``: every parameter (trainable and frozen), the model config and the card.
+    Only the main process writes; None on the others."""
+    flat = {**exp.frozen, **exp.state.trainable}
+    host = {path: _on_host(value) for path, value in flat.items()}
+    if not distributed.is_main():
+        return None
+    cfg = exp.config_dict
+    dataset = cfg["dataset"]
+    run = {
+        "task": cfg["dataset"]["task"],
+        # Every label that did not train (model.finetune's and the DP method's), so a rebuilt bundle
+        # trains what this run trained (--step reads checkpoints of the trainable parameters alone).
+        "frozen_labels": sorted(set(LABELS) - exp.model.trainable_labels),
+        "dataset": {
+            k: dataset.get(k)
+            for k in ("name", "display_name", "max_length", "max_prompt_length", "max_new_tokens")
+        },
+        "base_weights": exp.model.weights_source,
+        "method": exp.method.name,
+        "epsilon": record.epsilon,
+        "delta": record.delta,
+    }
+    return saved.save_model(
+        exp.output_dir / saved.MODEL_DIR,
+        exp.model,
+        merge_params(host, {}),
+        cfg["model"],
+        run,
+        model_card(record, cfg),
+    )
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
+def model_card(record: records.RunRecord, cfg: dict) -> str:
+    """The model card (``model/README.md``): what the model is and its privacy claim, made only from
+    the record's released fields (the release policy has filtered them; no secret is in a record)."""
+    model, dataset, privacy = cfg["model"], cfg["dataset"], record.privacy
+    finetune = model.get("finetune", "all parameters (trained from scratch)")
+    if model.get("finetune") == "lora":
+        finetune = (
+            f"lora (rank {model['lora_rank']}, alpha {model['lora_alpha']}, targets {model['lora_targets']})"
+        )
+    lines = [
+        f"# {model['arch']} trained by dpbench on {dataset.get('display_name') or record.dataset}",
+        "",
+        f"- base weights: {record.weights_source}",
+        f"- fine-tuning: {finetune}",
+        f"- task: {record.task}; data: {record.dataset} ({record.train_examples} training examples, "
+        f"from {record.data_source})",
+        f"- DP method: {record.method}",
+        "",
+        "## Privacy",
+        "",
+    ]
+    if record.epsilon is None:
+        lines += [
+            "Not differentially private (dp.method=none): these weights carry no privacy guarantee.",
+            "",
+        ]
+    else:
+        mechanism = privacy.get("mechanism", {})
+        units = {"add_remove": "added or removed", "replace_one": "replaced"}
+        neighbouring = privacy.get("neighbouring")
+        unit = f"one training example ({units.get(neighbouring, neighbouring)})"
+        lines += [
+            f"(ε, δ)-differential privacy with **ε = {_fmt(record.epsilon)}, δ = {_fmt(record.delta)}** "
+            f"for the whole training run, at the level of {unit}.",
+            "",
+            f"- mechanism: {record.method}, clip norm C = {_fmt(mechanism.get('clip_norm'))}, noise "
+            f"multiplier σ = {_fmt(record.noise_multiplier)}, {record.steps} steps, sampling rate "
+            f"{_fmt(record.sampling_rate)} ({mechanism.get('sampler')})",
+            f"- noise: {privacy.get('noise')}",
+            f"- accountant: {json.dumps(privacy.get('accountant'), default=str)}",
+            f"- privacy randomness: {privacy.get('randomness')}",
+        ]
+        if privacy.get("warning"):
+            lines.append(f"- **warning**: {privacy['warning']}")
+        released = privacy.get("released_nonprivate_statistics") or []
+        lines += [
+            "- released under the claim: these final weights, the evaluation-split metrics and ε over "
+            "training (results.json)",
+            "- training-data statistics released without noise: "
+            + (", ".join(released) if released else "none"),
+            "",
+        ]
+    lines += ["## Evaluation", ""]
+    lines += [f"- {name}: {_fmt(value)}" for name, value in record.metrics.items()]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```bash",
+        "python -m dpbench.sample RUN_DIR --prompt '...'        # generate, or classify",
+        "python -m dpbench.export RUN_DIR --format merged      # Hugging Face checkpoint (or peft)",
+        "```",
+        "",
+        "Files: model.safetensors (every parameter, dpbench names), model_config.json (the model "
+        "settings and architecture), tokenizer files.",
+        "",
+    ]
+    return "\n".join(lines)
