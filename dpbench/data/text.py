@@ -102,6 +102,12 @@ class _PromptPieces:
         return self.prefix + dialogue_ids[:budget] + self.tail, len(dialogue_ids) > budget
 
 
+def prompt_ids(dialogue: str, tokenizer: Tokenizer) -> list[int]:
+    """The whole (uncut) generation prompt of ``dialogue``: the ids ``build_prompts`` left-pads."""
+    pieces = _PromptPieces(tokenizer)
+    return pieces.prefix + tokenizer.encode(dialogue, add_special_tokens=False) + pieces.tail
+
+
 def build_lm_examples(
     dialogues: Sequence[str], summaries: Sequence[str], tokenizer: Tokenizer, max_length: int
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:

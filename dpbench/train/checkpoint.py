@@ -101,6 +101,14 @@ class Checkpoints:
         values = [restored.state[f"{i:05d}"] for i in range(len(leaves))]
         return jax.tree_util.tree_unflatten(treedef, values)
 
+    def restore_leading(self, step: int, count: int) -> list:
+        """The first ``count`` saved leaves of checkpoint ``step`` as host arrays: the trainable
+        parameters (saved first, in ``jax.tree_util`` order), without knowing the optimizer state."""
+        manager = self._open()
+        ocp = self._ocp
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        return [jax.device_get(restored.state[f"{i:05d}"]) for i in range(count)]
+
     def clear(self) -> None:
         self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
