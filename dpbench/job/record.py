@@ -183,7 +183,11 @@ def model_card(record: records.RunRecord, cfg: dict) -> str:
         mechanism = privacy.get("mechanism", {})
         units = {"add_remove": "added or removed", "replace_one": "replaced"}
         neighbouring = privacy.get("neighbouring")
-        unit = f"one training example ({units.get(neighbouring, neighbouring)})"
+        how = units.get(neighbouring, neighbouring)
+        unit = f"one training example ({how})"
+        dp = cfg.get("dp") or {}
+        if dp.get("unit", "example") == "user":  # dp.unit=user: a user's examples are one unit
+            unit = f"one user (all their examples, at most {dp.get('max_examples_per_user')} used; {how})"
         lines += [
             f"(ε, δ)-differential privacy with **ε = {_fmt(record.epsilon)}, δ = {_fmt(record.delta)}** "
             f"for the whole training run, at the level of {unit}.",
