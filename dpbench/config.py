@@ -27,7 +27,12 @@ from dpbench.data import schema as data_schema  # noqa: F401 (declares the datas
 from dpbench.data.roots import register_resolvers
 from dpbench.errors import ConfigError, check_choice
 from dpbench.models import registry
-from dpbench.privacy import accounting, audit, mechanism
+from dpbench.privacy import (
+    accounting,
+    audit,
+    mechanism,
+    tuning,  # noqa: F401 (declares the tune schema)
+)
 from dpbench.privacy.mechanism import resolve_delta, validate_batch_size  # noqa: F401 (re-exported)
 from dpbench.privacy.methods import METHODS
 from dpbench.train import loop, optimizers, sharding

@@ -87,6 +87,11 @@ class PrivacyRandomness:
         """256-bit entropy for the samplers' ``SeedSequence([entropy, stream, step])``."""
         return int.from_bytes(_derive(self.secret, b"batches"), "big")
 
+    def tuning_entropy(self) -> int:
+        """256-bit entropy for ``python -m dpbench.tune``: the number of trials K, each trial's
+        candidate and the noise on its score (``SeedSequence([entropy, stream, ...])``)."""
+        return int.from_bytes(_derive(self.secret, b"tuning"), "big")
+
     def noise_key_data(self) -> np.ndarray:
         """Raw threefry key data (two uint32) for the noise; ``fold_in(key, step)`` per logical step."""
         return np.frombuffer(_derive(self.secret, b"noise")[:8], dtype=np.uint32).copy()

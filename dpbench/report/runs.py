@@ -7,6 +7,7 @@ Reports read runs only through :func:`read_run`: a :class:`Run` is a ``dpbench.r
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,20 @@ class Run:
     @property
     def target_epsilon(self) -> float | None:
         return None if self.method == "none" else self.config["dp"].get("epsilon")
+
+    @property
+    def epsilon_with_tuning(self) -> float | None:
+        """The total ε, tuning included, of a trial that ``python -m dpbench.tune`` released (its
+        ``tune.json``, two folders up, names this folder); None for any other run."""
+        folder = Path(self.path)
+        tune_file = folder.parent.parent / "tune.json"
+        if not folder.is_dir() or not tune_file.is_file():
+            return None
+        tuned = json.loads(tune_file.read_text())
+        released = tuned.get("released") or {}
+        if not released.get("run_dir") or Path(released["run_dir"]).resolve() != folder.resolve():
+            return None
+        return tuned.get("epsilon_with_tuning")
 
     @property
     def primary_metric(self) -> str:

@@ -66,6 +66,13 @@ COLUMNS: dict[str, Column] = {
     "rank": ("LoRA rank", lambda r: fmt_number(r.lora_rank), lambda r: r.lora_rank),
     "target_epsilon": ("target ε", lambda r: fmt_number(r.target_epsilon), lambda r: r.target_epsilon),
     "epsilon": ("ε spent", lambda r: fmt_number(r.epsilon), lambda r: r.epsilon),
+    # A trial released by python -m dpbench.tune: its own ε, and the total with the tuning.
+    "epsilon_training": ("ε (training)", lambda r: fmt_number(r.epsilon), lambda r: r.epsilon),
+    "epsilon_with_tuning": (
+        "ε (with tuning)",
+        lambda r: fmt_number(r.epsilon_with_tuning),
+        lambda r: r.epsilon_with_tuning,
+    ),
     # seeded: batches and noise follow the published runner.seed; the claim assumes it was secret.
     "randomness": ("privacy randomness", lambda r: r.randomness or "-", lambda r: r.randomness),
     "delta": ("δ", lambda r: fmt_number(r.delta, 3), lambda r: r.delta),
@@ -153,7 +160,11 @@ def _config_column(setting: str) -> Column:
 def default_columns(runs: list[Run]) -> list[str]:
     metrics = [m for m in METRICS if any(m in r.metrics for r in runs)]
     baseline = [f"baseline:{m}" for m in metrics if any(m in (r.baseline_metrics or {}) for r in runs)]
-    return [*DEFAULT_COLUMNS, *baseline, *metrics, "wall", "run"]
+    first = DEFAULT_COLUMNS
+    if any(r.epsilon_with_tuning is not None for r in runs):
+        at = first.index("epsilon")
+        first = [*first[:at], "epsilon_training", "epsilon_with_tuning", *first[at + 1 :]]
+    return [*first, *baseline, *metrics, "wall", "run"]
 
 
 def markdown(runs: list[Run], names: list[str] | None = None) -> str:
