@@ -104,3 +104,7 @@ def test_two_processes_draw_one_noise_equal_to_one_process_with_two_devices(tmp_
     # Process 1 logs warnings only and wrote no record (and no secret) of its own into the run folder.
     assert "results:" in logs[0] and "results:" not in logs[1]
     assert len(list(two_dir.glob("**/results.json"))) == 1
+    # The final model: gathered from both processes, written once, the same as one process's.
+    weights = [d / "model" / "model.safetensors" for d in (one_dir, two_dir)]
+    assert weights[0].read_bytes() == weights[1].read_bytes()
+    assert len(list(two_dir.glob("**/model.safetensors"))) == 1
