@@ -29,6 +29,7 @@ from dpbench.models import remat
 from dpbench.models.base import ModelBundle
 from dpbench.models.registry import build_model
 from dpbench.privacy import accounting, clipping, release
+from dpbench.privacy import units as units_lib
 from dpbench.privacy.mechanism import Mechanism, plan_mechanism
 from dpbench.privacy.methods import GradientMethod, make_method
 from dpbench.privacy.randomness import PrivacyRandomness
@@ -98,6 +99,7 @@ def build(cfg: DictConfig) -> Experiment:
     bundle = bundle.with_frozen(method.frozen_labels)
     log.info("model: %s, weights: %s", cfg.model.arch, bundle.weights_source)
     remat.warn_if_ineffective(cfg.model.get("remat", "none"))
+    units = units_lib.build_units(cfg, dataset.train, mesh.size)  # dp.unit=user: the users (else None)
     task_type = task_class(cfg.dataset.task)
     train_arrays, eval_arrays, preparation = task_type.prepare(dataset, bundle, cfg)
 
@@ -111,7 +113,7 @@ def build(cfg: DictConfig) -> Experiment:
 
     num_examples = len(next(iter(train_arrays.values())))
     config_lib.validate_with_data(cfg, num_examples, mesh.size, train_arrays)
-    mechanism = plan_mechanism(cfg, num_examples)
+    mechanism = plan_mechanism(cfg, num_examples, units)
     output_dir = Path(cfg.paths.output_dir)
     randomness = resume.privacy_randomness(cfg, mechanism, output_dir)
     mechanism.bind(randomness)
@@ -238,6 +240,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
                 callbacks,
                 progress_bar=cfg.runner.progress_bar,
                 sequence_bucket=cfg.compute.sequence_bucket,
+                unit_rows=mechanism.units.rows if mechanism.units is not None else None,
             )
         except StopTraining as stop:
             checkpoints.close()

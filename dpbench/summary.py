@@ -56,6 +56,14 @@ def summary_block(record: RunRecord, output_dir: str | Path) -> str:
             f"σ = {record.noise_multiplier:.4g}, clip {dp.get('clip_norm')}, sampling rate q = "
             f"{record.sampling_rate:.4g} ({dp.get('sampler')})"
         )
+        unit = (record.privacy or {}).get("unit", {})
+        if unit.get("unit") == "user":
+            lines.append(
+                f"  unit       user: {unit['users']} users ({unit['users_from']}), at most "
+                f"{unit['max_examples_per_user']} examples each; ε protects all of one user's examples"
+            )
+        else:
+            lines.append("  unit       example: ε protects one training example")
         randomness = privacy_randomness(record)
         if randomness == "secret":
             lines.append("  randomness secret (batches and noise from a per-run secret, never published)")

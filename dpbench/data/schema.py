@@ -45,10 +45,14 @@ class DatasetConfig:
     max_length: int = 128  # text: tokens per training sequence (classification input or prompt+summary)
     max_prompt_length: int = 384  # summarisation: left-padded prompt length for generation
     max_new_tokens: int = 64  # summarisation: generation budget at evaluation
-    seed: int = 0  # only chooses the subset when max_*_examples is set
+    seed: int = 0  # chooses the max_*_examples subset, the validation split and synthetic users
     # Hold out this many training examples (seeded by `seed`) and evaluate on them instead of the
     # test split: for tuning without touching the test set. Training (and ε) then uses the rest.
     validation_examples: int | None = None
+    # dp.unit=user: the training data's column of user ids, or "synthetic" (a seeded grouping into
+    # synthetic_users users, for data without one; records say so). dpbench/privacy/units.py.
+    user_key: str | None = None
+    synthetic_users: int | None = None
 
 
 def validate_config(cfg: Any, allowed: Sequence[str]) -> None:

@@ -36,6 +36,7 @@ backward pass runs in the model's dtype, whose rounding the first pass's norms d
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -110,12 +111,45 @@ def global_norms(stacked_grads: PyTree) -> jax.Array:
     return jnp.sqrt(_squared_norms(stacked_grads))
 
 
-def _squared_norms(stacked_grads: PyTree) -> jax.Array:
-    squares = [
-        jnp.sum(jnp.square(_at_least_f32(g.reshape(g.shape[0], -1))), axis=1)
-        for g in jax.tree_util.tree_leaves(stacked_grads)
-    ]
+def _squared_norms(stacked_grads: PyTree, units: _Units | None = None) -> jax.Array:
+    """‖gᵢ‖² per row ``[B]``; with ``units``, of each unit's summed gradient ``[U]``."""
+    squares = []
+    for g in jax.tree_util.tree_leaves(stacked_grads):
+        g = _at_least_f32(g.reshape(g.shape[0], -1))
+        squares.append(jnp.sum(jnp.square(g if units is None else units.sum(g)), axis=1))
     return sum(squares)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Units:
+    """Privacy units of several rows (user-level DP): rows come unit-major, ``size`` slots per unit
+    (``mask`` False on a unit's unused slots). A unit's gradient is the mean of its examples'."""
+
+    mask: jax.Array  # [B] real rows
+    size: int  # k: slots per unit
+
+    @property
+    def count(self) -> int:
+        return self.mask.shape[0] // self.size
+
+    def join(self, x: jax.Array) -> jax.Array:
+        """``[B, T, ...]`` -> ``[U, k·T, ...]`` (a unit's rows one after another)."""
+        return x.reshape(self.count, -1, *x.shape[2:])
+
+    def sum(self, x: jax.Array) -> jax.Array:
+        """``[B, D]`` -> ``[U, D]``: each unit's sum over its real rows (padded ones zeroed, even NaN)."""
+        x = jnp.where(_rows(self.mask, x), x, 0)
+        return jnp.sum(x.reshape(self.count, self.size, *x.shape[1:]), axis=1)
+
+    def per_unit(self, losses: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Each unit's (real?, loss sum: NaN if any real row's is, number of real rows)."""
+        slots = self.mask.reshape(self.count, self.size)
+        unit_losses = jnp.sum(jnp.where(slots, losses.reshape(self.count, self.size), 0), axis=1)
+        return jnp.any(slots, axis=1), unit_losses, jnp.sum(slots, axis=1)
+
+    def to_rows(self, values: jax.Array) -> jax.Array:
+        """``[U]`` -> ``[B]``: each row gets its unit's value."""
+        return jnp.repeat(values, self.size, total_repeat_length=self.mask.shape[0])
 
 
 def _weighted_sum(stacked_grads: PyTree, weights: jax.Array, keep: jax.Array) -> PyTree:
@@ -193,14 +227,23 @@ class _Tapped:
 
     # -- the two factors of an outer tap, as [B, T, d] (or ids [B, T]), at least float32 ----------
 
-    def _outer_factors(self, spec: taps.TapSpec) -> tuple[jax.Array, jax.Array]:
+    def _outer_factors(self, spec: taps.TapSpec, units: _Units | None = None) -> tuple[jax.Array, jax.Array]:
+        """``[B, T, d]`` (ids ``[B, T]``); with ``units``, ``[U, k·T, d]``: a unit's rows as one sequence,
+        so the ghost norm's cross terms Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ) run over every pair of its examples' positions
+        and give the norm of the unit's summed gradient. Padded rows are zeroed first."""
         cot = self.cotangents[spec.point]
         batch = cot.shape[0]
         value = self.values[spec.tap_id]
         cot = _at_least_f32(cot.reshape(batch, -1, cot.shape[-1]))
         if spec.ids:
-            return value.reshape(batch, -1), cot
-        value = _at_least_f32(value.reshape(batch, -1, value.shape[-1]))
+            value = value.reshape(batch, -1)
+        else:
+            value = _at_least_f32(value.reshape(batch, -1, value.shape[-1]))
+        if units is not None:
+            cot = units.join(jnp.where(_rows(units.mask, cot), cot, 0))
+            value = units.join(value if spec.ids else jnp.where(_rows(units.mask, value), value, 0))
+        if spec.ids:
+            return value, cot
         return (cot, value) if spec.cotangent_first else (value, cot)
 
     def _diag_grads(self, spec: taps.TapSpec) -> jax.Array:
@@ -211,19 +254,24 @@ class _Tapped:
 
     # -- norms ------------------------------------------------------------------------------------
 
-    def squared_norms(self) -> jax.Array:
-        total = jnp.zeros(self.losses.shape, jnp.promote_types(self.losses.dtype, jnp.float32))
+    def squared_norms(self, units: _Units | None = None) -> jax.Array:
+        """‖gᵢ‖² of every example ``[B]``; with ``units``, of every unit's summed gradient ``[U]``."""
+        rows = self.losses.shape[0] if units is None else units.count
+        total = jnp.zeros((rows,), jnp.promote_types(self.losses.dtype, jnp.float32))
         for group in self.groups.values():
             if group[0].kind == taps.DIAG:
-                total = total + jnp.sum(jnp.square(sum(self._diag_grads(s) for s in group)), axis=1)
+                grads = sum(self._diag_grads(s) for s in group)
+                if units is not None:
+                    grads = units.sum(grads)
+                total = total + jnp.sum(jnp.square(grads), axis=1)
             else:
-                total = total + self._outer_squared_norm(group)
+                total = total + self._outer_squared_norm(group, units)
         if self.untapped_grads:
-            total = total + _squared_norms(self.untapped_grads)
+            total = total + _squared_norms(self.untapped_grads, units)
         return total
 
-    def _outer_squared_norm(self, group: list[taps.TapSpec]) -> jax.Array:
-        factors = [self._outer_factors(s) for s in group]
+    def _outer_squared_norm(self, group: list[taps.TapSpec], units: _Units | None = None) -> jax.Array:
+        factors = [self._outer_factors(s, units) for s in group]
         if len(group) == 1 and not group[0].ids:
             left, right = factors[0]
             tokens, d_left, d_right = left.shape[1], left.shape[2], right.shape[2]
@@ -477,29 +525,51 @@ def clipped_grad_sum(
     clipping: str = "per_example",
     clip_fn: str = "fixed",
     gamma: float = 0.01,
+    unit_size: int = 1,
 ) -> tuple[dict, dict]:
     """Sum over real, finite rows of per-example gradients, each scaled to L2 norm <= ``clip_norm``
-    (by :func:`clip_factors` with ``clip_fn``; every implementation scales by the same factors)."""
+    (by :func:`clip_factors` with ``clip_fn``; every implementation scales by the same factors).
+
+    ``unit_size = k > 1`` (user-level DP): the rows are units of ``k`` slots (a user's examples, unit
+    after unit, unused slots masked), and what is clipped is each unit's gradient, the mean of its
+    examples' gradients; a unit with any non-finite example contributes zero. Removing a unit then
+    moves the sum by at most C. The norms of the units' gradients come from every implementation
+    (ghost norms include the cross terms between a unit's examples); the sum is Σᵢ wᵢ gᵢ with each
+    row weighted by its unit's factor / the unit's number of examples.
+    """
     _check(clipping)
+    units = None if unit_size == 1 else _Units(mask, unit_size)
     if clipping == "per_example":
         grads, losses, aux = per_example_grads(losses_fn, trainable, batch, *args)
-        norms = global_norms(grads)
-        factors, keep = clip_factors(norms, losses, mask, clip_norm, clip_fn, gamma)
-        grad_sum = _weighted_sum(grads, factors, keep)
+        squared = _squared_norms(grads, units)
     else:
         losses_fn, trainable, unflatten = _flat(losses_fn, trainable)
         tapped = _Tapped(losses_fn, trainable, batch, args, two_pass=clipping == "ghost")
         losses, aux = tapped.losses, tapped.aux
-        norms = jnp.sqrt(tapped.squared_norms())
+        squared = tapped.squared_norms(units)
+    if units is None:
+        norms = jnp.sqrt(squared)
         factors, keep = clip_factors(norms, losses, mask, clip_norm, clip_fn, gamma)
-        if clipping == "ghost":
-            grad_sum = tapped.second_pass_sum(factors, keep)
-        else:
-            grad_sum = tapped.bookkeeping_sum(factors, keep)
-        grad_sum = unflatten(grad_sum)
-    stats = _stats(losses, aux, mask, keep)
+        weights, rows_kept = factors, keep
+    else:
+        unit_mask, unit_losses, sizes = units.per_unit(losses)
+        sizes = jnp.maximum(sizes, 1).astype(squared.dtype)
+        norms = jnp.sqrt(squared) / sizes  # the norm of the unit's mean gradient
+        factors, keep = clip_factors(norms, unit_losses, unit_mask, clip_norm, clip_fn, gamma)
+        rows_kept = units.to_rows(keep) & mask
+        # A unit's unused slots get weight 0 too (ghost's second pass sees weights, not rows_kept).
+        weights = jnp.where(rows_kept, units.to_rows(factors / sizes), 0.0)
+    if clipping == "per_example":
+        grad_sum = _weighted_sum(grads, weights, rows_kept)
+    elif clipping == "ghost":
+        grad_sum = unflatten(tapped.second_pass_sum(weights, rows_kept))
+    else:
+        grad_sum = unflatten(tapped.bookkeeping_sum(weights, rows_kept))
+    stats = _stats(losses, aux, mask, rows_kept)
     stats["clipped_fraction_sum"] = _masked_sum((norms > clip_norm).astype(jnp.float32), keep)
     stats["grad_norm_sum"] = _masked_sum(norms, keep)
+    if units is not None:  # the clipping statistics above are per unit; train/ averages them over these
+        stats["units"] = jnp.sum(unit_mask.astype(jnp.float32))
     return grad_sum, stats
 
 

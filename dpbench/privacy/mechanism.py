@@ -24,6 +24,7 @@ from dpbench.privacy import adaptive_clip as adaptive_clip_lib
 from dpbench.privacy import batch_selection as sampling
 from dpbench.privacy import clipping as clipping_lib
 from dpbench.privacy import noise as noise_lib
+from dpbench.privacy import units as units_lib
 from dpbench.privacy.methods import CLIPPING_CHOICES, METHODS, check_clipping_dtype, resolve_clipping
 from dpbench.privacy.randomness import MODES as RANDOMNESS_MODES
 from dpbench.schema import schema
@@ -69,6 +70,10 @@ class DPConfig:
     # the claim then does not hold against anyone who knows runner.seed).
     randomness: str = "secret"
     secret_file: str | None = None  # reuse a stored secret (a run folder's privacy_secret): bit for bit
+    # What the guarantee protects (dpbench/privacy/units.py): example | user. user: users are sampled,
+    # counted and clipped (a user's gradient is the mean of their examples'); needs dataset.user_key.
+    unit: str = "example"
+    max_examples_per_user: int = 8  # dp.unit=user: a user's further examples are dropped before training
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -82,6 +87,7 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(
             f"dp.secret_file={dp.secret_file} needs dp.randomness=secret (got dp.randomness={dp.randomness})"
         )
+    units_lib.check_settings(cfg)
     if not METHODS[dp.method].private:
         return
     as_config_error(resolve_clipping, dp.method, dp.clipping)
@@ -165,12 +171,12 @@ def resolve_delta(cfg: DictConfig, num_examples: int) -> float | None:
     return float(delta)
 
 
-def validate_batch_size(cfg: DictConfig, num_examples: int) -> None:
+def validate_batch_size(cfg: DictConfig, num_examples: int, unit: str = "examples") -> None:
     """The expected logical batch must fit in the training set (also for planning commands)."""
     if cfg.runner.batch_size > num_examples:
         raise ConfigError(
             f"runner.batch_size={cfg.runner.batch_size} is larger than the training set "
-            f"({num_examples} examples of {cfg.dataset.display_name}); choose at most {num_examples}"
+            f"({num_examples} {unit} of {cfg.dataset.display_name}); choose at most {num_examples}"
         )
 
 
@@ -188,6 +194,7 @@ SETTING_OF_FIELD = {
     "randomness": "dp.randomness",
     "noise": "dp.method, dp.bands, dp.buffers, dp.optimize_strategy",
     "adaptive_clip": "dp.adaptive_clip.*",
+    "unit": "dp.unit, dp.max_examples_per_user, dataset.user_key",
 }
 
 
@@ -206,6 +213,17 @@ class Mechanism:
     strategy: noise_lib.Strategy = dataclasses.field(default_factory=noise_lib.Strategy)
     # Adaptive quantile clipping (None: C fixed at clip_norm); σ is then the composed multiplier.
     adaptive: adaptive_clip_lib.AdaptiveClip | None = None
+    # dp.unit=user: the users (dpbench.privacy.units); the sampler, σ and δ then count users.
+    units: units_lib.UserUnits | None = None
+
+    @property
+    def unit(self) -> str:
+        return "example" if self.units is None else "user"
+
+    @property
+    def unit_size(self) -> int:
+        """Rows per privacy unit in a batch: 1, or dp.max_examples_per_user."""
+        return 1 if self.units is None else self.units.max_examples_per_user
 
     @property
     def private(self) -> bool:
@@ -274,6 +292,7 @@ class Mechanism:
             "randomness": self.randomness,
             "noise": self.strategy.describe() if self.private else None,
             **({"adaptive_clip": self.adaptive.describe(self.noise_multiplier)} if self.adaptive else {}),
+            **({"unit": self.units.describe()} if self.units is not None else {}),
         }
 
 
@@ -347,15 +366,17 @@ def _strategy(cfg: DictConfig, sampler, steps: int) -> noise_lib.Strategy:
     return noise_lib.Strategy("iid", steps)
 
 
-def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
+def plan_mechanism(cfg: DictConfig, num_examples: int, units: units_lib.UserUnits | None = None) -> Mechanism:
     """Sampler, logical steps, noise strategy and σ (calibrated from ε, or given) for a training set
-    of ``num_examples``.
+    of ``num_examples``, or of ``units`` (``dp.unit=user``: everything then counts users).
 
     Raises ``ConfigError`` naming the setting when the batch is larger than the data, when the
     steps/epochs setting gives no logical step, when the strategy does not fit the run, or when the
     accountant cannot account the sampler.
     """
-    validate_batch_size(cfg, num_examples)
+    if units is not None:
+        num_examples = units.num_users
+    validate_batch_size(cfg, num_examples, "examples" if units is None else "users")
     # The sampler's seed is bound later, from the privacy randomness (Mechanism.bind).
     sampler = _sampler(cfg, num_examples)
     if cfg.runner.steps is not None:
@@ -370,7 +391,7 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
                 "or set runner.steps (an integer >= 1) with runner.epochs=null"
             )
     if cfg.dp.method == "none":
-        return Mechanism(sampler, steps, None, None, method="none")
+        return Mechanism(sampler, steps, None, None, method="none", units=units)
     strategy = _strategy(cfg, sampler, steps)
     try:
         accounting.check_supported(sampler, cfg.accountant)
@@ -395,6 +416,7 @@ def plan_mechanism(cfg: DictConfig, num_examples: int) -> Mechanism:
         accountant=_accountant_description(cfg),
         randomness=cfg.dp.randomness,
         strategy=strategy,
+        units=units,
     )
     adaptive = cfg.dp.get("adaptive_clip")
     if adaptive is not None and adaptive.target_quantile is not None:

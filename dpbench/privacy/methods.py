@@ -71,6 +71,7 @@ class GradientMethod:
     clipping: str = "per_example"  # how the clipped sum is computed; exact either way
     clip_fn: str = "fixed"  # dp.clip_fn: fixed (min(1, C/‖g‖)) | automatic (C/(‖g‖+γ))
     clip_gamma: float = 0.01  # dp.clip_gamma: γ of automatic clipping
+    unit_size: int = 1  # rows per privacy unit (dp.unit=user: dp.max_examples_per_user); one unit is clipped
 
     @property
     def private(self) -> bool:
@@ -91,6 +92,7 @@ class GradientMethod:
                 clipping=self.clipping,
                 clip_fn=self.clip_fn,
                 gamma=self.clip_gamma,
+                unit_size=self.unit_size,
             )
         return clipping_lib.masked_grad_sum(losses_fn, trainable, batch, mask, *args)
 
@@ -145,4 +147,5 @@ def make_method(dp_cfg) -> GradientMethod:
         clipping=clipping,
         clip_fn=dp_cfg.get("clip_fn", "fixed"),
         clip_gamma=float(dp_cfg.get("clip_gamma", 0.01)),
+        unit_size=int(dp_cfg.max_examples_per_user) if dp_cfg.get("unit", "example") == "user" else 1,
     )

@@ -147,6 +147,8 @@ def privacy_claim(
         privacy["clipping_implementation"] = clipping_implementation
     if clip_fn is not None:  # how gradients were scaled to norm <= C (the same sensitivity either way)
         privacy["clip_fn"] = clip_fn
+    # What one neighbouring dataset differs by: one example, or all of one user's (n and q count users).
+    privacy["unit"] = mechanism.units.describe() if mechanism.units is not None else {"unit": "example"}
     log.info(
         "privacy: (ε=%.4f, δ=%.3g) with σ=%.4f over %d logical steps",
         epsilon,

@@ -362,12 +362,15 @@ class Trainer:
         return stats
 
 
-def physical_batches(indices: np.ndarray, physical_batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def physical_batches(
+    indices: np.ndarray, physical_batch_size: int, mask: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Cut a logical batch into chunks of exactly ``physical_batch_size`` rows plus a mask of real rows.
 
     The last chunk is padded with index 0 (mask False), so every chunk has one shape for jit.
     An empty logical batch (Poisson can draw none) gives one all-padding chunk, so the step
-    still runs and still adds noise. No row is ever dropped.
+    still runs and still adds noise. No row is ever dropped. ``mask`` marks rows of ``indices``
+    that are already padding (the unused slots of a privacy unit of several rows).
 
     >>> chunks = physical_batches(np.array([5, 7, 9, 11, 13]), 2)
     >>> [(c.tolist(), m.tolist()) for c, m in chunks]
@@ -383,19 +386,17 @@ def physical_batches(indices: np.ndarray, physical_batch_size: int) -> list[tupl
     num_chunks = max(1, math.ceil(len(indices) / physical_batch_size))
     padded = np.zeros(num_chunks * physical_batch_size, dtype=np.int64)
     padded[: len(indices)] = indices
-    mask = np.zeros(num_chunks * physical_batch_size, dtype=bool)
-    mask[: len(indices)] = True
-    return list(
-        zip(
-            np.split(padded, num_chunks),
-            np.split(mask, num_chunks),
-            strict=True,
-        )
-    )
+    real = np.zeros(num_chunks * physical_batch_size, dtype=bool)
+    real[: len(indices)] = True if mask is None else mask
+    return list(zip(np.split(padded, num_chunks), np.split(real, num_chunks), strict=True))
 
 
 def gather_chunks(
-    arrays: dict[str, np.ndarray], indices: np.ndarray, physical_batch_size: int, sequence_bucket: int = 0
+    arrays: dict[str, np.ndarray],
+    indices: np.ndarray,
+    physical_batch_size: int,
+    sequence_bucket: int = 0,
+    mask: np.ndarray | None = None,
 ):
     """Host-side: the physical batches (arrays, mask) of one logical batch of example indices.
 
@@ -417,18 +418,19 @@ def gather_chunks(
     token_mask = arrays.get("attention_mask") if sequence_bucket else None
     if token_mask is None:
         return [
-            ({k: v[idx] for k, v in arrays.items()}, mask)
-            for idx, mask in physical_batches(indices, physical_batch_size)
+            ({k: v[idx] for k, v in arrays.items()}, real)
+            for idx, real in physical_batches(indices, physical_batch_size, mask)
         ]
     lengths = token_mask.sum(axis=1)
-    indices = indices[np.argsort(lengths[indices], kind="stable")]
+    if mask is None:  # rows grouped in units (a mask given) keep their order: a unit stays together
+        indices = indices[np.argsort(lengths[indices], kind="stable")]
     width = token_mask.shape[1]
     chunks = []
-    for idx, mask in physical_batches(indices, physical_batch_size):
-        longest = int(lengths[idx[mask]].max(initial=1))
+    for idx, real in physical_batches(indices, physical_batch_size, mask):
+        longest = int(lengths[idx[real]].max(initial=1))
         cut = min(width, -(-longest // sequence_bucket) * sequence_bucket)
         batch = {k: v[idx][:, :cut] if v.shape[:2] == token_mask.shape else v[idx] for k, v in arrays.items()}
-        chunks.append((batch, mask))
+        chunks.append((batch, real))
     return chunks
 
 
@@ -437,7 +439,8 @@ def train_statistics(stats: dict) -> dict:
 
     ``<name>_sum`` becomes the per-example mean ``train/<name>`` (``correct`` -> ``accuracy``);
     ``nonfinite_sum`` stays a count (examples whose non-finite gradient was zeroed since the last
-    log); ``count`` is the realised batch size. Unknown keys are logged the same way.
+    log); ``count`` is the realised batch size. Unknown keys are logged the same way. With privacy
+    units of several examples (``units``: users), the clipping statistics are means over units.
 
     >>> train_statistics({"count": 4.0, "loss_sum": 2.0, "correct_sum": 3.0, "nonfinite_sum": 1.0})
     ... # doctest: +NORMALIZE_WHITESPACE
@@ -445,6 +448,7 @@ def train_statistics(stats: dict) -> dict:
      'train/nonfinite_examples': 1.0}
     """
     count = float(stats.get("count", 0.0))
+    units = float(stats.get("units", count))
     record = {"train/logical_batch_size": count}
     for key, value in stats.items():
         value = float(np.sum(value))
@@ -454,7 +458,8 @@ def train_statistics(stats: dict) -> dict:
             record["train/nonfinite_examples"] = value
         elif key.endswith("_sum"):
             name = {"correct": "accuracy"}.get(key[: -len("_sum")], key[: -len("_sum")])
-            record[f"train/{name}"] = value / max(count, 1.0)
+            per_unit = key in ("clipped_fraction_sum", "grad_norm_sum")
+            record[f"train/{name}"] = value / max(units if per_unit else count, 1.0)
         else:
             record[f"train/{key}"] = value
     return record
@@ -499,8 +504,12 @@ def train_loop(
     callbacks: LoopCallbacks,
     progress_bar: bool = True,
     sequence_bucket: int = 0,
+    unit_rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[dict]:
     """Train from ``state.step`` up to ``num_steps`` logical steps; returns this call's evaluations.
+
+    ``unit_rows`` (privacy units of several rows, e.g. users): the sampler draws units, and this maps
+    them to their rows and a mask of real ones, unit after unit.
 
     Throughput is reported with the expected batch size (the realised one is a statistic of the
     training data). Raises :class:`StopTraining` after a step at which a stop was requested.
@@ -518,8 +527,10 @@ def train_loop(
     while state.step < num_steps:
         step = state.step + 1
         callbacks.check_budget(step)
-        indices = sampler.batch_indices(state.step)
-        chunks = gather_chunks(train_arrays, indices, physical_batch_size, sequence_bucket)
+        indices, mask = sampler.batch_indices(state.step), None
+        if unit_rows is not None:
+            indices, mask = unit_rows(indices)
+        chunks = gather_chunks(train_arrays, indices, physical_batch_size, sequence_bucket, mask)
         stats = trainer.logical_step(state, frozen, chunks)
         if "nonfinite_sum" in stats:
             nonfinite = stats["nonfinite_sum"] if nonfinite is None else nonfinite + stats["nonfinite_sum"]

@@ -39,6 +39,47 @@ ROWS = [
     (["dp.randomness=seeded", "dp.secret_file=/tmp/x"], "dp.secret_file"),
     (["dp=ffa"], "dp.method=ffa"),
     (["dp.epsilon=inf"], "dp.epsilon"),
+    # dp.unit=user and the user settings
+    (["dp.unit=person"], "dp.unit"),
+    (["dp.unit=user"], "dataset.user_key"),
+    (["dp.unit=user", "dataset.user_key=synthetic"], "dataset.synthetic_users"),
+    (["dp.unit=user", "dataset.user_key=author"], "dataset.user_key=author"),
+    (
+        [
+            "dp.unit=user",
+            "dataset.user_key=synthetic",
+            "dataset.synthetic_users=4",
+            "dp.max_examples_per_user=0",
+        ],
+        "dp.max_examples_per_user",
+    ),
+    (
+        [
+            "dp.unit=user",
+            "dataset.user_key=synthetic",
+            "dataset.synthetic_users=4",
+            "dp.max_examples_per_user=3",
+        ],
+        "compute.physical_batch_size",
+    ),
+    (
+        ["dp.unit=user", "dataset.user_key=synthetic", "dataset.synthetic_users=100"],
+        "dataset.synthetic_users",
+    ),
+    (["dp.unit=user", "dataset.user_key=synthetic", "dataset.synthetic_users=8"], "runner.batch_size"),
+    (
+        [
+            "dp.unit=user",
+            "dataset.user_key=synthetic",
+            "dataset.synthetic_users=8",
+            "dp.adaptive_clip.target_quantile=0.5",
+        ],
+        "dp.adaptive_clip",
+    ),
+    (
+        ["dp.unit=user", "dataset.user_key=synthetic", "dataset.synthetic_users=8", "audit=canary"],
+        "audit=canary",
+    ),
     # accountant.*
     (["accountant=prv", "accountant.eps_error=0"], "accountant.eps_error"),
     (["accountant=prv", "accountant.delta_error=0.5"], "accountant.delta_error"),

@@ -1,0 +1,138 @@
+"""User-level clipping (``dp.unit=user``): each user's gradient, the mean of their examples', is
+clipped to C, by every implementation, exactly as a per-user reference computes it by hand.
+
+Rows come user-major with k slots per user (unused slots masked). The fast implementations get a
+user's norm from the cross terms between all of the user's examples (CNN patches, the encoder's
+embedding ids, Gemma's tied embedding), so they are checked against per-example gradients
+averaged per user, then clipped. Removing one user moves the sum by at most C.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpbench.privacy import clipping
+from tests.privacy.clipping.test_fast_exact import (
+    assert_tree_close,
+    encoder_problem,
+    flat,
+    gemma_problem,
+    image_problem,
+)
+
+K = 3  # slots per user
+
+
+def by_hand(losses_fn, trainable, batch, mask, clip, *args):
+    """Σ_u c_u ḡ_u: per-example gradients averaged over each user's real rows, clipped to C."""
+    grads, losses, _ = clipping.per_example_grads(losses_fn, trainable, batch, *args)
+    grads = flat(grads)
+    users = len(mask) // K
+    total = {p: 0.0 for p in grads}
+    for u in range(users):
+        rows = [i for i in range(u * K, (u + 1) * K) if mask[i]]
+        if not rows:
+            continue
+        mean = {p: sum(g[i] for i in rows) / len(rows) for p, g in grads.items()}
+        norm = float(jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in mean.values())))
+        factor = min(1.0, clip / norm)
+        total = {p: total[p] + factor * mean[p] for p in grads}
+    return total
+
+
+def user_sum(losses_fn, trainable, batch, mask, clip, implementation, *args):
+    fn = jax.jit(
+        functools.partial(clipping.clipped_grad_sum, losses_fn, clipping=implementation, unit_size=K),
+        static_argnums=3,
+    )
+    return fn(trainable, batch, jnp.asarray(mask), clip, *args)
+
+
+def check_users(losses_fn, trainable, data, mask, *args):
+    """Every implementation equals the per-user reference, with a clip norm that clips some users."""
+    batch = {k: jnp.asarray(v) for k, v in data.items()}
+    unclipped = by_hand(losses_fn, trainable, batch, mask, 1e9, *args)
+    assert_tree_close(user_sum(losses_fn, trainable, batch, mask, 1e9, "per_example", *args)[0], unclipped)
+    # The median user norm (from the per-example implementation's statistics is not exposed: by hand).
+    grads = flat(clipping.per_example_grads(losses_fn, trainable, batch, *args)[0])
+    norms = []
+    for u in range(len(mask) // K):
+        rows = [i for i in range(u * K, (u + 1) * K) if mask[i]]
+        if rows:
+            mean = [sum(g[i] for i in rows) / len(rows) for g in grads.values()]
+            norms.append(float(jnp.sqrt(sum(jnp.sum(jnp.square(v)) for v in mean))))
+    clip = float(np.median(norms))
+    assert min(norms) < clip < max(norms), "the test needs clipped and unclipped users"
+    reference = by_hand(losses_fn, trainable, batch, mask, clip, *args)
+    for implementation in clipping.CLIPPING_IMPLEMENTATIONS:
+        grads_sum, stats = user_sum(losses_fn, trainable, batch, mask, clip, implementation, *args)
+        assert_tree_close(grads_sum, reference)
+        assert float(stats["units"]) == len(norms)
+        assert float(stats["count"]) == float(np.sum(mask))
+
+
+# Four users of 3 slots: 3 examples, 2 (one unused slot), 1, 3; rows padded from index 0.
+MASK = np.array([1, 1, 1, 1, 1, 0, 1, 0, 0, 1, 1, 1], bool)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return image_problem(__import__("dpbench.models.cnn", fromlist=["CNN"]).CNN(num_classes=10), 12, 10, 3)
+
+
+def test_cnn_user_clipping_equals_the_per_user_reference(cnn):
+    check_users(*cnn, MASK)
+
+
+def test_encoder_full_finetune_user_clipping_is_exact():
+    losses_fn, trainable, frozen, arrays = encoder_problem("full", freeze_a=False)
+    data = {k: v[np.array([0, 1, 2, 3, 4, 0, 5, 0, 0, 6, 7, 8])] for k, v in arrays.items()}
+    check_users(losses_fn, trainable, data, MASK, frozen)
+
+
+def test_gemma_tied_embedding_user_clipping_is_exact():
+    losses_fn, trainable, frozen, arrays = gemma_problem("full", response_positions=True)
+    mask = np.array([1, 1, 0, 1, 1, 1], bool)  # two users: 2 examples and 3
+    data = {k: v[np.array([0, 1, 0, 2, 3, 4])] for k, v in arrays.items()}
+    check_users(losses_fn, trainable, data, mask, frozen)
+
+
+@pytest.mark.parametrize("implementation", clipping.CLIPPING_IMPLEMENTATIONS)
+def test_removing_one_user_moves_the_sum_by_at_most_c(cnn, implementation):
+    losses_fn, params, data = cnn
+    batch = {k: jnp.asarray(v) for k, v in data.items()}
+    clip = 0.05  # below every user's norm: every contribution is at the bound
+    full, _ = user_sum(losses_fn, params, batch, MASK, clip, implementation)
+    moves = []
+    for user in range(len(MASK) // K):
+        without = MASK.copy()
+        without[user * K : (user + 1) * K] = False
+        rest, _ = user_sum(losses_fn, params, batch, without, clip, implementation)
+        diff = [a - b for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(rest))]
+        moves.append(float(jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in diff))))
+    assert max(moves) <= clip * (1 + 1e-5)
+    assert min(moves) >= clip * (1 - 1e-4), "each user is clipped to exactly C here"
+
+
+@pytest.mark.parametrize("implementation", clipping.CLIPPING_IMPLEMENTATIONS)
+def test_a_user_with_a_nan_example_contributes_zero(cnn, implementation):
+    losses_fn, params, data = cnn
+    poisoned = {k: v.copy() for k, v in data.items()}
+    poisoned["image"][4, 2, 2, 0] = np.nan  # the second user's second example
+    poisoned["image"][5] = np.inf  # the second user's unused slot (masked)
+    without = MASK.copy()
+    without[3:6] = False
+    got, stats = user_sum(
+        losses_fn, params, {k: jnp.asarray(v) for k, v in poisoned.items()}, MASK, 0.5, implementation
+    )
+    expected, _ = user_sum(
+        losses_fn, params, {k: jnp.asarray(v) for k, v in data.items()}, without, 0.5, implementation
+    )
+    assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(got))
+    assert_tree_close(got, expected)
+    assert float(stats["nonfinite_sum"]) == 2.0  # both real examples of the dropped user
