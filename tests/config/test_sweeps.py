@@ -85,3 +85,11 @@ def test_a_sweep_runs_as_a_hydra_multirun(tmp_path, run_cli):
     run_cli(*command, f"paths.data_root={FIXTURE_DATA}", f"hydra.sweep.dir={tmp_path}")
     results = sorted(tmp_path.glob("*/results.json"))
     assert len(results) == 2
+
+
+@pytest.mark.parametrize("sweep", SWEEPS)
+def test_a_sweeps_folder_is_stable_so_its_command_resumes(sweep):
+    # A timestamp in the folder would start the grid afresh each time the command runs.
+    cfg = compose_config([f"+sweep={sweep}"], return_hydra_config=True)
+    folder = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["dir"]
+    assert folder.startswith("multirun/") and "${now:" not in folder, folder

@@ -1,6 +1,8 @@
 """Sweeps check every job before the first starts, and a job that fails at run time does not stop
 the others (dpbench/sweeps.py)."""
 
+import os
+
 from tests.helpers import FIXTURE_DATA, TINY, run_cli
 
 TINY_JOB = [*TINY, f"paths.data_root={FIXTURE_DATA}"]
@@ -27,3 +29,31 @@ def test_a_job_failing_at_run_time_is_recorded_and_the_others_run(tmp_path):
     assert len(list(tmp_path.glob("*/results.json"))) == 1
     again = sweep(tmp_path, f"dataset.data_dir={tmp_path}/missing,{FIXTURE_DATA}/mnist")
     assert "0 done, 1 skipped (complete already), 1 failed" in again.stderr
+
+
+def test_running_the_literal_command_again_skips_its_finished_jobs(tmp_path):
+    # No hydra.sweep.dir: the default folder is named after the command, not the time, so the same
+    # command (its overrides in another order, too) finds the jobs it finished.
+    import subprocess
+    import sys
+
+    from dpbench.sweeps import sweep_name
+    from tests.helpers import CLI_ENV
+
+    def run(*overrides):
+        command = [sys.executable, "-m", "dpbench", "-m", *TINY_JOB, *overrides]
+        env = {**os.environ, **CLI_ENV}
+        return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    first = run("dp.epsilon=1,8")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "sweep: 2 done, 0 skipped (complete already), 0 failed" in first.stderr
+    (folder,) = (tmp_path / "multirun").iterdir()
+    assert folder.name == sweep_name([*TINY_JOB, "dp.epsilon=1,8"])
+    assert sorted(p.parent.name for p in folder.glob("*/results.json")) == ["0", "1"]
+    assert f"report: python -m dpbench.report multirun/{folder.name}" in first.stderr
+    again = run("dp.epsilon=1,8")
+    assert "sweep: 0 done, 2 skipped (complete already), 0 failed" in again.stderr, again.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "multirun").iterdir()] == [folder.name]
+    other = run("dp.epsilon=1,2")  # another grid: another folder
+    assert "sweep: 2 done" in other.stderr and len(list((tmp_path / "multirun").iterdir())) == 2
