@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -53,7 +54,14 @@ class NullLogger:
     """``logger=none``: metrics go nowhere but the console log, history.jsonl and results.json."""
 
     def __init__(
-        self, cfg=None, config: dict | None = None, output_dir: str = "", run_name: str = "", private=False
+        self,
+        cfg=None,
+        config: dict | None = None,
+        output_dir: str = "",
+        run_name: str = "",
+        private=False,
+        group: str | None = None,
+        tags: tuple[str, ...] = (),
     ):
         pass
 
@@ -74,12 +82,27 @@ class WandbLogger:
     the same W&B run (``resume="allow"``). A DP run (``private``) does not capture the console: the
     log may name training-data statistics that the release policy withholds (e.g. the one-time
     warning that some examples had non-finite gradients), so W&B gets only what dpbench logs to it.
+
+    ``group`` and ``tags`` (beside ``logger.tags``) come from :func:`for_run`: a sweep's runs share
+    a group. Offline, W&B keeps the config and summary only inside its binary log; this logger also
+    writes them where an online run has them, ``files/config.yaml`` and ``files/wandb-summary.json``
+    (in W&B's own formats), so an offline run folder can be read without ``wandb sync``.
     """
 
-    def __init__(self, cfg, config: dict, output_dir: str, run_name: str, private: bool = False):
+    def __init__(
+        self,
+        cfg,
+        config: dict,
+        output_dir: str,
+        run_name: str,
+        private: bool = False,
+        group: str | None = None,
+        tags: tuple[str, ...] = (),
+    ):
         import wandb
 
         self._wandb = wandb
+        self._summary: dict = {}
         os.environ.setdefault("WANDB_SILENT", "true")
         id_file = Path(output_dir) / WANDB_RUN_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
@@ -91,7 +114,8 @@ class WandbLogger:
             project=cfg.project,
             entity=cfg.entity,
             name=run_name,
-            tags=list(cfg.tags),
+            group=group,
+            tags=list(dict.fromkeys([*cfg.tags, *tags])),
             config=config,
             mode=cfg.mode,
             dir=output_dir,
@@ -99,7 +123,14 @@ class WandbLogger:
             settings=wandb.Settings(console="off" if private else "auto"),
         )
         self.run.define_metric("*", step_metric="train/step")
-        log.info("W&B run %s (mode=%s) in %s", run_name, cfg.mode, self.run.dir)
+        self._files = Path(self.run.dir) if cfg.mode == "offline" else None
+        if self._files is not None:
+            import yaml
+
+            wrapped = {key: {"value": value} for key, value in config.items()}
+            (self._files / "config.yaml").write_text(yaml.safe_dump(wrapped, sort_keys=False))
+        group_note = f", group {group}" if group else ""
+        log.info("W&B run %s (mode=%s%s) in %s", run_name, cfg.mode, group_note, self.run.dir)
 
     def log(self, metrics: dict, step: int) -> None:
         self.run.log({"train/step": step, **metrics})
@@ -107,6 +138,10 @@ class WandbLogger:
     def summary(self, values: dict) -> None:
         for key, value in records.flatten(values, sep="/").items():
             self.run.summary[key] = value
+            self._summary[key] = value
+        if self._files is not None:
+            text = json.dumps(self._summary, indent=1, default=str)
+            (self._files / "wandb-summary.json").write_text(text + "\n")
 
     def finish(self) -> None:
         self.run.finish()
@@ -115,10 +150,54 @@ class WandbLogger:
 LOGGERS = {"wandb": WandbLogger, "none": NullLogger}
 
 
-def make_logger(cfg, config: dict, output_dir: str, run_name: str, private: bool = False):
+def make_logger(
+    cfg,
+    config: dict,
+    output_dir: str,
+    run_name: str,
+    private: bool = False,
+    group: str | None = None,
+    tags: tuple[str, ...] = (),
+):
     if cfg.name not in LOGGERS:
         raise ConfigError(f"logger.name={cfg.name!r} is not allowed; choose one of {', '.join(LOGGERS)}")
-    return LOGGERS[cfg.name](cfg, config, output_dir, run_name, private=private)
+    return LOGGERS[cfg.name](cfg, config, output_dir, run_name, private=private, group=group, tags=tags)
+
+
+MAX_GROUP = 128  # W&B's limit on a group name
+MAX_TAG = 64  # and on a tag
+
+
+def sweep_group() -> str | None:
+    """The sweep this job belongs to (its folder: ``multirun/<name>`` gives ``<name>``), or None
+    outside a Hydra multirun. Stable, like the folder: re-running a sweep adds to the same group."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        return None
+    folder = Path(str(hydra_cfg.sweep.dir))
+    parts = folder.parts[1:] if folder.parts[:1] == ("multirun",) else (folder.name,)
+    return "/".join(parts)[-MAX_GROUP:] or None
+
+
+def auto_tags(cfg, group: str | None) -> tuple[str, ...]:
+    """Tags every run gets beside ``logger.tags``: dataset, model, DP method, and the sweep if any.
+
+    >>> from omegaconf import OmegaConf
+    >>> cfg = OmegaConf.create({"dataset": {"name": "mnist"}, "model": {"arch": "cnn"},
+    ...     "dp": {"method": "vanilla"}})
+    >>> auto_tags(cfg, "mnist_epsilon_cpu")
+    ('dataset:mnist', 'model:cnn', 'dp:vanilla', 'sweep:mnist_epsilon_cpu')
+    """
+    model = cfg.model.arch + (f"-{cfg.model.preset}" if cfg.model.get("preset") else "")
+    tags = [f"dataset:{cfg.dataset.name}", f"model:{model}", f"dp:{cfg.dp.method}"]
+    if group:
+        tags.append(f"sweep:{group}")
+    return tuple(tag[:MAX_TAG] for tag in tags)
 
 
 def run_name(cfg, dataset_name: str) -> str:
@@ -165,4 +244,13 @@ def for_run(cfg, config: dict, output_dir, dataset_name: str, main_process: bool
     if cfg.runner.resume == "never":
         (Path(output_dir) / WANDB_RUN_ID_FILE).unlink(missing_ok=True)
     logger_cfg = cfg.logger if main_process else OmegaConf.merge(cfg.logger, {"name": "none"})
-    return make_logger(logger_cfg, config, str(output_dir), run_name(cfg, dataset_name), private=private)
+    group = sweep_group()
+    return make_logger(
+        logger_cfg,
+        config,
+        str(output_dir),
+        run_name(cfg, dataset_name),
+        private=private,
+        group=group,
+        tags=auto_tags(cfg, group),
+    )

@@ -1,5 +1,7 @@
 """W&B logging: a DP run's console is not captured (what the log says is not covered by the claim)."""
 
+from pathlib import Path
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -38,3 +40,69 @@ def test_the_progress_bar_shows_loss_and_throughput_only_where_released(dp, tmp_
     shown = any("loss=" in line and "ex_s=" in line for line in bar)
     assert shown == (dp == "none"), bar[-3:]
     assert any("eps=" in line for line in bar)
+
+
+def test_an_offline_run_folder_carries_config_summary_group_and_tags(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = OmegaConf.create({"project": "t", "entity": None, "tags": ["mine"], "mode": "offline"})
+    config = {"dp": {"method": "vanilla", "epsilon": 1.0}, "runner": {"steps": 20}}
+    logger = WandbLogger(
+        cfg,
+        config,
+        str(tmp_path),
+        "run",
+        private=True,
+        group="mnist_epsilon_cpu",
+        tags=("dp:vanilla", "mine"),
+    )
+    try:
+        logger.summary({"metrics": {"accuracy": 0.5}, "epsilon": 1.0})
+        logger.summary({"metrics": {"accuracy": 0.875}, "steps": 20})
+        files = Path(logger.run.dir)
+        held_config, held_summary = dict(logger.run.config), dict(logger.run.summary)
+        group, tags = logger.run.group, logger.run.tags
+    finally:
+        logger.finish()
+    assert group == "mnist_epsilon_cpu" and list(tags) == ["mine", "dp:vanilla"]
+    # The files hold what W&B holds, in its online layout ({key: {value}} and flat "a/b" keys).
+    written = yaml.safe_load((files / "config.yaml").read_text())
+    assert written == {key: {"value": value} for key, value in held_config.items()} != {}
+    assert written["dp"]["value"] == {"method": "vanilla", "epsilon": 1.0}
+    summary = json.loads((files / "wandb-summary.json").read_text())
+    assert summary == {"metrics/accuracy": 0.875, "epsilon": 1.0, "steps": 20}
+    assert summary == {key: held_summary[key] for key in summary}
+
+
+def test_a_sweep_job_is_grouped_and_tagged_by_its_sweep_folder(tmp_path):
+    import copy
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from dpbench.loggers import auto_tags, sweep_group
+    from tests.helpers import compose_config
+
+    assert sweep_group() is None  # outside Hydra
+    cfg = compose_config(["+sweep=mnist_epsilon_cpu"], return_hydra_config=True)
+
+    def job(mode, folder=None):
+        job_cfg = copy.deepcopy(cfg)
+        OmegaConf.set_readonly(job_cfg.hydra, False)
+        job_cfg.hydra.mode = mode
+        if folder is not None:
+            job_cfg.hydra.sweep.dir = folder
+        HydraConfig.instance().set_config(job_cfg)
+        return sweep_group()
+
+    try:
+        assert job(RunMode.RUN) is None  # one job: no group
+        assert job(RunMode.MULTIRUN) == "mnist_epsilon_cpu"  # conf/sweep/mnist_epsilon_cpu.yaml's folder
+        assert job(RunMode.MULTIRUN, str(tmp_path / "elsewhere")) == "elsewhere"
+    finally:
+        HydraConfig.instance().cfg = None
+    tags = auto_tags(cfg, "mnist_epsilon_cpu")
+    assert tags == ("dataset:mnist", "model:cnn", "dp:vanilla", "sweep:mnist_epsilon_cpu")
