@@ -241,6 +241,7 @@ def load_tfds_numpy(
             return [_as_arrays(tfds, split) for split in loaded]
     except Exception as error:  # every TFDS failure means "this source is unavailable"
         reason = str(error) if isinstance(error, TfdsUnavailable) else f"{type(error).__name__}: {error}"
+        reason = " ".join(reason.split())  # TFDS's messages span lines: the reason must fit in one
         raise RuntimeError(
             f"{prefix}: {reason}. "
             "TFDS needs TensorFlow and tensorflow-datasets installed and either network access or the "

@@ -118,3 +118,13 @@ def test_auto_offline_falls_back_at_once_in_silence_and_says_subset(monkeypatch,
         "of MNIST's 60,000 / 10,000, not the full dataset" in caplog.text
     )
     assert "run once with network and dataset.download=true" in caplog.text
+
+
+def test_samsum_without_its_files_is_one_line_even_with_tfds(monkeypatch, tmp_path):
+    # TFDS's own "manual directory" message spans lines; the error a user sees must not.
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    with pytest.raises(FileNotFoundError) as error:
+        load_dataset(cfg("samsum", "SAMSum", task="summarization", data_root=str(tmp_path), folder="samsum"))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("No SAMSum source worked: set dataset.data_dir")
+    assert "manual" in message and "corpus.7z" in message
