@@ -7,9 +7,15 @@ Protocol (arXiv:2305.08846, "Privacy auditing with one (1) training run"):
 2. Train once. Score every canary, higher meaning "more likely trained on" (e.g. minus its loss).
 3. Guess "in" for the k+ highest scores, "out" for the k- lowest, abstain on the rest.
 4. Under (ε, δ)-DP, the number of correct guesses among r = k+ + k- is stochastically dominated by
-   Binomial(r, e^ε / (1 + e^ε)) up to a δ term (their Theorem 3.1 / Algorithm 2, p-value below).
-   The reported bound is the largest ε whose p-value is still at most the significance level:
-   with probability >= ``confidence``, the mechanism is not (ε', δ)-DP for any ε' below it.
+   Binomial(r, e^ε / (1 + e^ε)) up to a δ term (their Theorem 3.1 / Algorithm 2). The reported
+   bound is the largest ε whose p-value is still at most the significance level: with probability
+   >= ``confidence``, the mechanism is not (ε', δ)-DP for any ε' below it.
+
+The p-value and the search for ε are jax_privacy's (``jax_privacy.auditing.CanaryScoreAuditor.
+epsilon_one_run``, at an explicit threshold): dpbench keeps only the guess grid and the two-sided
+guesses, which jax_privacy's auditor (one-sided, k- = 0) takes as counts (:func:`_counts_auditor`).
+dpbench's former copy of the p-value gave the same ε to the last digit on 300 random (m, r, v, δ)
+and on the committed MNIST audit (``tests/privacy/test_audit_stats.py``), and was removed.
 
 Trying several (k+, k-) and keeping the best is multiple testing, so each of the G tested pairs
 uses significance (1 - confidence) / G (Bonferroni); the maximum is then a valid bound.
@@ -21,9 +27,7 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-import scipy.optimize
-import scipy.special
-import scipy.stats
+from jax_privacy import auditing
 
 from dpbench.errors import ConfigError, check_choice
 from dpbench.schema import schema
@@ -42,16 +46,32 @@ class AuditConfig:
     """An empirical privacy audit of the run: canary examples inserted at random, then guessed."""
 
     name: str = "none"  # none | canary
+    # Canaries m, each trained on with probability 1/2; of the type the task declares (image,
+    # sentence or dialogue); at most the number of real training examples.
     num_canaries: int = 1000
     confidence: float = 0.95
     seed: int = 1234
+    # Dialogue canaries (summarisation): digits of each random secret code (10**secret_digits secrets).
+    secret_digits: int = 6
+    # Dialogue canaries: other secrets scored per canary for its exposure (0: no exposure).
+    exposure_candidates: int = 100
 
 
 def check_settings(cfg) -> None:
     """The ``audit.*`` settings, before anything loads."""
     check_choice("audit.name", cfg.name, AUDITS)
-    if cfg.name == "canary" and cfg.num_canaries <= 0:
-        raise ConfigError(f"audit.num_canaries={cfg.num_canaries} must be > 0")
+    if cfg.name != "canary":
+        return
+    if cfg.num_canaries < 2:
+        raise ConfigError(
+            f"audit.num_canaries={cfg.num_canaries} is not allowed; choose at least 2 (some in, some out)"
+        )
+    if not 1 <= cfg.secret_digits <= 18:
+        raise ConfigError(f"audit.secret_digits={cfg.secret_digits} is not allowed; choose 1 to 18")
+    if cfg.exposure_candidates < 0:
+        raise ConfigError(
+            f"audit.exposure_candidates={cfg.exposure_candidates} is not allowed; choose 0 (none) or more"
+        )
 
 
 def draw_canary_inclusion(m: int, seed: int) -> np.ndarray:
@@ -67,49 +87,52 @@ def draw_canary_inclusion(m: int, seed: int) -> np.ndarray:
     return rng.random(m) < 0.5
 
 
-def p_value(m: int, num_guesses: int, num_correct: int, epsilon: float, delta: float) -> float:
-    """Probability of >= ``num_correct`` correct out of ``num_guesses`` under an (ε, δ)-DP mechanism.
+def _counts_auditor(m: int, num_guesses: int, num_correct: int) -> auditing.CanaryScoreAuditor:
+    """A jax_privacy auditor over m canaries whose threshold 1 makes ``num_guesses`` guesses, of which
+    ``num_correct`` are right.
 
-    beta = P[Binomial(r, q) >= v] with q = e^ε / (1 + e^ε) (the accuracy of ε-randomized response),
-    plus the δ term 2 m δ max_{1<=i<=v} P[v - i <= Binomial(r, q) < v] / i.
-
-    >>> round(p_value(m=10, num_guesses=10, num_correct=10, epsilon=0.0, delta=0.0), 6)  # 2**-10
-    0.000977
+    The one-run statistic depends on the guesses only through (m, r, v). jax_privacy's auditor guesses
+    "in" above a threshold (its k- = 0); a guess "out" is the same test on the canary with its coin
+    flipped (a fair coin still, and DP is symmetric in the two neighbours), so every (k+, k-) guess
+    maps to one-sided guesses: the right guesses are held-in canaries scoring 1, the wrong ones
+    held-out canaries scoring 1, and the canaries not guessed score 0.
     """
-    if not 0 <= num_correct <= num_guesses <= m:
-        raise ValueError(f"need 0 <= num_correct <= num_guesses <= m, got {num_correct}, {num_guesses}, {m}")
-    q = scipy.special.expit(epsilon)
-    beta = scipy.stats.binom.sf(num_correct - 1, num_guesses, q)
-    if delta == 0 or num_correct == 0:
-        return float(beta)
-    shortfalls = np.arange(1, num_correct + 1)
-    within = scipy.stats.binom.sf(num_correct - shortfalls - 1, num_guesses, q) - beta
-    alpha = float(np.max(within / shortfalls))
-    return float(min(beta + alpha * delta * 2 * m, 1.0))
+    wrong, left = num_guesses - num_correct, m - num_guesses
+    if num_correct == 0:
+        raise ValueError("no correct guess: nothing to audit")
+    # jax_privacy needs a held-out canary; when every canary is guessed and right there is none, and
+    # one more canary, never guessed, is added: m + 1 only enlarges the δ term (a smaller, valid bound).
+    in_scores = np.r_[np.ones(num_correct), np.zeros(left // 2)]
+    out_scores = np.r_[np.ones(wrong), np.zeros(left - left // 2 if wrong or left else 1)]
+    return auditing.CanaryScoreAuditor(in_scores, out_scores)
 
 
 def epsilon_for_guesses(
     m: int, num_guesses: int, num_correct: int, delta: float, significance: float
 ) -> float:
-    """Largest ε whose p-value for the observed guesses is <= ``significance`` (0 if none).
+    """Largest ε that r guesses with v right refute at ``significance`` (0 if none): jax_privacy's
+    ``CanaryScoreAuditor.epsilon_one_run`` (Steinke, Nasr & Jagielski 2023, Theorem 3.1 with its δ
+    term) at one explicit threshold.
 
-    >>> epsilon_for_guesses(m=100, num_guesses=100, num_correct=50, delta=0.0, significance=0.05)
+    >>> epsilon_for_guesses(m=100, num_guesses=100, num_correct=50, delta=1e-5, significance=0.05)
     0.0
-    >>> round(epsilon_for_guesses(m=100, num_guesses=100, num_correct=100, delta=0.0, significance=0.05), 2)
+    >>> round(epsilon_for_guesses(m=100, num_guesses=100, num_correct=100, delta=1e-5, significance=0.05), 2)
     3.49
     """
+    if not 0 <= num_correct <= num_guesses <= m or m < 2:
+        raise ValueError(
+            f"need 0 <= num_correct <= num_guesses <= m, m >= 2, got {num_correct}, {num_guesses}, {m}"
+        )
     if not 0 < significance < 1:
         raise ValueError(f"significance must be in (0, 1), got {significance}")
-
-    def margin(epsilon: float) -> float:  # > 0 while the (ε, δ) claim is still rejected
-        return significance - p_value(m, num_guesses, num_correct, epsilon, delta)
-
-    if margin(0.0) <= 0:
+    if not 0 < delta <= 1:
+        raise ValueError(f"delta must be in (0, 1], got {delta}")
+    if num_correct == 0:
         return 0.0
-    low, high = 0.0, 1.0
-    while margin(high) > 0:  # p-value -> 1 as ε grows, so this ends
-        low, high = high, 2 * high
-    return float(scipy.optimize.brentq(margin, low, high, xtol=1e-6))
+    auditor = _counts_auditor(m, num_guesses, num_correct)
+    return float(
+        auditor.epsilon_one_run(significance, delta, threshold_strategy=auditing.Explicit(threshold=1.0))
+    )
 
 
 def default_guess_grid(m: int) -> list[tuple[int, int]]:
@@ -135,7 +158,7 @@ def epsilon_lower_bound(
     ``included[i]`` whether it was. ``k_values`` lists (k+, k-) pairs; None -> :func:`default_guess_grid`.
 
     >>> included = draw_canary_inclusion(200, seed=1)  # 103 of 200 included
-    >>> result = epsilon_lower_bound(included.astype(float), included, delta=0.0)  # perfect scores
+    >>> result = epsilon_lower_bound(included.astype(float), included, delta=1e-10)  # perfect scores
     >>> result["k_plus"], result["k_minus"], result["num_correct"], round(result["epsilon_lower_bound"], 2)
     (50, 50, 100, 2.98)
     """
@@ -151,8 +174,8 @@ def epsilon_lower_bound(
         raise ValueError("scores must be finite")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    if not 0 <= delta < 1:
-        raise ValueError(f"delta must be in [0, 1), got {delta}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
     m = len(scores)
     grid = default_guess_grid(m) if k_values is None else [(int(kp), int(km)) for kp, km in k_values]
     for k_plus, k_minus in grid:
