@@ -36,7 +36,7 @@ from dpbench.privacy import (
 from dpbench.privacy.mechanism import resolve_delta, validate_batch_size  # noqa: F401 (re-exported)
 from dpbench.privacy.methods import METHODS
 from dpbench.train import loop, optimizers, sharding
-from dpbench.train.tasks import TASKS
+from dpbench.train.tasks import TASKS, canary_type
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,11 @@ def validate_static(cfg: DictConfig) -> None:
     loop.check_settings(cfg.runner)
     sharding.check_settings(cfg.compute)
     audit.check_settings(cfg.audit)
+    if cfg.audit.name == "canary":  # the task must declare canaries for what the dataset gives
+        from dpbench.data.registry import dataset_modules
+
+        if cfg.dataset.name in dataset_modules():
+            canary_type(cfg.dataset.task, dataset_modules()[cfg.dataset.name].INPUT)
 
 
 def validate_with_data(

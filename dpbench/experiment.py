@@ -105,9 +105,9 @@ def build(cfg: DictConfig) -> Experiment:
 
     audit = None
     if cfg.audit.name == "canary":
-        from dpbench.privacy.audit_run import CanaryAudit
+        from dpbench.privacy.audit_run import build_canary_audit
 
-        audit = CanaryAudit(cfg.audit, train_arrays, num_classes=dataset.info.get("num_classes"))
+        audit = build_canary_audit(cfg, task_type, dataset, bundle, train_arrays)
         train_arrays = audit.train_arrays
         log.info("audit: %s", audit.describe())
 

@@ -36,7 +36,7 @@ def plan_rows(cfg: DictConfig, dataset=None, num_examples: int | None = None) ->
         rows = [("dataset", f"{cfg.dataset.name} (not loaded: n given)")]
     if cfg.audit.name == "canary":
         # The runner trains on the real examples plus the included canaries: n (and so q) changes.
-        num_examples, audit = _with_canaries(cfg.audit, dataset, num_examples)
+        num_examples, audit = _with_canaries(cfg.audit, num_examples)
         rows.append(("audit", audit))
     rows.append(("training examples n", str(num_examples)))
     mechanism = plan_mechanism(cfg, num_examples)
@@ -85,16 +85,12 @@ def plan_rows(cfg: DictConfig, dataset=None, num_examples: int | None = None) ->
     return rows
 
 
-def _with_canaries(audit_cfg, dataset, num_examples: int) -> tuple[int, str]:
-    """n with the included canaries, and the audit's description (which, without ``dataset``, says
-    less: the canaries' images need the training set's)."""
-    if dataset is not None:
-        from dpbench.privacy.audit_run import CanaryAudit
-
-        audit = CanaryAudit(audit_cfg, dataset.train, num_classes=dataset.info.get("num_classes"))
-        return len(audit.train_arrays["label"]), audit.describe()
+def _with_canaries(audit_cfg, num_examples: int) -> tuple[int, str]:
+    """n with the included canaries (the same coins as the run's), and the audit's description."""
     from dpbench.privacy.audit import draw_canary_inclusion
+    from dpbench.privacy.audit_run import check_canary_count
 
+    check_canary_count(audit_cfg.num_canaries, num_examples)
     included = int(draw_canary_inclusion(audit_cfg.num_canaries, audit_cfg.seed).sum())
     description = (
         f"{audit_cfg.num_canaries} canaries ({included} included, seed {audit_cfg.seed}); "

@@ -22,6 +22,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 
 from dpbench.data import text
+from dpbench.errors import ConfigError
 from dpbench.models.gemma3.generate import greedy_generate
 from dpbench.train.loop import merge_params
 
@@ -97,6 +98,8 @@ class SummarizationTask:
     """
 
     name = "summarization"
+    # audit=canary: dialogues with secret summaries (dpbench.privacy.canaries).
+    CANARIES = {"text": "dialogue"}
 
     def __init__(
         self,
@@ -139,6 +142,29 @@ class SummarizationTask:
             dataset.train["dialogue"], dataset.train["summary"], bundle.tokenizer, cfg.dataset.max_length
         )
         return train, dataset.eval, {"truncated": {"train": train_stats}}
+
+    @staticmethod
+    def prepare_canaries(canaries: dict, dataset, bundle, cfg) -> dict:
+        """Canary dialogues + secret summaries as training sequences, whole: a cut secret, or a
+        summary longer than the longest training summary (the loss computes logits for that many
+        positions), is refused."""
+        arrays, stats = text.build_lm_examples(
+            canaries["dialogue"], canaries["summary"], bundle.tokenizer, cfg.dataset.max_length
+        )
+        if stats["num_truncated_prompt"] or stats["num_truncated_response"]:
+            raise ConfigError(
+                f"audit=canary: dataset.max_length={cfg.dataset.max_length} cuts "
+                f"{stats['num_truncated_prompt'] + stats['num_truncated_response']} canary dialogues; "
+                "choose a larger dataset.max_length (or fewer audit.secret_digits)"
+            )
+        longest = max_response_tokens(dataset.train["summary"], bundle.tokenizer, cfg.dataset.max_length)
+        needed = max_response_tokens(canaries["summary"], bundle.tokenizer, cfg.dataset.max_length)
+        if needed > longest:
+            raise ConfigError(
+                f"audit.secret_digits: canary summaries need {needed} tokens, more than the longest "
+                f"training summary ({longest}); choose fewer audit.secret_digits"
+            )
+        return arrays
 
     def losses_fn(self, trainable, batch, frozen):
         params = merge_params(trainable, frozen)

@@ -3,7 +3,9 @@
 ``losses_fn(trainable, batch, frozen) -> (losses [B], aux)`` is what the gradient methods clip.
 The dataset config declares its task (``dataset.task``); :data:`TASKS` maps that name to a class
 with ``prepare(dataset, bundle, cfg)`` (the arrays the model consumes, and what preparation did to
-each split) and ``build(bundle, dataset, cfg)``. A new task is one class plus one entry here.
+each split) and ``build(bundle, dataset, cfg)``; for ``audit=canary`` it declares ``CANARIES`` (the
+dataset's input -> its canary type, ``dpbench.privacy.canaries``) and turns them into training arrays
+(``prepare_canaries``). A new task is one class plus one entry here.
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ class ClassificationTask:
     """Cross-entropy on integer ``label``; accuracy as the metric."""
 
     name = "classification"
+    # audit=canary: the canaries (dpbench.privacy.canaries) that fit each input of this task.
+    CANARIES = {"image": "image", "text": "sentence"}
 
     def __init__(self, apply_fn: Callable, label_key: str = "label"):
         self.apply_fn = apply_fn
@@ -68,6 +72,25 @@ class ClassificationTask:
                 split["text"], split["label"], bundle.tokenizer, cfg.dataset.max_length
             )
         return splits["train"], splits["eval"], {"truncated": stats}
+
+    @staticmethod
+    def prepare_canaries(canaries: dict, dataset, bundle, cfg) -> dict:
+        """The canaries as training arrays (sentences tokenised like the training split, whole)."""
+        del dataset
+        if "text" not in canaries:
+            return canaries
+        from dpbench.data import text
+
+        arrays, stats = text.tokenize_classification(
+            canaries["text"], canaries["label"], bundle.tokenizer, cfg.dataset.max_length
+        )
+        if stats["num_truncated"]:
+            raise ConfigError(
+                f"audit=canary: the canary sentences need {stats['longest']} tokens and "
+                f"dataset.max_length={cfg.dataset.max_length} cuts {stats['num_truncated']} of them; "
+                f"choose dataset.max_length >= {stats['longest']}"
+            )
+        return arrays
 
     def losses_fn(self, trainable, batch, frozen):
         logits = self.apply_fn(merge_params(trainable, frozen), batch)
@@ -103,3 +126,23 @@ def task_class(name: str) -> Any:
         raise ConfigError(f"dataset.task={name!r} is not allowed; choose one of {', '.join(TASKS)}")
     module_name, class_name = TASKS[name]
     return getattr(importlib.import_module(module_name), class_name)
+
+
+def canary_type(task_name: str, dataset_input: str) -> str:
+    """The canary type that task ``task_name`` declares for ``dataset_input``; a one-line error if none.
+
+    >>> canary_type("classification", "text")
+    'sentence'
+    """
+    declared = getattr(task_class(task_name), "CANARIES", {})
+    if dataset_input not in declared:
+        has = sorted(
+            f"{name} ({', '.join(task_class(name).CANARIES)})"
+            for name in TASKS
+            if getattr(task_class(name), "CANARIES", None)
+        )
+        raise ConfigError(
+            f"audit=canary is not allowed for dataset.task={task_name} on {dataset_input} input: it "
+            f"declares no canary type; choose audit=none, or a task that has one: {', '.join(has)}"
+        )
+    return declared[dataset_input]

@@ -103,6 +103,11 @@ ROWS = [
     (["logger.name=tensorboard"], "logger.name"),
     (["logger.mode=sometimes"], "logger.mode"),
     (["audit=canary", "audit.num_canaries=0"], "audit.num_canaries"),
+    (["audit=canary", "audit.num_canaries=65"], "audit.num_canaries=65 is more than the training data"),
+    ([*TEXT, "audit=canary", "audit.num_canaries=65"], "audit.num_canaries=65 is more than"),
+    ([*GEMMA, "audit=canary", "audit.secret_digits=0"], "audit.secret_digits"),
+    ([*GEMMA, "audit=canary", "audit.exposure_candidates=-1"], "audit.exposure_candidates"),
+    ([*TEXT, "audit=canary", "audit.num_canaries=8", "dataset.max_length=16"], "dataset.max_length=16"),
     # dataset.*
     (["dataset.source=kaggle"], "dataset.source"),
     (["dataset.name=cifar10"], "dataset.name"),

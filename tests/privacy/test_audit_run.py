@@ -6,8 +6,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from dpbench import config
+from dpbench.errors import ConfigError
 from dpbench.privacy.audit import AuditConfig, epsilon_lower_bound
 from dpbench.privacy.audit_run import NONPRIVATE_AUDIT_DELTA, CanaryAudit
+from dpbench.privacy.canaries import make_canaries
 from dpbench.train import sharding
 from tests.helpers import CONF_DIR, FULL_DATA
 
@@ -20,6 +22,12 @@ def _fake_images(n: int, num_classes: int, seed: int) -> dict[str, np.ndarray]:
         "image": rng.random((n, 8, 8, 1), dtype=np.float32) * 0.2,  # dim "digits", unlike binary canaries
         "label": (np.arange(n) % num_classes).astype(np.int32),
     }
+
+
+def _image_audit(train: dict, m: int, seed: int, num_classes: int = 10) -> CanaryAudit:
+    cfg = AuditConfig(name="canary", num_canaries=m, seed=seed)
+    canaries = make_canaries("image", m, seed, num_classes=num_classes, image_shape=train["image"].shape[1:])
+    return CanaryAudit(cfg, train, canaries)
 
 
 class MemorisingTask:
@@ -37,33 +45,43 @@ class MemorisingTask:
 
 
 def test_included_canaries_are_appended_to_the_training_set():
-    train = _fake_images(30, num_classes=5, seed=0)
-    audit = CanaryAudit(AuditConfig(name="canary", num_canaries=40, seed=3), train)
+    train = _fake_images(50, num_classes=5, seed=0)
+    audit = _image_audit(train, m=40, seed=3, num_classes=5)
 
     included = audit.included
     assert 0 < included.sum() < 40
-    assert len(audit.train_arrays["label"]) == 30 + included.sum()
+    assert len(audit.train_arrays["label"]) == 50 + included.sum()
     for key in ("image", "label"):
         assert audit.train_arrays[key].dtype == train[key].dtype
-        np.testing.assert_array_equal(audit.train_arrays[key][:30], train[key])
-        np.testing.assert_array_equal(audit.train_arrays[key][30:], audit.canaries[key][included])
+        np.testing.assert_array_equal(audit.train_arrays[key][:50], train[key])
+        np.testing.assert_array_equal(audit.train_arrays[key][50:], audit.canaries[key][included])
     assert audit.canaries["image"].shape == (40, 8, 8, 1)
-    assert set(np.unique(audit.canaries["label"])) <= set(range(5))  # classes inferred from the labels
-    assert f"30 -> {30 + included.sum()} examples" in audit.describe()
+    assert set(np.unique(audit.canaries["label"])) <= set(range(5))
+    assert f"40 image canaries ({included.sum()} included" in audit.describe()
+    assert f"50 -> {50 + included.sum()} examples" in audit.describe()
     # The same seed gives the same canaries and coins, so a run can be re-audited.
-    again = CanaryAudit(AuditConfig(name="canary", num_canaries=40, seed=3), train)
+    again = _image_audit(train, m=40, seed=3, num_classes=5)
     np.testing.assert_array_equal(again.train_arrays["image"], audit.train_arrays["image"])
 
 
-def test_text_datasets_are_refused_clearly():
-    tokens = {"input_ids": np.zeros((4, 3), np.int32), "label": np.zeros(4, np.int32)}
-    with pytest.raises(ValueError, match="audit=canary supports image datasets only"):
-        CanaryAudit(AuditConfig(name="canary", num_canaries=10), tokens)
+def test_more_canaries_than_the_data_can_hold_are_refused():
+    train = _fake_images(30, num_classes=5, seed=0)
+    with pytest.raises(
+        ConfigError, match=r"audit.num_canaries=40 is more than .* choose audit.num_canaries <= 30"
+    ):
+        _image_audit(train, m=40, seed=3)
+
+
+def test_canaries_must_have_the_training_arrays_keys():
+    tokens = {"input_ids": np.zeros((40, 3), np.int32), "label": np.zeros(40, np.int32)}
+    canaries = make_canaries("image", 10, 0, image_shape=(2, 2, 1))
+    with pytest.raises(ValueError, match="keys"):
+        CanaryAudit(AuditConfig(name="canary", num_canaries=10), tokens, canaries)
 
 
 def test_a_memorising_model_is_caught_and_scores_follow_the_task():
-    train = _fake_images(50, num_classes=10, seed=1)
-    audit = CanaryAudit(AuditConfig(name="canary", num_canaries=200, seed=5), train)
+    train = _fake_images(250, num_classes=10, seed=1)
+    audit = _image_audit(train, m=200, seed=5)
     trainable = {"memory": jnp.asarray(audit.canaries["image"][audit.included])}
     mesh = sharding.make_mesh()
     # 200 canaries in chunks of 48: the padded tail must not leak into the scores.
@@ -81,6 +99,12 @@ def test_a_memorising_model_is_caught_and_scores_follow_the_task():
     assert result["claimed_epsilon"] is None and result["num_canaries"] == 200
     assert result["delta"] == NONPRIVATE_AUDIT_DELTA and "delta_note" in result
     assert result["mean_loss_included"] == 0 < result["mean_loss_excluded"]
+    assert result["canary_type"] == "image" and "exposure" not in result
+    # every score and coin is recorded, so the bound can be recomputed from the record alone
+    again = epsilon_lower_bound(
+        np.array(result["scores"]), np.array(result["included"], bool), NONPRIVATE_AUDIT_DELTA
+    )
+    assert again["epsilon_lower_bound"] == pytest.approx(result["epsilon_lower_bound"], abs=1e-6)
 
     private = audit.evaluate(
         MemorisingTask(), trainable, {}, mesh, 48 * mesh.size, claimed_epsilon=0.5, delta=1e-6
