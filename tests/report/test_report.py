@@ -5,6 +5,7 @@ import io
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -24,7 +25,13 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def write_run(
-    folder: Path, method: str, epsilon: float | None, accuracy: float, rank: int = 8, finetune: str = "lora"
+    folder: Path,
+    method: str,
+    epsilon: float | None,
+    accuracy: float,
+    rank: int = 8,
+    finetune: str = "lora",
+    seed: int = 0,
 ) -> None:
     """A results.json and history.jsonl as a real classification run writes them (dpbench.records)."""
     model = {
@@ -38,7 +45,7 @@ def write_run(
         "model": model,
         "dp": {"method": method, "epsilon": epsilon, "sampler": "poisson"},
         "accountant": {"name": "rdp", "value_discretization_interval": 1e-4, "orders": None},
-        "runner": {"batch_size": 64, "seed": 0, "steps": 20},
+        "runner": {"batch_size": 64, "seed": seed, "steps": 20},
     }
     record = records.RunRecord(
         dataset="SST-2 (RT stand-in)",
@@ -107,7 +114,8 @@ def test_rank_grid_plot_draws_full_fine_tuning_across_the_ranks(sweep, tmp_path,
     monkeypatch.setattr(plots.plt, "close", figures.append)
     plots.rank_grid(load_runs([str(sweep)]), [], tmp_path, "sst2")
     handles, labels = figures[0].axes[0].get_legend_handles_labels()
-    lines = dict(zip(labels, handles))
+    # errorbar() draws a container whose first element is the data line
+    lines = {label: getattr(h, "lines", [h])[0] for label, h in zip(labels, handles)}
     assert list(lines["full fine-tuning, ε=8"].get_ydata()) == [70.0, 70.0]  # a horizontal line
     assert list(lines["vanilla, ε=8"].get_ydata()) == [78.0, 92.0]  # r2, r16
     # one colour per method, one line style per ε: equal series (ghost = vanilla) stay distinguishable
@@ -253,3 +261,60 @@ def test_series_ignore_where_data_lives_and_settings_older_records_lack(tmp_path
     of = settings_of(list(runs.values()))
     assert of[id(runs["old"])] == of[id(runs["new"])] != of[id(runs["other"])]
     assert len(set(series_labels(list(runs.values())).values())) == 2
+
+
+def drawn(monkeypatch, plot, *args):
+    """The figure a plot function drew (its ``plt.close`` is caught), drawn so tick labels exist."""
+    from dpbench.report import plots
+
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)
+    plot(*args)
+    figures[0].canvas.draw()
+    return figures[0]
+
+
+def test_epsilon_plot_averages_seeds_names_steps_and_data_and_flags_published(tmp_path, monkeypatch):
+    from dpbench.report import plots
+    from dpbench.report.anchors import Anchor
+
+    root = tmp_path / "seeds"
+    for seed, accuracy in enumerate((0.70, 0.74, 0.78)):
+        write_run(root / f"eps1_{seed}", "vanilla", 1.0, accuracy, seed=seed)
+        write_run(root / f"eps8_{seed}", "vanilla", 8.0, accuracy + 0.1, seed=seed)
+    published = Anchor("sst2", "dp-lora vanilla", "roberta-base", "vanilla", 8.0, {"eval/accuracy": 0.9}, "x")
+    fig = drawn(monkeypatch, plots.epsilon_utility, load_runs([str(root)]), [published], tmp_path, "sst2")
+    ax = fig.axes[0]
+    handles, labels = ax.get_legend_handles_labels()
+    ours = dict(zip(labels, handles))["vanilla r8 (20 steps, n=640): mean ± sd of 3 seeds"]
+    line, _, (bars,) = ours.lines
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), [74.0, 84.0])
+    half_bars = [np.ptp(segment[:, 1]) / 2 for segment in bars.get_segments()]
+    np.testing.assert_allclose(half_bars, [4.0, 4.0])  # the sd of 70, 74, 78
+    assert "published: dp-lora vanilla (full data, own model: not like for like)" in labels
+    assert "stand-in data: the published points are not like for like" in ax.get_title()
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "ε spent (log scale)"  # 1 to 8
+
+
+def test_a_narrow_epsilon_range_is_linear_and_curves_have_no_offset(tmp_path, monkeypatch):
+    from dpbench.report import plots
+
+    for index, epsilon in enumerate((3.9991, 3.9995, 4.0)):
+        write_run(tmp_path / "narrow" / str(index), "vanilla", epsilon, 0.5 + 0.001 * index, rank=4 + index)
+    runs = load_runs([str(tmp_path / "narrow")])
+    fig = drawn(monkeypatch, plots.epsilon_utility, runs, [], tmp_path, "sst2")
+    assert fig.axes[0].get_xscale() == "linear" and fig.axes[0].get_xlabel() == "ε spent"
+    fig = drawn(monkeypatch, plots.training_curves, runs, tmp_path, "sst2")
+    loss, metric, eps = fig.axes
+    assert eps.get_ylim()[0] == 0  # the ε panel starts at 0
+    for ax in (loss, metric, eps):
+        assert ax.yaxis.get_major_formatter().get_offset() == ""  # no "+2.256" offset
+
+
+def test_rank_ticks_are_plain_numbers_and_styles_never_repeat(sweep, tmp_path, monkeypatch):
+    from dpbench.report import plots
+
+    fig = drawn(monkeypatch, plots.rank_grid, load_runs([str(sweep)]), [], tmp_path, "sst2")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["2", "8", "16"]
+    pairs = [(style["color"], style["marker"]) for style in plots.styles(25)]
+    assert len(set(pairs)) == 25 and len({color for color, _ in pairs[:20]}) == 20
