@@ -55,6 +55,24 @@ def _audit_losses(run: Run) -> str:
     return f"{audit['mean_loss_included']:.3f} / {audit['mean_loss_excluded']:.3f}"
 
 
+def _audit_canaries(run: Run) -> str:
+    audit = run.audit
+    if not audit:
+        return "-"
+    return f"{audit['m']} ({audit['num_included']} in)"
+
+
+def _audit_exposure(run: Run) -> str:
+    """Secret canaries' mean exposure, extrapolated (Carlini et al. 2019), included / excluded."""
+    exposure = (run.audit or {}).get("exposure")
+    if not exposure or not exposure.get("included") or not exposure.get("excluded"):
+        return "-"
+    return (
+        f"{exposure['included']['mean_extrapolated']:.1f} / {exposure['excluded']['mean_extrapolated']:.1f}"
+        f" of {exposure['log2_secret_space']:.1f}"
+    )
+
+
 # name -> (header, Markdown cell, raw value for the CSV)
 Column = tuple[str, Callable[[Run], str], Callable[[Run], object]]
 COLUMNS: dict[str, Column] = {
@@ -87,6 +105,8 @@ COLUMNS: dict[str, Column] = {
     ),
     "audit_guesses": ("correct / guesses (k+, k-)", _audit_guesses, _audit_guesses),
     "audit_losses": ("mean canary loss in / out", _audit_losses, _audit_losses),
+    "audit_canaries": ("canaries m (included)", _audit_canaries, lambda r: r.audit and r.audit["m"]),
+    "audit_exposure": ("secret exposure in / out (bits)", _audit_exposure, _audit_exposure),
     "source": ("data source", lambda r: r.data_source, lambda r: r.data_source),
     "run": ("run", lambda r: r.path, lambda r: r.path),
 }
