@@ -6,6 +6,7 @@ accountant gives: what ``python -m dpbench`` with the same overrides would train
 
     python -m dpbench.privacy +experiment=mnist_cnn
     python -m dpbench.privacy +experiment=mnist_cnn dp.epsilon=null dp.noise_multiplier=1.1
+    python -m dpbench.privacy +experiment=samsum_gemma +plan.num_examples=14732  # n without the data
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def format_table(rows: list[tuple[str, str]]) -> str:
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     with config_lib.exit_on_setting_error():
-        print(format_table(plan_rows(cfg)))
+        # +plan.num_examples=N gives n without loading any data (as for python -m dpbench.plan).
+        num_examples = (cfg.get("plan") or {}).get("num_examples")
+        print(format_table(plan_rows(cfg, num_examples=int(num_examples) if num_examples else None)))
 
 
 if __name__ == "__main__":

@@ -53,3 +53,15 @@ def test_canary_audit_and_nonprivate_runs_are_planned_honestly(tmp_path):
     assert MNIST_TRAIN < n < MNIST_TRAIN + 100
     assert float(plan["sampling rate q"]) == pytest.approx(256 / n, rel=1e-5)
     assert "ε" not in plan and plan["privacy"].startswith("none")
+
+
+def test_n_without_any_data(tmp_path):
+    """+plan.num_examples gives n: the plan of a run whose data this machine does not have."""
+    plan = _plan(
+        tmp_path,
+        "+experiment=mnist_cnn",
+        "paths.data_root=/no/such/folder",
+        f"+plan.num_examples={MNIST_TRAIN}",
+    )
+    assert plan["training examples n"] == str(MNIST_TRAIN)
+    assert float(plan["σ (noise multiplier)"].split()[0]) == pytest.approx(1.337, abs=2e-3)
