@@ -158,9 +158,12 @@ def test_a_model_that_memorised_its_secrets_is_caught_with_full_exposure(tmp_pat
     assert exposure["excluded"]["mean_sampled"] < math.log2(16)
 
 
-def test_sst2_audit_runs_end_to_end_and_counts_canaries(tmp_path):
-    record = experiment.run(compose_config([*TINY, *SST2, "audit.num_canaries=30", "dp=none"], tmp_path))
+@pytest.mark.parametrize("finetune", ["lora", "full"])
+def test_sst2_audit_runs_end_to_end_and_counts_canaries(tmp_path, finetune):
+    overrides = [*SST2, "audit.num_canaries=30", "dp=none", f"model.finetune={finetune}"]
+    record = experiment.run(compose_config([*TINY, *overrides], tmp_path))
     audit = record["audit"]
+    assert record["config"]["model"]["finetune"] == finetune
     assert audit["canary_type"] == "sentence" and audit["m"] == 30 and "exposure" not in audit
     assert record["train_examples"] == 64 + audit["num_included"]
     assert audit["claimed_epsilon"] is None and audit["delta"] == NONPRIVATE_AUDIT_DELTA
