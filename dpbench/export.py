@@ -72,7 +72,7 @@ def write_hf_checkpoint(out: Path, layout: saved_lib.HFLayout, flat: dict, token
 def export_merged(saved: saved_lib.SavedModel, out: Path) -> Path:
     layout = saved_lib.hf_layout(saved)
     model_cfg = saved.config["model"]
-    params = saved.bundle.params
+    params = saved_lib.float_params(saved.bundle)  # a quantized base dequantised, as the run used it
     rank = _lora_rank(model_cfg)
     if rank:
         params = merge_lora(params, model_cfg["lora_alpha"] / rank)
@@ -102,7 +102,7 @@ def export_peft(saved: saved_lib.SavedModel, out: Path) -> Path:
         )
     layout = saved_lib.hf_layout(saved)
     bundle = saved.bundle
-    flat = flatten_dict(bundle.params)
+    flat = flatten_dict(saved_lib.float_params(bundle))
     tensors, targets, to_save = {}, set(), set()
     for path, value in flat.items():
         value = np.asarray(value)

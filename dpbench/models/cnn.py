@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpbench.models import quant
 from dpbench.models.base import LABELS, ModelBundle, layer_label
 from dpbench.models.layers import Conv, LoRADense
 from dpbench.schema import schema
@@ -27,6 +28,7 @@ class CNNModelConfig:
     image_shape: list[int] = dataclasses.field(default_factory=lambda: [28, 28, 1])
     variant: str = "tutorial"  # tutorial | tempered
     activation: str = "relu"  # relu | tanh (tempered sigmoid, Papernot et al. 2021) | elu
+    frozen_quantization: str = "none"  # none only: the CNN has no quantized path (model.arch=gemma3 has)
 
 
 VARIANTS = ("tutorial", "tempered")
@@ -81,6 +83,7 @@ def label_of(path: tuple[str, ...]) -> str:
 def build_cnn(cfg: CNNModelConfig, rng: jax.Array, placement=None, abstract: bool = False) -> ModelBundle:
     """The CNN, randomly initialised; ``abstract``: its parameters as ``jax.ShapeDtypeStruct`` only."""
     del placement  # small: stays on the default device (the registry passes none to unplaced builders)
+    quant.check(getattr(cfg, "frozen_quantization", "none"), arch="cnn")
     if cfg.variant not in VARIANTS:
         raise ValueError(f"model.variant={cfg.variant!r} is not known; choose one of {', '.join(VARIANTS)}")
     if cfg.activation not in ACTIVATIONS:

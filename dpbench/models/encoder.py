@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from dpbench.models import checkpoints
+from dpbench.models import checkpoints, quant
 from dpbench.models.base import ModelBundle, finetune_labels, layer_label
 from dpbench.models.hf_encoder import FAMILIES, EncoderArch, hf_config, hf_names, load_hf_encoder, read_arch
 from dpbench.models.hf_tokenizer import ByteTokenizer, HFTokenizer
@@ -82,6 +82,7 @@ class EncoderModelConfig:
     dtype: str = "float32"  # compute dtype; parameters stay float32
     # [regex, spec] pairs on parameter paths (dpbench.train.sharding); null = the default rules.
     sharding_rules: list[Any] | None = None
+    frozen_quantization: str = "none"  # none only: the encoder has no quantized path (model.arch=gemma3 has)
 
 
 def position_ids(input_ids: jax.Array, arch: EncoderArch) -> jax.Array:
@@ -253,6 +254,7 @@ def resolve_checkpoint(checkpoint: str) -> Path:
 
 
 def _validate(cfg) -> None:
+    quant.check(getattr(cfg, "frozen_quantization", "none"), arch="encoder")
     if (cfg.checkpoint is None) == (cfg.random_init is None):
         raise ValueError("set exactly one of model.checkpoint and model.random_init")
     if cfg.dtype not in DTYPES:

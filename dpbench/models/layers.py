@@ -17,13 +17,18 @@ import jax
 import jax.numpy as jnp
 
 from dpbench import taps
+from dpbench.models import quant
 
 LORA_A = "lora_a"
 LORA_B = "lora_b"
 
 
 class LoRADense(nn.Module):
-    """``nn.Dense`` with an optional low-rank update ``(alpha / r) * (x A) B``; same names as ``nn.Dense``."""
+    """``nn.Dense`` with an optional low-rank update ``(alpha / r) * (x A) B``; same names as ``nn.Dense``.
+
+    ``quantization`` (``int8``/``nf4``, ``dpbench.models.quant``): the kernel is frozen and stored as
+    codes (``kernel``) and scales (``kernel_scale``), dequantised here at each use; it has no tap (it
+    never trains), the LoRA factors' taps see the same input ``x`` as in the float model."""
 
     features: int
     use_bias: bool = True
@@ -31,14 +36,25 @@ class LoRADense(nn.Module):
     lora_alpha: float = 16.0
     dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.lecun_normal()
+    quantization: str = "none"
 
     @nn.compact
     def __call__(self, x):
         in_features = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (in_features, self.features))
+        shape = (in_features, self.features)
         x = x.astype(self.dtype)
-        y = jnp.dot(x, kernel.astype(self.dtype))  # [..., d_out]
-        tapped = [taps.Tap(self.path + ("kernel",), taps.OUTER, value=x)]
+        if self.quantization == "none":
+            kernel = self.param("kernel", self.kernel_init, shape)
+            y = jnp.dot(x, kernel.astype(self.dtype))  # [..., d_out]
+            tapped = [taps.Tap(self.path + ("kernel",), taps.OUTER, value=x)]
+        else:
+            q = self.quantization
+            codes = self.param("kernel", quant.code_init(q), quant.code_shape(shape, q, 0))
+            scale = self.param(
+                quant.scale_name("kernel"), nn.initializers.ones, quant.scale_shape(shape, q, 0)
+            )
+            y = quant.dot(x, codes, scale, q, self.dtype, False)
+            tapped = []
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
             tapped.append(taps.Tap(self.path + ("bias",), taps.DIAG))
@@ -107,28 +123,60 @@ def conv_patches(x: jax.Array, kernel_shape: Sequence[int], strides, padding, di
 
 
 class Embed(nn.Module):
-    """``nn.Embed``: rows of ``embedding [V, D]``; ``attend`` is the tied output head ``h Eᵀ``."""
+    """``nn.Embed``: rows of ``embedding [V, D]``; ``attend`` is the tied output head ``h Eᵀ``.
+
+    ``quantization``: the table is frozen, stored as codes and ``embedding_scale`` (per row for int8,
+    per block of a row for nf4); a lookup dequantises only the rows it takes."""
 
     num_embeddings: int
     features: int
     dtype: Any = jnp.float32
     embedding_init: Any = nn.initializers.variance_scaling(1.0, "fan_in", "normal", out_axis=0)
+    quantization: str = "none"
 
     def setup(self):
-        self.embedding = self.param("embedding", self.embedding_init, (self.num_embeddings, self.features))
+        shape, q = (self.num_embeddings, self.features), self.quantization
+        if q == "none":
+            self.embedding = self.param("embedding", self.embedding_init, shape)
+            self.embedding_scale = None
+        else:
+            self.embedding = self.param("embedding", quant.code_init(q), quant.code_shape(shape, q, -1))
+            self.embedding_scale = self.param(
+                quant.scale_name("embedding"), nn.initializers.ones, quant.scale_shape(shape, q, -1)
+            )
 
     def __call__(self, ids):
+        if self.quantization != "none":  # frozen: no tap
+            rows, scales = jnp.take(self.embedding, ids, axis=0), jnp.take(self.embedding_scale, ids, axis=0)
+            return quant.dequantize(rows, scales, self.quantization, -1, self.dtype)
         y = jnp.take(self.embedding.astype(self.dtype), ids, axis=0)
         path = self.path + ("embedding",)
         return taps.output(y, [taps.Tap(path, taps.OUTER, value=ids, ids=True, num_ids=self.num_embeddings)])
 
     def attend(self, hidden):
-        return attend(hidden, self.embedding, self.path + ("embedding",), self.dtype)
+        return attend(
+            hidden,
+            self.embedding,
+            self.path + ("embedding",),
+            self.dtype,
+            self.embedding_scale,
+            self.quantization,
+        )
 
 
-def attend(hidden: jax.Array, embedding: jax.Array, path: tuple[str, ...], dtype: Any) -> jax.Array:
+def attend(
+    hidden: jax.Array,
+    embedding: jax.Array,
+    path: tuple[str, ...],
+    dtype: Any,
+    scale: jax.Array | None = None,
+    quantization: str = "none",
+) -> jax.Array:
     """Logits ``hidden [..., D] @ embedding [V, D]ᵀ`` of an embedding tied as the output layer
-    (``path`` names the embedding, so its two uses add up in one per-example gradient)."""
+    (``path`` names the embedding, so its two uses add up in one per-example gradient). A quantized
+    embedding (codes and ``scale``) is frozen: dequantised inside the product, no tap."""
+    if quantization != "none":
+        return quant.dot(hidden, embedding, scale, quantization, dtype, True)
     hidden = hidden.astype(dtype)
     y = jnp.einsum("...d,vd->...v", hidden, embedding.astype(dtype))
     return taps.output(y, [taps.Tap(path, taps.OUTER, value=hidden, cotangent_first=True)])

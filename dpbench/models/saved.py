@@ -147,6 +147,14 @@ def hf_layout(saved: SavedModel) -> HFLayout:
     return module.hf_layout(saved.bundle)
 
 
+def float_params(bundle: ModelBundle) -> Any:
+    """The bundle's parameters with every quantized frozen weight (``model.frozen_quantization``)
+    dequantised to float32 and its scale dropped: the weights the run computed with, in the float
+    layout an export writes. Other models' parameters as they are."""
+    dequantize = bundle.extras.get("dequantize")
+    return bundle.params if dequantize is None else dequantize(bundle.params)
+
+
 def _exportable() -> list[str]:
     from dpbench.models.registry import model_modules
 

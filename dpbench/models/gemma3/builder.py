@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from dpbench.models import quant
 from dpbench.models.base import ModelBundle, finetune_labels, layer_label, trainable_by_labels
 from dpbench.models.checkpoints import read_safetensors
 from dpbench.models.gemma3.config import DTYPES, PRESETS, Gemma3Config, Gemma3ModelConfig, validate
@@ -24,7 +25,7 @@ from dpbench.models.gemma3.loading import (
     read_hf_config,
     resolve_checkpoint,
 )
-from dpbench.models.gemma3.model import EMBEDDING_PATH, Gemma3, gathers_at_use, tied_logits
+from dpbench.models.gemma3.model import EMBEDDING_PATH, Gemma3, gathers_at_use, head_logits
 from dpbench.models.gemma3.tokenizer import Gemma3ByteTokenizer, Gemma3Tokenizer
 from dpbench.models.lora import LoraSpec, effective_rank, is_lora_param, lora_label
 
@@ -100,6 +101,43 @@ def stored_in_float32(finetune: str):
     return trainable_by_labels(label_of, finetune_labels(finetune))
 
 
+_A_KERNEL = ("layer_0", "attn", "q_proj", "kernel")
+
+
+def quantized_parts(cfg) -> tuple[str, str]:
+    """``(kernels, embedding)``: the ``model.frozen_quantization`` of the decoder kernels and of the tied
+    embedding, ``none`` for whichever ``model.finetune`` trains (trainable weights stay float32)."""
+    scheme = getattr(cfg, "frozen_quantization", "none")
+    in_float32 = stored_in_float32(cfg.finetune)
+    return (
+        "none" if in_float32(_A_KERNEL) else scheme,
+        "none" if in_float32(EMBEDDING_PATH) else scheme,
+    )
+
+
+def quantized_specs(module: Gemma3, paths) -> dict[tuple[str, ...], tuple[str, int]]:
+    """``{path: (scheme, contraction axis)}`` of the weights ``module`` stores quantized, among ``paths``."""
+    specs = {}
+    for path in paths:
+        if module.quantization != "none" and path[-1] == "kernel" and not is_lora_param(path):
+            specs[path] = (module.quantization, 0)
+        elif module.embed_quantization != "none" and tuple(path) == EMBEDDING_PATH:
+            specs[path] = (module.embed_quantization, -1)
+    return specs
+
+
+def _module(cfg, config: Gemma3Config, lora: LoraSpec, dtype: Any) -> Gemma3:
+    kernels, embedding = quantized_parts(cfg)
+    return Gemma3(
+        config,
+        lora,
+        dtype,
+        remat=getattr(cfg, "remat", "none"),
+        quantization=kernels,
+        embed_quantization=embedding,
+    )
+
+
 def build_gemma3(
     cfg: Gemma3ModelConfig, rng: jax.Array, placement=None, abstract: bool = False
 ) -> ModelBundle:
@@ -144,9 +182,10 @@ def build_gemma3(
             f"tokenizer has {tokenizer.vocab_size} ids, more than the model's {config.vocab_size}"
         )
 
-    module = Gemma3(config, lora, dtype, remat=getattr(cfg, "remat", "none"))
+    module = _module(cfg, config, lora, dtype)
     dummy = _dummy_inputs()
-    expected = flatten_dict(jax.eval_shape(module.init, rng, *dummy)["params"])
+    float_module = module.clone(quantization="none", embed_quantization="none")  # the checkpoint's shapes
+    expected = flatten_dict(jax.eval_shape(float_module.init, rng, *dummy)["params"])
     base_paths = {p for p in expected if not is_lora_param(p)}
     if weights is None:
         weights = _random_weights({p: expected[p].shape for p in base_paths}, rng)
@@ -162,7 +201,13 @@ def build_gemma3(
         )
     in_float32 = stored_in_float32(cfg.finetune)
     placement = placement or _on_default_device
-    flat = placement({p: v for p, v in weights.items() if not in_float32(p)}, dtype=dtype)
+    specs = quantized_specs(module, weights)
+    if specs:  # on the host, tensor by tensor; codes and scales keep their own dtypes
+        codes = quant.quantize_flat({p: weights.pop(p) for p in specs}, specs)
+        flat = placement(codes)
+    else:
+        flat = {}
+    flat.update(placement({p: v for p, v in weights.items() if not in_float32(p)}, dtype=dtype))
     flat.update(placement({p: v for p, v in weights.items() if in_float32(p)}, dtype=jnp.float32))
     flat.update(placement(_lora_params(module, rng, dummy)))  # float32, as initialised
     params = unflatten_dict(flat)
@@ -178,13 +223,18 @@ def _shapes_only(cfg, rng: jax.Array, dtype: Any, lora: LoraSpec) -> ModelBundle
     if cfg.preset is None:
         raise ValueError("shapes only: set model.preset (the architecture; the checkpoint is not read)")
     config = PRESETS[cfg.preset]
-    module = Gemma3(config, lora, dtype, remat=getattr(cfg, "remat", "none"))
+    module = _module(cfg, config, lora, dtype)
     shapes = flatten_dict(jax.eval_shape(module.init, rng, *_dummy_inputs())["params"])
     in_float32 = stored_in_float32(cfg.finetune)
-    params = {
-        p: jax.ShapeDtypeStruct(s.shape, jnp.float32 if in_float32(p) or is_lora_param(p) else dtype)
-        for p, s in shapes.items()
-    }
+    quantized = set(quantized_specs(module, shapes))
+    quantized |= {p[:-1] + (quant.scale_name(p[-1]),) for p in quantized}
+
+    def stored_dtype(p, s):
+        if p in quantized:  # int8 / uint8 codes, float32 scales
+            return s.dtype
+        return jnp.float32 if in_float32(p) or is_lora_param(p) else dtype
+
+    params = {p: jax.ShapeDtypeStruct(s.shape, stored_dtype(p, s)) for p, s in shapes.items()}
     trainable_labels = finetune_labels(cfg.finetune)
     source = f"none: shapes only ({cfg.preset})"
     return _bundle(
@@ -206,7 +256,13 @@ def _bundle(module, config, dtype, params, trainable_labels, source, tokenizer, 
         return body.apply({"params": params}, batch["input_ids"], batch["attention_mask"])
 
     def logits_fn(params, hidden):
-        return tied_logits(hidden, params["embed_tokens"]["embedding"], config, dtype)
+        return head_logits(module, params, hidden)
+
+    def dequantize(params):
+        """``params`` with the quantized weights as float32 arrays (``dpbench.models.saved.float_params``)."""
+        flat = flatten_dict(params)
+        specs = quantized_specs(module, list(flat))
+        return unflatten_dict(quant.dequantize_flat(flat, specs)) if specs else params
 
     float32_variant = None
     if jnp.dtype(dtype) != jnp.float32:
@@ -229,6 +285,7 @@ def _bundle(module, config, dtype, params, trainable_labels, source, tokenizer, 
             "lora_scale": lora.scale if lora.rank else None,
             "hidden_states_fn": hidden_states_fn,
             "logits_fn": logits_fn,
+            "dequantize": dequantize,
         },
         float32_variant=float32_variant,
         gathered_at_use=gathers_at_use,
@@ -255,7 +312,7 @@ def from_saved(cfg, architecture: dict, params, directory: Path) -> ModelBundle:
         tokenizer = Gemma3ByteTokenizer()
     elif (Path(directory) / "tokenizer.json").exists() or (Path(directory) / "tokenizer.model").exists():
         tokenizer = Gemma3Tokenizer.from_dir(directory)
-    module = Gemma3(config, lora, dtype)
+    module = _module(cfg, config, lora, dtype).clone(remat="none")
     trainable = finetune_labels(cfg.finetune)
     return _bundle(module, config, dtype, params, trainable, f"saved:{directory}", tokenizer, lora)
 
@@ -268,6 +325,6 @@ def hf_layout(bundle: ModelBundle):
     tok = bundle.tokenizer
     if tok is not None:
         config.update(pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
-    paths = flatten_dict(bundle.params).keys()
+    paths = flatten_dict(bundle.extras["dequantize"](bundle.params)).keys()  # no scales
     names = {path: hf_name(path) for path in paths if not is_lora_param(path)}
     return HFLayout(config, names, peft_task="CAUSAL_LM")

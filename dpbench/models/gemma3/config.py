@@ -10,6 +10,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from dpbench.errors import ConfigError
+from dpbench.models import quant
 from dpbench.models import remat as remat_lib
 from dpbench.models.gemma3.loading import DEFAULT_CACHE_DIR
 from dpbench.models.gemma3.tokenizer import Gemma3ByteTokenizer
@@ -229,6 +231,10 @@ class Gemma3ModelConfig:
     # [regex, spec] pairs on parameter paths (dpbench.train.sharding); null = LoRA replicated, the
     # rest sharded over compute.mesh.fsdp on its largest divisible dimension.
     sharding_rules: list[Any] | None = None
+    # none | int8 (per-output-channel scale) | nf4 (QLoRA's 4-bit NormalFloat, a scale per 64 weights):
+    # the frozen kernels (and the tied embedding, when frozen) are stored quantized and dequantised layer
+    # by layer in the forward; trainable weights, norms and optimizer state stay float32.
+    frozen_quantization: str = "none"
 
 
 def validate(cfg) -> None:
@@ -244,6 +250,13 @@ def validate(cfg) -> None:
     if cfg.lora_rank < 0:
         raise ValueError(f"model.lora_rank={cfg.lora_rank} must be >= 0 (0 = no LoRA)")
     check_finetune(cfg.finetune)
+    quantization = getattr(cfg, "frozen_quantization", "none")
+    quant.check(quantization)
+    if quantization != "none" and cfg.finetune == "full":
+        raise ConfigError(
+            f"model.frozen_quantization={quantization} quantizes frozen weights, and model.finetune=full "
+            "freezes none; choose model.finetune=lora (or head), or model.frozen_quantization=none"
+        )
     remat_lib.check(getattr(cfg, "remat", "none"))
     if cfg.tokenizer not in TOKENIZERS:
         raise ValueError(f"model.tokenizer={cfg.tokenizer!r} is not known; choose one of {list(TOKENIZERS)}")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dpbench.models.gemma3.model import Gemma3, init_cache, tied_logits
+from dpbench.models.gemma3.model import Gemma3, head_logits, init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,7 @@ def _compiled(
         keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(seed), r))(row_ids)
         cache = init_cache(module.config, batch, prompt_len + max_new_tokens, module.dtype)
         hidden, cache = trunk.apply({"params": params}, prompt_ids, prompt_mask, cache=cache)
-        logits = tied_logits(hidden[:, -1], params["embed_tokens"]["embedding"], module.config, module.dtype)
+        logits = head_logits(module, params, hidden[:, -1])
         token = _next_token(logits, sampling, keys, 0)
         out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
         done = jnp.isin(token, stops)

@@ -54,6 +54,7 @@ class Attention(nn.Module):
     layer_index: int
     lora: LoraSpec | None
     dtype: Any
+    quantization: str = "none"  # of the frozen kernels (dpbench.models.quant)
 
     @nn.compact
     def __call__(self, x, positions, mask, cache: dict | None, cache_end):
@@ -63,7 +64,13 @@ class Attention(nn.Module):
 
         def proj(name, features):
             return dense(
-                self.lora, f"{path}/{name}", features, use_bias=False, dtype=self.dtype, kernel_init=INIT
+                self.lora,
+                f"{path}/{name}",
+                features,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=INIT,
+                quantization=self.quantization,
             )
 
         q = proj("q_proj", c.num_heads * c.head_dim)(x).reshape(batch, length, c.num_heads, c.head_dim)
@@ -102,6 +109,7 @@ class MLP(nn.Module):
     layer_index: int
     lora: LoraSpec | None
     dtype: Any
+    quantization: str = "none"  # of the frozen kernels (dpbench.models.quant)
 
     @nn.compact
     def __call__(self, x):
@@ -109,7 +117,13 @@ class MLP(nn.Module):
 
         def proj(name, features):
             return dense(
-                self.lora, f"{path}/{name}", features, use_bias=False, dtype=self.dtype, kernel_init=INIT
+                self.lora,
+                f"{path}/{name}",
+                features,
+                use_bias=False,
+                dtype=self.dtype,
+                kernel_init=INIT,
+                quantization=self.quantization,
             )
 
         gate = jax.nn.gelu(
@@ -128,6 +142,7 @@ class DecoderLayer(nn.Module):
     lora: LoraSpec | None
     dtype: Any
     explicit_taps: bool = False
+    quantization: str = "none"  # of the frozen kernels (dpbench.models.quant)
 
     @nn.compact
     def __call__(self, x, positions, mask, cache, cache_end, perturbations=None):
@@ -135,11 +150,11 @@ class DecoderLayer(nn.Module):
         recording = taps.nested(f"layer_{i}:", perturbations) if self.explicit_taps else nullcontext()
         with recording as recorder:
             h = RMSNorm(c.rms_norm_eps, name="input_layernorm")(x)
-            h, new_cache = Attention(c, i, self.lora, self.dtype, name="attn")(
+            h, new_cache = Attention(c, i, self.lora, self.dtype, self.quantization, name="attn")(
                 h, positions, mask, cache, cache_end
             )
             x = x + RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(h)
-            h = MLP(c, i, self.lora, self.dtype, name="mlp")(
+            h = MLP(c, i, self.lora, self.dtype, self.quantization, name="mlp")(
                 RMSNorm(c.rms_norm_eps, name="pre_feedforward_layernorm")(x)
             )
             out = x + RMSNorm(c.rms_norm_eps, name="post_feedforward_layernorm")(h), new_cache

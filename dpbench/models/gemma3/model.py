@@ -81,14 +81,29 @@ def tied_logits(
     config: Gemma3Config,
     dtype: Any,
     path: tuple[str, ...] = EMBEDDING_PATH,
+    scale: jax.Array | None = None,
+    quantization: str = "none",
 ) -> jax.Array:
     """float32 logits of final hidden states through the tied embedding ``[V, D]`` at ``path`` (then
-    softcapped if configured)."""
-    logits = attend(hidden, embedding, path, dtype).astype(jnp.float32)
+    softcapped if configured); a quantized embedding comes as codes and ``scale``."""
+    logits = attend(hidden, embedding, path, dtype, scale, quantization).astype(jnp.float32)
     if config.final_logit_softcapping is not None:
         cap = config.final_logit_softcapping
         logits = jnp.tanh(logits / cap) * cap
     return logits
+
+
+def head_logits(module: Gemma3, params: dict, hidden: jax.Array) -> jax.Array:
+    """``tied_logits`` of ``hidden`` through the embedding in ``params``, as ``module`` stores it."""
+    embed = params["embed_tokens"]
+    return tied_logits(
+        hidden,
+        embed["embedding"],
+        module.config,
+        module.dtype,
+        scale=embed.get("embedding_scale"),
+        quantization=module.embed_quantization,
+    )
 
 
 class Gemma3(nn.Module):
@@ -105,6 +120,9 @@ class Gemma3(nn.Module):
     dtype: Any = jnp.float32
     head: bool = True
     remat: str = "none"  # a key of REMAT_POLICIES
+    # model.frozen_quantization of the frozen decoder kernels and of the tied embedding, when frozen
+    quantization: str = "none"
+    embed_quantization: str = "none"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, positions=None, cache: dict | None = None):
@@ -124,7 +142,14 @@ class Gemma3(nn.Module):
             query_slots = cache_end + jnp.arange(input_ids.shape[1])
         masks = attention_masks(query_slots, key_valid, c.sliding_window)
 
-        embed = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, embedding_init=INIT, name="embed_tokens")
+        embed = Embed(
+            c.vocab_size,
+            c.hidden_size,
+            dtype=self.dtype,
+            embedding_init=INIT,
+            quantization=self.embed_quantization,
+            name="embed_tokens",
+        )
         x = embed(input_ids) * jnp.asarray(math.sqrt(c.hidden_size), self.dtype)
         new_layers = []
         remat = self.remat if cache is None else "none"  # generation: no backward pass
@@ -133,7 +158,13 @@ class Gemma3(nn.Module):
             layer_cache = None if cache is None else cache["layers"][i]
             layer_type = remat_layer(remat, f"layer_{i}") if cache is None else DecoderLayer
             layer = layer_type(
-                c, i, self.lora, self.dtype, explicit_taps=recorder is not None, name=f"layer_{i}"
+                c,
+                i,
+                self.lora,
+                self.dtype,
+                explicit_taps=recorder is not None,
+                quantization=self.quantization,
+                name=f"layer_{i}",
             )
             if recorder is None:
                 x, new_layer = layer(x, positions, masks[c.layer_types[i]], layer_cache, cache_end)
@@ -146,7 +177,17 @@ class Gemma3(nn.Module):
             new_layers.append(new_layer)
         x = RMSNorm(c.rms_norm_eps, name="final_norm")(x)
         logits = (
-            tied_logits(x, embed.embedding, c, self.dtype, embed.path + ("embedding",)) if self.head else x
+            tied_logits(
+                x,
+                embed.embedding,
+                c,
+                self.dtype,
+                embed.path + ("embedding",),
+                embed.embedding_scale,
+                self.embed_quantization,
+            )
+            if self.head
+            else x
         )
         if cache is None:
             return logits
