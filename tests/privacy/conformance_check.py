@@ -45,6 +45,8 @@ MODELS = {
     "encoder_full": ["model=tiny_encoder", "dataset=sst2_rt", "model.finetune=full"],
     "gemma_lora": ["model=tiny_gemma3", "dataset=samsum_aclsum", "model.finetune=lora"],
     "gemma_full": ["model=tiny_gemma3", "dataset=samsum_aclsum", "model.finetune=full"],
+    # A quantized frozen base (QLoRA): its reference is the same quantized model on one float32 device.
+    "gemma_nf4": ["model=tiny_gemma3", "dataset=samsum_aclsum", "model.frozen_quantization=nf4"],
 }
 MESHES = {"1": (1, 1), "d2": (2, 1), "f2": (1, 2), "d2f2": (2, 2)}
 # Correlated noise needs a run longer than its bands; closed-form strategies keep the build fast.

@@ -24,7 +24,16 @@ import pytest
 from tests.helpers import run_cli
 
 SCRIPT = Path(__file__).with_name("conformance_check.py")
-MODELS = ("cnn", "cnn_tanh", "encoder_lora", "encoder_ffa", "encoder_full", "gemma_lora", "gemma_full")
+MODELS = (
+    "cnn",
+    "cnn_tanh",
+    "encoder_lora",
+    "encoder_ffa",
+    "encoder_full",
+    "gemma_lora",
+    "gemma_full",
+    "gemma_nf4",  # model.frozen_quantization=nf4: the frozen base stored as 4-bit codes
+)
 CLIPPINGS = ("per_example", "ghost", "bookkeeping")
 MESHES = ("1", "d2", "f2", "d2f2")
 
@@ -54,6 +63,7 @@ FAST = [
     "gemma_lora:bookkeeping:d2f2:bfloat16:full",
     "gemma_lora:ghost:1:bfloat16:none",
     "gemma_full:ghost:f2:float32:none",
+    "gemma_nf4:bookkeeping:d2f2:bfloat16:full",  # quantized base, FSDP-gathered codes, remat
     "cnn:bookkeeping:d2f2:float32:none:bandmf",
     "encoder_lora:ghost:f2:float32:none:blt",
 ]
