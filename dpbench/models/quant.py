@@ -173,6 +173,10 @@ def dot(x: jax.Array, codes: jax.Array, scale: jax.Array, scheme: str, dtype: An
     """``x @ W`` (``transposed=False``: ``W [in, out]`` quantized along axis 0) or ``x @ Wᵀ``
     (``transposed``: ``W [out, in]`` quantized along its last axis, e.g. a tied embedding), with
     ``W`` dequantised to ``dtype``. The backward pass dequantises again from the codes."""
+    # The barrier ties the dequantisation to this layer's input: without it the dequantised weight
+    # depends on parameters alone, and XLA may compute every layer's copy up front (the 27B nf4 plan
+    # held ~100 GiB of float copies that way).
+    x, codes, scale = jax.lax.optimization_barrier((x, codes, scale))
     w = dequantize(codes, scale, scheme, -1 if transposed else 0, dtype)
     return _matmul(x.astype(dtype), w, transposed)
 
@@ -183,7 +187,10 @@ def _dot_fwd(x, codes, scale, scheme, dtype, transposed):
 
 def _dot_bwd(scheme, dtype, transposed, residuals, g):
     codes, scale, x_like = residuals
-    w = dequantize(codes, scale, scheme, -1 if transposed else 0, dtype)
+    # As in the forward: not up front. (The barrier's outputs take g's sharding type inside
+    # shard_map, so the zero cotangents below are made from the residuals, not from them.)
+    g, tied_codes, tied_scale = jax.lax.optimization_barrier((g, codes, scale))
+    w = dequantize(tied_codes, tied_scale, scheme, -1 if transposed else 0, dtype)
     dx = jnp.dot(g.astype(dtype), w) if transposed else jnp.einsum("...o,io->...i", g.astype(dtype), w)
     zero_codes = np.zeros(codes.shape, jax.dtypes.float0)  # integer codes: no tangent space
     return dx.astype(x_like.dtype), zero_codes, jnp.zeros_like(scale)
