@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from dpbench import sweep_names
 from dpbench.schema import schema
 
 DATA_ROOT_ENV = "DPBENCH_DATA"
@@ -39,15 +40,15 @@ def describe_missing_root() -> str:
 
 def register_resolvers() -> None:
     """Make ``${dpbench_data_root:}`` and ``${dpbench_sweep_name:...}`` (the sweep folder's name,
-    ``dpbench.sweeps.sweep_name``) available to Hydra and OmegaConf (idempotent).
+    ``dpbench.sweep_names.sweep_name``) available to Hydra and OmegaConf (idempotent).
 
     The sweep name is cached: every job of a sweep copies the sweep's resolved cache (Hydra's
     ``load_sweep_config``), so a job's own overrides (``dp.epsilon=1``) never rename its folder.
     """
-    from dpbench.sweeps import SWEEP_NAME_RESOLVER, sweep_name
-
     OmegaConf.register_new_resolver(RESOLVER, default_data_root, replace=True)
-    OmegaConf.register_new_resolver(SWEEP_NAME_RESOLVER, sweep_name, replace=True, use_cache=True)
+    OmegaConf.register_new_resolver(
+        sweep_names.RESOLVER, sweep_names.sweep_name, replace=True, use_cache=True
+    )
 
 
 @schema("paths")

@@ -37,7 +37,7 @@ def test_running_the_literal_command_again_skips_its_finished_jobs(tmp_path):
     import subprocess
     import sys
 
-    from dpbench.sweeps import sweep_name
+    from dpbench.sweep_names import sweep_name
     from tests.helpers import CLI_ENV
 
     def run(*overrides):
