@@ -40,8 +40,6 @@ SWEEP_DIR: list[str] = []
 SKIPPED: list[bool] = []  # set by the job when its folder already held a complete record
 
 
-
-
 class JobFailed(Exception):
     """A job of a sweep refused or failed at run time: recorded, and the sweep goes on."""
 
