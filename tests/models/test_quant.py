@@ -211,3 +211,20 @@ def test_kv_cache_generation_on_the_quantized_model_is_the_float_models():
     ours = greedy_generate(quantized.module, quantized.params, ids, mask, max_new_tokens=6)
     reference = greedy_generate(plain.module, dequantised, ids, mask, max_new_tokens=6)
     np.testing.assert_array_equal(ours, reference)
+
+
+def test_exports_see_dequantised_float_weights_under_hugging_face_names():
+    """``dpbench.export`` writes ``float_params``: the quantized base dequantised (the weights the run
+    used), with exactly the float model's paths, each named in the Hugging Face layout."""
+    from dpbench.models.gemma3 import hf_layout
+    from dpbench.models.saved import float_params
+
+    quantized, plain = _tiny("int8"), _tiny("none")
+    exported = flatten_dict(float_params(quantized))
+    assert {p: v.shape for p, v in exported.items()} == {
+        p: v.shape for p, v in flatten_dict(plain.params).items()
+    }
+    assert all(v.dtype == np.float32 for v in exported.values())
+    names = hf_layout(quantized).names
+    assert set(names) == {p for p in exported if p[-1] not in ("lora_a", "lora_b")}
+    assert len({name for name, _ in names.values()}) == len(names)  # no scale shares a weight's name
