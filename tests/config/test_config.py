@@ -71,6 +71,8 @@ def test_experiment_runs_tiny(experiment, tmp_path):
         overrides.append(TINY_DATA[cfg.dataset.name])
     if cfg.model.arch == "gemma3":
         overrides += ["dataset.max_length=96", "dataset.max_prompt_length=64", "dataset.max_new_tokens=4"]
+    if cfg.audit.name == "canary":
+        overrides.append("audit.num_canaries=32")  # at most the 64 tiny training examples
     results = run(compose_config(overrides, tmp_path))
     assert results["steps"] == 2
     saved = json.loads((tmp_path / "results.json").read_text())
