@@ -4,6 +4,8 @@ python -m dpbench.bench                          # all four workloads, 3 rounds 
 python -m dpbench.bench --workloads a,d --rounds 5
 python -m dpbench.bench --quick                  # tiny models, 1 round, prints the table only
 python -m dpbench.bench --variants dpbench-none,dpbench-per_example,torch-nonprivate,opacus-ghost
+python -m dpbench.bench --device gpu             # the accelerator bench, one table (make bench-gpu)
+python -m dpbench.bench --device cpu --quick     # the same on tiny shapes, on the CPU
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dpbench.bench import harness, workloads
+from dpbench.bench import accelerator, harness, workloads
 from dpbench.bench.variants import BY_ID, select
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / "results" / "bench.md"
@@ -41,11 +43,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--rerender", type=Path, default=None, help="a --log-dir of an earlier run: its tables again, no runs"
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds before a subprocess is killed")
+    parser.add_argument(
+        "--device",
+        choices=("gpu", "cpu"),
+        default=None,
+        help="the accelerator bench instead (dpbench/bench/accelerator.py; its own options:\n"
+        "python -m dpbench.bench --device gpu --help)",
+    )
     return parser.parse_args(argv)
+
+
+def asks_for_device(argv: list[str]) -> bool:
+    return any(a == "--device" or a.startswith("--device=") for a in argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if asks_for_device(argv):  # the accelerator bench has options of its own
+        return accelerator.main(argv, harness.command_line(argv), echo=lambda line: print(line, flush=True))
     args = parse_args(argv)
     if args.rerender is not None:
         harness.rerender(args.rerender, args.output, echo=lambda line: print(line, flush=True))

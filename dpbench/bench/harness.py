@@ -8,6 +8,10 @@ that process alone, including the framework's libraries, the model's weights and
 such as XLA compiling the step), and beside it the peak RSS over the timed steps only (the count
 restarted after the warm-up step): what training holds. Ratios divide by the same framework's
 non-private variant measured in the same rounds.
+
+Each subprocess is bracketed by the 1-minute load average (``os.getloadavg``), kept in the raw
+records; a row is flagged busy (``BUSY_MARK``, footnoted) when in some round the load, less the
+cores the measured process itself kept busy, exceeded ``BUSY_FRACTION`` of the cores.
 """
 
 from __future__ import annotations
@@ -46,6 +50,63 @@ class Measurement:
     first_step_seconds: float | None = None
     info: dict = dataclasses.field(default_factory=dict)
     error: str | None = None
+    load_before: float | None = None  # 1-minute load average just before the subprocess started
+    load_after: float | None = None  # and just after it ended
+    # The accelerator bench (dpbench.bench.accelerator): the device's peak bytes in use over the whole
+    # process (JAX memory_stats, torch.cuda.max_memory_allocated).
+    device_peak_bytes: int | None = None
+
+    @property
+    def own_cores(self) -> float:
+        """Cores the measured process kept busy in its timed steps (CPU time / wall time; 0 unknown)."""
+        if not self.step_seconds or not self.step_cpu_seconds:
+            return 0.0
+        return statistics.median(self.step_cpu_seconds) / max(statistics.median(self.step_seconds), 1e-9)
+
+    @property
+    def busy(self) -> bool:
+        return machine_busy(self.load_before, self.load_after, self.own_cores)
+
+
+# A measurement is flagged busy when the 1-minute load average before or after it, less the cores the
+# measured process itself used, exceeds this fraction of the machine's cores: other jobs then held
+# cores the step could have used. Subtracting the bench's own use can only under-count the others
+# (the average decays over a minute), so a flagged cell was busy for sure; an unflagged one probably
+# was not.
+BUSY_FRACTION = 0.75
+BUSY_MARK = "†"
+
+
+def load_average_1min() -> float:
+    return os.getloadavg()[0]
+
+
+def machine_busy(
+    load_before: float | None, load_after: float | None, own_cores: float = 0.0, cores: int | None = None
+) -> bool:
+    """Whether other jobs' load exceeded ``BUSY_FRACTION`` of ``cores`` (default: this machine's).
+
+    >>> machine_busy(1.0, 1.9, own_cores=0.0, cores=2), machine_busy(1.0, 1.9, own_cores=1.0, cores=2)
+    (True, False)
+    """
+    loads = [x for x in (load_before, load_after) if x is not None]
+    if not loads:
+        return False
+    return max(loads) - own_cores > BUSY_FRACTION * (cores or os.cpu_count() or 1)
+
+
+def busy_footnote(cores: int | None = None) -> str:
+    cores = cores or os.cpu_count() or 1
+    return (
+        f"{BUSY_MARK} measured while the machine was busy: in some round the 1-minute load average "
+        f"before or after the process, less the cores it used itself, exceeded "
+        f"{BUSY_FRACTION:g} x {cores} cores = {BUSY_FRACTION * cores:g}."
+    )
+
+
+def load_range(measurements: list[Measurement]) -> tuple[float, float] | None:
+    loads = [x for m in measurements for x in (m.load_before, m.load_after) if x is not None]
+    return (min(loads), max(loads)) if loads else None
 
 
 @dataclasses.dataclass
@@ -66,6 +127,28 @@ class Row:
     rounds: int = 0
     trainable_params: int | None = None
     note: str = ""
+    load_range: tuple[float, float] | None = None  # 1-minute load average over its rounds, before/after
+    busy_rounds: int = 0  # rounds measured while the machine was busy (machine_busy)
+
+
+def run_worker(args: list[str], log_path: Path, timeout: float, env: dict | None = None):
+    """``python -m dpbench.bench.worker ARGS``: see :func:`run_process`."""
+    return run_process([sys.executable, "-m", "dpbench.bench.worker", *args], log_path, timeout, env)
+
+
+def run_process(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None, cwd=None):
+    """``cmd`` (output in ``log_path``), bracketed by the load average: (exit code, resource usage of
+    exactly that child from ``wait4``, 1-minute load before, load after)."""
+    load_before = load_average_1min()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env or _child_env(), cwd=cwd)
+        killer = threading.Timer(timeout, proc.kill)
+        killer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            killer.cancel()
+    return os.waitstatus_to_exitcode(status), usage, load_before, load_average_1min()
 
 
 def run_one(
@@ -73,24 +156,23 @@ def run_one(
 ):
     """One subprocess; its peak RSS comes from ``wait4`` on exactly that child."""
     out = log_path.with_suffix(".json")
-    cmd = [sys.executable, "-m", "dpbench.bench.worker", "--workload", workload_key, "--variant", variant.id]
-    cmd += ["--out", str(out)] + (["--quick"] if quick else []) + (["--steps", str(steps)] if steps else [])
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
-        killer = threading.Timer(timeout, proc.kill)
-        killer.start()
-        try:
-            _, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            killer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+    args = ["--workload", workload_key, "--variant", variant.id, "--out", str(out)]
+    args += (["--quick"] if quick else []) + (["--steps", str(steps)] if steps else [])
+    returncode, usage, load_before, load_after = run_worker(args, log_path, timeout)
     result = json.loads(out.read_text()) if out.exists() else {}
     m = Measurement(variant.id, 0, peak_rss_mb=usage.ru_maxrss / 1024)  # ru_maxrss is in KiB on Linux
-    if proc.returncode != 0 or "error" in result:
-        m.error = result.get("error") or _last_line(log_path) or f"exit code {proc.returncode}"
-        if proc.returncode < 0:
-            m.error = f"killed by signal {-proc.returncode} (timeout {timeout:.0f} s or out of memory)"
+    m.load_before, m.load_after = load_before, load_after
+    if returncode != 0 or "error" in result:
+        m.error = result.get("error") or _last_line(log_path) or f"exit code {returncode}"
+        if returncode < 0:
+            m.error = f"killed by signal {-returncode} (timeout {timeout:.0f} s or out of memory)"
         return m
+    fill_from_worker(m, result)
+    return m
+
+
+def fill_from_worker(m: Measurement, result: dict) -> None:
+    """A worker's JSON for one variant into ``m`` (its process peak RSS from wait4 already there)."""
     m.step_seconds = result["step_seconds"]
     m.step_cpu_seconds = result.get("step_cpu_seconds", [])
     m.steps_peak_rss_mb = result.get("steps_peak_rss_mb")
@@ -100,7 +182,7 @@ def run_one(
     m.setup_seconds = result["setup_seconds"]
     m.first_step_seconds = result["first_step_seconds"]
     m.info = result.get("info", {})
-    return m
+    m.device_peak_bytes = result.get("device_peak_bytes")
 
 
 def _child_env() -> dict:
@@ -155,7 +237,8 @@ def summarise(
         )
         mine = [m for m in measurements if m.variant == v.id]
         ok = [m for m in mine if m.error is None and m.step_seconds]
-        row = Row(v, label, rounds=len(ok))
+        row = Row(v, label, rounds=len(ok), load_range=load_range(ok))
+        row.busy_rounds = sum(m.busy for m in ok)
         if v.id in skipped:
             row.note = skipped[v.id]
         elif not ok:
@@ -198,12 +281,12 @@ def render_table(rows: list[Row]) -> str:
     lines = [
         "| variant | s / logical step | range over rounds | vs own non-private | CPU s / step | "
         "vs own non-private | peak RSS | vs own non-private | peak RSS in timed steps | vs own non-private | "
-        "trainable params |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "trainable params | 1-min load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.seconds is None:
-            lines.append(f"| {r.label} | {r.note} | | | | | | | | | |")
+            lines.append(f"| {r.label} | {r.note} | | | | | | | | | | |")
             continue
         cells = [
             r.label + (f" ({r.note})" if r.note else ""),
@@ -217,9 +300,19 @@ def render_table(rows: list[Row]) -> str:
             _fmt(r.steps_peak_mb, "{:.0f} MB"),
             _fmt(r.steps_memory_ratio, "{:.2f}x"),
             _fmt(r.trainable_params, "{:,}"),
+            format_load(r.load_range, r.busy_rounds > 0),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.busy_rounds for r in rows):
+        lines += ["", busy_footnote()]
     return "\n".join(lines)
+
+
+def format_load(loads: tuple[float, float] | None, busy: bool) -> str:
+    """``0.52-1.30``, with ``BUSY_MARK`` when busy (``-`` when not recorded, as in older raw.json)."""
+    if loads is None:
+        return "-"
+    return f"{loads[0]:.2f}-{loads[1]:.2f}" + (f" {BUSY_MARK}" if busy else "")
 
 
 # Issue 10's targets, per workload: DP / non-private time bound, beat Opacus ghost?, DP peak memory /
@@ -450,7 +543,10 @@ def run(
                 m.round = r
                 measurements.append(m)
                 shown = f"{statistics.median(m.step_seconds):.3f} s/step" if m.step_seconds else m.error
-                echo(f"({key}) round {r + 1}/{rounds} {variant.id}: {shown}, peak RSS {m.peak_rss_mb:.0f} MB")
+                echo(
+                    f"({key}) round {r + 1}/{rounds} {variant.id}: {shown}, peak RSS {m.peak_rss_mb:.0f} MB, "
+                    f"1-min load {m.load_before:.2f} -> {m.load_after:.2f}" + (" (busy)" if m.busy else "")
+                )
         rows = summarise(variants, measurements, header["versions"], skipped)
         result = WorkloadResult(
             workload,

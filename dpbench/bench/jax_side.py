@@ -72,17 +72,13 @@ def available_clippings() -> tuple[str, ...]:
 
 
 def model_config(workload: Workload):
-    base = compose_group("model", workload.dpbench_model, [])
+    base = compose_group("model", workload.dpbench_model, list(workload.model_overrides))
     if workload.kind == "cnn":
         return base  # no LoRA: every parameter trains
-    overrides = []
-    if workload.lora_rank:
-        overrides += [f"lora_rank={workload.lora_rank}", f"lora_alpha={workload.lora_alpha}"]
-        overrides.append("lora_targets=[" + ",".join(workload.lora_targets) + "]")
-    if "finetune" in base:
-        overrides.append(f"finetune={workload.finetune}")
-    elif workload.finetune == "full":
-        overrides.append("lora_rank=0")  # before model.finetune existed: no LoRA, every parameter trains
+    overrides = model_overrides(workload)
+    if "finetune" not in base:  # before model.finetune existed: no LoRA means every parameter trains
+        overrides.remove(f"finetune={workload.finetune}")
+        overrides += ["lora_rank=0"] if workload.finetune == "full" else []
     return compose_group("model", workload.dpbench_model, overrides)
 
 
@@ -102,7 +98,10 @@ class Model:
 
         self.workload = workload
         cfg = model_config(workload)
-        bundle = build_model(cfg, jax.random.PRNGKey(0))
+        if workload.random_weights_on_device:
+            bundle = random_on_device(build_model(cfg, jax.random.PRNGKey(0), abstract=True))
+        else:
+            bundle = build_model(cfg, jax.random.PRNGKey(0))
         if workload.finetune == "full" and "finetune" not in cfg:
             bundle = dataclasses.replace(bundle, trainable_labels=frozenset(LABELS))
         self.bundle = bundle.with_frozen(frozen_labels)  # as experiment.build: the method's labels
@@ -129,6 +128,79 @@ class Model:
     @property
     def num_trainable(self) -> int:
         return int(sum(np.size(x) for x in self.trainable.values()))
+
+
+def random_on_device(abstract_bundle):
+    """The abstract bundle (``build_model(..., abstract=True)``: shapes and stored dtypes, as the plan
+    builds it) with weights drawn on the default device: N(0, 0.02), norm scales 0, as the builders'
+    random init. The values do not change a step's cost."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    flat = flatten_dict(abstract_bundle.params)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(flat))
+    params = {}
+    for key, (path, leaf) in zip(keys, sorted(flat.items()), strict=True):
+        if path[-1] == "scale" or not jnp.issubdtype(leaf.dtype, jnp.floating):
+            params[path] = jnp.zeros(leaf.shape, leaf.dtype)
+        else:
+            params[path] = 0.02 * jax.random.normal(key, leaf.shape, leaf.dtype)
+    return dataclasses.replace(abstract_bundle, params=unflatten_dict(params))
+
+
+def run_config(workload: Workload, clipping: str | None, platform: str):
+    """The whole run config (``conf/config.yaml``) of this step, for ``dpbench.plan.memory_plan``: the
+    workload's model, batch shapes, optimizer and ``dp`` on one device of ``platform`` (cpu | gpu)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from dpbench.config import register_configs
+
+    dp = ["dp=none"]
+    if clipping is not None:  # as dp_config
+        dp = ["dp=vanilla", f"dp.clipping={clipping}", f"dp.clip_norm={workload.clip_norm}"]
+        dp += ["dp.epsilon=null", f"dp.noise_multiplier={NOISE_MULTIPLIER}"]
+    overrides = [
+        f"model={workload.dpbench_model}",
+        *(f"model.{o}" for o in model_overrides(workload)),
+        "dataset=samsum" if workload.kind == "decoder" else "dataset=sst2",
+        f"dataset.max_length={workload.seq_len}",
+        *dp,
+        f"optimizer={workload.optimizer}",
+        f"runner.batch_size={workload.batch_size}",
+        f"compute={platform}",
+        f"compute.physical_batch_size={workload.physical_batch_size}",
+        "compute.num_devices=1",
+        "logger=none",
+        "paths.output_dir=unused",
+    ]
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+def model_overrides(workload: Workload) -> list[str]:
+    """``model.*`` settings of the workload beyond its conf/model option (as :func:`model_config`)."""
+    overrides = list(workload.model_overrides)
+    if workload.kind == "cnn":
+        return overrides
+    if workload.lora_rank:
+        overrides += [f"lora_rank={workload.lora_rank}", f"lora_alpha={workload.lora_alpha}"]
+        overrides.append("lora_targets=[" + ",".join(workload.lora_targets) + "]")
+    return overrides + [f"finetune={workload.finetune}"]
+
+
+def memory_plan(workload: Workload, clipping: str | None, platform: str) -> dict:
+    """``python -m dpbench.plan``'s per-device estimate of this step (``dpbench.plan.memory_plan``),
+    compiled by this process's backend: bytes by part and their total."""
+    from dpbench.plan import memory_plan as plan_memory
+    from dpbench.privacy.methods import make_method
+
+    cfg = run_config(workload, clipping, platform)
+    plan_cfg = {"max_targets": decoder_split(workload.seq_len)[1]} if workload.kind == "decoder" else {}
+    plan, _ = plan_memory(cfg, make_method(cfg.dp), plan_cfg)
+    parts = dataclasses.asdict(plan)
+    return {**parts, "total": plan.total}
 
 
 BANDMF_BANDS = 4

@@ -9,6 +9,10 @@ the same response-only loss through the tied embedding.
 
 A logical batch is processed in physical batches: gradients accumulate, one optimizer step. In
 Opacus this is the ``BatchMemoryManager`` protocol (``signal_skip_step`` on all but the last).
+
+On CUDA (the accelerator bench) the model is built on the device, in ``workload.torch_dtype``
+(bfloat16 throughout, LoRA factors included, for the bfloat16 decoders), and each step ends with
+``torch.cuda.synchronize`` so that its time is the device's.
 """
 
 from __future__ import annotations
@@ -158,10 +162,13 @@ class DecoderLM(nn.Module):
         return (nll * real).sum(1) / real.sum(1).clamp(min=1.0)
 
 
-def build(workload: Workload) -> tuple[nn.Module, Callable[[nn.Module, dict], torch.Tensor], list[dict]]:
+def build(
+    workload: Workload, device: str = "cpu"
+) -> tuple[nn.Module, Callable[[nn.Module, dict], torch.Tensor], list[dict]]:
     """(model with only its trainable parameters requiring grad, per-example losses fn, batches)."""
     torch.manual_seed(0)
     batch = make_batch(workload)
+    dtype = getattr(torch, workload.torch_dtype)
     if workload.kind == "cnn":
         model = TorchCNN()
         batch["image"] = np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2))  # NHWC -> NCHW
@@ -170,13 +177,20 @@ def build(workload: Workload) -> tuple[nn.Module, Callable[[nn.Module, dict], to
             return F.cross_entropy(m(b["image"]), b["label"], reduction="none")
 
     elif workload.kind == "encoder":
-        model = _encoder(workload)
+        with torch.device(device):  # a large model is never materialised on the host first
+            model = _encoder(workload)
 
         def losses(m, b):
             return F.cross_entropy(m(b["input_ids"], b["attention_mask"]), b["label"], reduction="none")
 
     else:
-        model = DecoderLM(workload)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # a 4B model is built in bfloat16, not in float32 then cast
+        try:
+            with torch.device(device):
+                model = DecoderLM(workload)
+        finally:
+            torch.set_default_dtype(default_dtype)
 
         def losses(m, b):
             return m(b["input_ids"], b["attention_mask"], b["loss_mask"])
@@ -190,9 +204,9 @@ def build(workload: Workload) -> tuple[nn.Module, Callable[[nn.Module, dict], to
                 for p in layer.parameters():
                     p.requires_grad_(True)
     # from_pretrained returns eval mode, and Opacus records activations only in training mode.
-    model.train()
+    model.to(device=device, dtype=dtype).train()
     tensors = {
-        k: torch.from_numpy(v).long() if v.dtype.kind == "i" else torch.from_numpy(v)
+        k: (torch.from_numpy(v).long() if v.dtype.kind == "i" else torch.from_numpy(v)).to(device)
         for k, v in batch.items()
     }
     size = workload.physical_batch_size
@@ -206,9 +220,11 @@ def _optimizer(workload: Workload, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=workload.learning_rate, weight_decay=0.01)
 
 
-def torch_step(workload: Workload, mode: str) -> tuple[Callable[[int], None], dict]:
-    """``mode``: ``nonprivate``, ``hooks`` (Opacus per-sample gradients) or ``ghost`` (Opacus ghost)."""
-    model, losses, chunks = build(workload)
+def torch_step(workload: Workload, mode: str, device: str = "cpu") -> tuple[Callable[[int], None], dict]:
+    """``mode``: ``nonprivate``, ``hooks`` (Opacus per-sample gradients) or ``ghost`` (Opacus ghost);
+    ``device``: ``cpu`` or ``cuda``."""
+    model, losses, chunks = build(workload, device)
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     trainable = [p for p in model.parameters() if p.requires_grad]
     info = {
         "trainable_params": int(sum(p.numel() for p in trainable)),
@@ -224,6 +240,7 @@ def torch_step(workload: Workload, mode: str) -> tuple[Callable[[int], None], di
                 (losses(model, chunk).sum() / workload.batch_size).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            synchronize()
 
         return step, info
 
@@ -273,5 +290,6 @@ def torch_step(workload: Workload, mode: str) -> tuple[Callable[[int], None], di
             dp_optimizer.signal_skip_step(do_skip=index != last)
             dp_optimizer.step()
             dp_optimizer.zero_grad(set_to_none=True)
+        synchronize()
 
     return step, info

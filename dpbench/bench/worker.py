@@ -4,12 +4,18 @@
 The parent reads this process's peak RSS from ``wait4``; the JSON carries the step times. Only
 the framework the variant needs is imported (a torch variant never loads JAX, and vice versa).
 ``--list-clippings`` prints the ``dp.clipping`` values this checkout implements, as JSON.
+
+For the accelerator bench: ``--device gpu`` (torch on CUDA; JAX's platform comes from the parent's
+``JAX_PLATFORMS``) records the device's peak bytes in use, ``--variant a,b,...`` measures several
+variants one after the other in this process (a JSON list; each variant's RSS peak counted afresh),
+and ``--plan-only`` measures nothing: ``dpbench.plan``'s memory estimate of each dpbench variant's step.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import sys
 import time
@@ -49,7 +55,7 @@ def restart_peak_rss() -> None:
         pass
 
 
-def make_step(workload: workloads.Workload, variant: Variant):
+def make_step(workload: workloads.Workload, variant: Variant, device: str = "cpu"):
     if variant.framework == "dpbench":
         from dpbench.bench import jax_side
 
@@ -65,12 +71,32 @@ def make_step(workload: workloads.Workload, variant: Variant):
     from dpbench.bench import torch_side
 
     mode = {"torch-nonprivate": "nonprivate", "opacus-hooks": "hooks", "opacus-ghost": "ghost"}[variant.id]
-    return torch_side.torch_step(workload, mode)
+    return torch_side.torch_step(workload, mode, "cuda" if device == "gpu" else "cpu")
 
 
-def measure(workload: workloads.Workload, variant: Variant, steps: int) -> dict:
+def device_peak_bytes(variant: Variant) -> int | None:
+    """The accelerator's peak bytes in use by this process (None on a CPU, which has no such count)."""
+    if variant.runtime == "torch":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
+    import jax
+
+    stats = jax.devices()[0].memory_stats() or {}
+    return int(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
+
+
+def measure(
+    workload: workloads.Workload,
+    variant: Variant,
+    steps: int,
+    device: str = "cpu",
+    shared: bool = False,
+) -> dict:
+    if shared:  # the peak RSS of this variant, not of the ones before it in this process
+        restart_peak_rss()
     start = time.perf_counter()
-    step, info = make_step(workload, variant)
+    step, info = make_step(workload, variant, device)
     setup = time.perf_counter() - start
     rss_setup = rss_mb()
     start = time.perf_counter()
@@ -85,6 +111,10 @@ def measure(workload: workloads.Workload, variant: Variant, steps: int) -> dict:
         step(i)
         times.append(time.perf_counter() - start)
         cpu_times.append(time.process_time() - cpu_start)
+    steps_peak = peak_rss_mb()
+    device_peak = device_peak_bytes(variant) if device == "gpu" else None
+    del step  # the variant's buffers, before the next variant in this process
+    gc.collect()
     return {
         "step_seconds": times,
         # CPU time of all this process's threads: what the step consumed, whether or not other jobs
@@ -95,9 +125,20 @@ def measure(workload: workloads.Workload, variant: Variant, steps: int) -> dict:
         "rss_after_setup_mb": rss_setup,
         "rss_end_mb": rss_mb(),
         "warmup_peak_rss_mb": warmup_peak,
-        "steps_peak_rss_mb": peak_rss_mb(),
+        "steps_peak_rss_mb": steps_peak,
+        "device_peak_bytes": device_peak,
         "info": info,
     }
+
+
+def memory_plan(workload: workloads.Workload, variant: Variant, device: str) -> dict:
+    """``dpbench.plan``'s per-device estimate of the variant's step (``device``: the compute preset it
+    plans for; the backend is this process's) and the seconds it took."""
+    from dpbench.bench import jax_side
+
+    start = time.perf_counter()
+    parts = jax_side.memory_plan(workload, variant.clipping, device)
+    return {"plan": parts, "plan_seconds": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,23 +149,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--out")
     parser.add_argument("--list-clippings", action="store_true")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--plan-only", action="store_true", help="dpbench.plan's estimates, no measurement")
     args = parser.parse_args(argv)
     if args.list_clippings:
         from dpbench.bench.jax_side import available_clippings
 
         print(json.dumps(list(available_clippings())))
         return 0
-    workload = workloads.get(args.workload, args.quick)
-    variant = BY_ID[args.variant]
-    try:
-        result = measure(workload, variant, args.steps or workload.timed_steps)
-        code = 0
-    except Exception as error:  # noqa: BLE001 - reported in the table, the other variants go on
-        traceback.print_exc()
-        result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
-        code = 1
-    Path(args.out).write_text(json.dumps(result, indent=1))
-    return code
+    workload = workloads.find(args.workload, args.quick)
+    variant_ids = args.variant.split(",")
+    results = []
+    for variant_id in variant_ids:
+        try:
+            steps = args.steps or workload.timed_steps
+            shared = len(variant_ids) > 1
+            if args.plan_only:
+                result = memory_plan(workload, BY_ID[variant_id], args.device)
+            else:
+                result = measure(workload, BY_ID[variant_id], steps, args.device, shared)
+        except Exception as error:  # noqa: BLE001 - reported in the table, the other variants go on
+            traceback.print_exc()
+            result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+        results.append({"variant": variant_id, **result})
+        Path(args.out).write_text(json.dumps(results if len(variant_ids) > 1 else results[0], indent=1))
+    return 1 if len(variant_ids) == 1 and "error" in results[0] else 0
 
 
 if __name__ == "__main__":

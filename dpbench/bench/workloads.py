@@ -38,6 +38,12 @@ class Workload:
     # Architecture for the torch side where no checkpoint gives it (decoders, tiny encoders); the
     # decoder dims are dpbench's Gemma 3 presets (tests/cli/test_bench_cli.py checks they agree).
     torch_dims: dict = dataclasses.field(default_factory=dict)
+    # conf/model overrides on top of dpbench_model (random weights and the dims of a shape, dtype)
+    model_overrides: tuple[str, ...] = ()
+    # Draw the random weights on the device from the model's abstract shapes: a 4B model drawn on the
+    # host (the builder's random_init) costs ~17 GB of host memory and half a minute per process.
+    random_weights_on_device: bool = False
+    torch_dtype: str = "float32"  # the torch side's parameter dtype (bfloat16: LoRA factors too)
 
     @property
     def num_physical(self) -> int:
@@ -178,8 +184,127 @@ QUICK: dict[str, Workload] = {
 }
 
 
+# The accelerator bench (``python -m dpbench.bench --device gpu``): Gemma 3 1B- and 4B-shaped
+# decoders with random weights + LoRA r32 in bfloat16 at sequence 512 (the samsum_gemma setting), and
+# a RoBERTa-base-shaped encoder fully fine-tuned at sequence 512. Physical batches sized for one 80 GB
+# device under every dp.clipping (python -m dpbench.plan compute=gpu checks the same shapes).
+_RANDOM_GEMMA = ("checkpoint=null", "random_init=true", "tokenizer=bytes", "dtype=bfloat16")
+_GEMMA_LORA = dict(
+    kind="decoder",
+    finetune="lora",
+    seq_len=512,
+    lora_rank=32,
+    lora_alpha=32.0,
+    lora_targets=("q_proj", "v_proj"),
+    optimizer="adamw",
+    learning_rate=3e-3,
+    timed_steps=3,
+    random_weights_on_device=True,
+    torch_dtype="bfloat16",
+)
+# RoBERTa-base's architecture (roberta-base's config.json) as a random encoder_schema model.
+ROBERTA_BASE_DIMS = dict(
+    vocab_size=50265, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072, max_positions=514
+)
+
+
+def _random_encoder(dims: dict) -> tuple[str, ...]:
+    """conf/model/tiny_encoder.yaml's random_init with these dims (a random encoder of that shape)."""
+    keys = ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size")
+    return (
+        "random_init.family=roberta",
+        *(f"random_init.{k}={dims[k]}" for k in keys),
+        f"random_init.max_position_embeddings={dims['max_positions']}",
+    )
+
+
+def _gemma_dims(preset: str) -> dict:
+    from dpbench.models.gemma3 import PRESETS
+
+    config = PRESETS[preset]
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+    keys += ("head_dim", "query_pre_attn_scalar", "sliding_window")
+    return {k: getattr(config, k) for k in keys}
+
+
+def accelerator_workloads(quick: bool) -> dict[str, Workload]:
+    """The accelerator bench's workloads; ``quick``: the same structures on tiny models (CPU tests)."""
+    if quick:
+        tiny_gemma = dict(
+            _GEMMA_LORA,
+            dpbench_model="tiny_gemma3",
+            model_overrides=("dtype=bfloat16",),
+            batch_size=4,
+            physical_batch_size=2,
+            seq_len=32,
+            lora_rank=4,
+            lora_alpha=4.0,
+            timed_steps=2,
+            vocab_size=GEMMA3_TINY_DIMS["vocab_size"],
+            torch_dims=GEMMA3_TINY_DIMS,
+        )
+        return {
+            "gemma3_1b": Workload("gemma3_1b", "Gemma 3 1B shape (quick: tiny) + LoRA", **tiny_gemma),
+            "gemma3_4b": Workload("gemma3_4b", "Gemma 3 4B shape (quick: tiny) + LoRA", **tiny_gemma),
+            "roberta_base": Workload(
+                "roberta_base",
+                "RoBERTa-base shape (quick: tiny), full fine-tuning",
+                kind="encoder",
+                finetune="full",
+                batch_size=4,
+                physical_batch_size=2,
+                seq_len=16,
+                dpbench_model="tiny_encoder",
+                optimizer="adamw",
+                learning_rate=5e-4,
+                timed_steps=2,
+                vocab_size=_TINY_ENCODER_DIMS["vocab_size"],
+                torch_dims=_TINY_ENCODER_DIMS,
+            ),
+        }
+    gemma = {}
+    for preset, physical in (("1b", 16), ("4b", 8)):
+        dims = _gemma_dims(preset)
+        gemma[f"gemma3_{preset}"] = Workload(
+            f"gemma3_{preset}",
+            f"Gemma 3 {preset.upper()} shape, random weights, + LoRA r32 (q, v), bfloat16",
+            dpbench_model=f"gemma3_{preset}",
+            model_overrides=_RANDOM_GEMMA,
+            batch_size=32,
+            physical_batch_size=physical,
+            vocab_size=dims["vocab_size"],
+            torch_dims=dims,
+            **_GEMMA_LORA,
+        )
+    roberta = Workload(
+        "roberta_base",
+        "RoBERTa-base shape, random weights, full fine-tuning",
+        kind="encoder",
+        finetune="full",
+        batch_size=64,
+        physical_batch_size=32,
+        seq_len=512,
+        dpbench_model="tiny_encoder",
+        model_overrides=_random_encoder(ROBERTA_BASE_DIMS),
+        optimizer="adamw",
+        learning_rate=5e-5,
+        timed_steps=3,
+        vocab_size=ROBERTA_BASE_DIMS["vocab_size"],
+        torch_dims=ROBERTA_BASE_DIMS,
+    )
+    return {**gemma, "roberta_base": roberta}
+
+
 def get(key: str, quick: bool) -> Workload:
     table = QUICK if quick else FULL
+    if key not in table:
+        raise ValueError(f"workload {key!r} is not known; choose from {', '.join(table)}")
+    return table[key]
+
+
+def find(key: str, quick: bool) -> Workload:
+    """A workload of either bench (the worker's lookup): a-d, or an accelerator bench key."""
+    table = {**(QUICK if quick else FULL), **accelerator_workloads(quick)}
     if key not in table:
         raise ValueError(f"workload {key!r} is not known; choose from {', '.join(table)}")
     return table[key]

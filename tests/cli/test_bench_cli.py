@@ -7,6 +7,7 @@ number of parameters (the same architecture), and the target verdicts' arithmeti
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -19,7 +20,8 @@ ROW = re.compile(
     r"^\| (?P<label>[^|]+) \| (?P<seconds>[\d.]+) \| (?P<range>[\d.]+-[\d.]+ \(\d+\)) \| "
     r"(?P<ratio>[\d.]+x) \| (?P<cpu>[\d.]+) \| (?P<cpu_ratio>[\d.]+x) \| "
     r"(?P<rss>\d+) MB \| (?P<mem_ratio>[\d.]+x) \| (?P<steps_rss>\d+) MB \| "
-    r"(?P<steps_mem_ratio>[\d.]+x) \| (?P<params>[\d,]+) \|$"
+    r"(?P<steps_mem_ratio>[\d.]+x) \| (?P<params>[\d,]+) \| "
+    r"(?P<load_low>[\d.]+)-(?P<load_high>[\d.]+)(?P<busy> †)? \|$"
 )
 
 
@@ -57,10 +59,14 @@ def test_quick_bench_writes_a_well_formed_table(tmp_path):
     for match in rows.values():
         assert float(match["seconds"]) > 0 and float(match["cpu"]) > 0 and int(match["rss"]) > 100
         assert 0 < int(match["steps_rss"]) <= int(match["rss"])  # the steps' peak is part of the process's
+        assert float(match["load_low"]) <= float(match["load_high"])
     # Same architecture in both frameworks: the tutorial CNN's 824,458 parameters.
     assert {m["params"] for m in rows.values()} == {"824,458"}
     assert "| all | no dpbench DP and non-private measurement | not measured |" in text
-    # The raw measurements are kept beside the logs, and give the same tables again.
+    # The raw measurements are kept beside the logs (the load around each subprocess too), and give
+    # the same tables again.
+    raw = json.loads((tmp_path / "logs" / "raw.json").read_text())["a"]
+    assert all(m["load_before"] >= 0 and m["load_after"] >= 0 for m in raw)
     again = tmp_path / "again.md"
     assert bench_main.main(["--rerender", str(tmp_path / "logs"), "--output", str(again)]) == 0
     assert again.read_text() == text
@@ -98,6 +104,37 @@ def test_target_verdicts():
     assert verdicts["best dpbench DP step <= Opacus ghost"][1] == "missed by 1.25x"
     assert verdicts["DP peak RSS / non-private <= 1.2x"][1] == "missed by 8.3%"
     assert [v for t, m, v in harness.evaluate_targets("a", rows)][0] == "missed by 1.25x"
+
+
+def test_busy_rounds_are_flagged_with_a_footnote(monkeypatch):
+    """Load minus the measured process's own cores, against 0.75 x cores (4 cores here: 3.0)."""
+    monkeypatch.setattr(harness.os, "cpu_count", lambda: 4)
+    assert not harness.machine_busy(2.9, 2.9) and harness.machine_busy(0.5, 3.1)
+    assert not harness.machine_busy(3.5, 3.9, own_cores=1.0)  # the bench's own threads are not "busy"
+    assert harness.machine_busy(None, 4.5, own_cores=1.0) and not harness.machine_busy(None, None)
+
+    def measured(variant, load_before, load_after, round_=0):
+        m = harness.Measurement(
+            variant, round_, step_seconds=[1.0], step_cpu_seconds=[1.0], peak_rss_mb=100.0
+        )
+        m.load_before, m.load_after = load_before, load_after
+        return m
+
+    quiet_then_busy = [measured("dpbench-none", 0.2, 0.9), measured("dpbench-none", 1.0, 4.5, 1)]
+    rows = harness.summarise(
+        [BY_ID["dpbench-none"], BY_ID["dpbench-ghost"]],
+        [*quiet_then_busy, measured("dpbench-ghost", 0.3, 1.2)],
+        {},
+        {},
+    )
+    assert [(r.busy_rounds, r.load_range) for r in rows] == [(1, (0.2, 4.5)), (0, (0.3, 1.2))]
+    table = harness.render_table(rows)
+    assert "| 0.20-4.50 † |" in table and "| 0.30-1.20 |" in table
+    assert table.endswith(harness.busy_footnote()) and "0.75 x 4 cores = 3" in table
+    quiet = harness.render_table(
+        harness.summarise([BY_ID["dpbench-ghost"]], [measured("dpbench-ghost", 0.1, 0.2)], {}, {})
+    )
+    assert harness.BUSY_MARK not in quiet
 
 
 def test_failed_and_missing_variants_are_reported_not_fatal(tmp_path):
