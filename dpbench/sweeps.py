@@ -8,8 +8,8 @@
 - ``on_job_end``: records each job as done, skipped (already complete in its folder) or failed
   (with its one-line reason); a failed job does not stop the others (``dpbench.__main__`` raises a
   plain exception for it instead of exiting).
-- at the end, :func:`print_summary` (called by the CLI) prints the counts, the failed jobs and the
-  report command.
+- at the end, :func:`print_summary` (called by the CLI) prints the counts, the failed jobs, the
+  sweep's runs as ε spent against their metric (:func:`epsilon_table`) and the report command.
 
 A sweep's folder is stable: ``conf/config.yaml`` names it ``multirun/${dpbench_sweep_name:...}``
 (``dpbench.sweep_names.sweep_name``, from the command's overrides), and each
@@ -122,5 +122,32 @@ def print_summary(out=sys.stderr) -> int:
         if outcome.status == "failed":
             print(f"  failed: {outcome.overrides}: {outcome.reason}", file=out)
     if SWEEP_DIR:
-        print(f"report: python -m dpbench.report {Path(SWEEP_DIR[0])}", file=out)
+        for line in epsilon_table(Path(SWEEP_DIR[0])):
+            print(line, file=out)
+        print(f"report: python -m dpbench.report {Path(SWEEP_DIR[0])} --plot", file=out)
     return 1 if counts["failed"] else 0
+
+
+def epsilon_table(sweep_dir: Path) -> list[str]:
+    """The sweep's finished runs, non-private first then by ε spent: what privacy cost in utility.
+
+    Every run folder under ``sweep_dir`` counts, jobs of earlier invocations included (a re-run
+    skips them), so the table is the whole grid so far.
+    """
+    from dpbench.report.runs import load_runs
+    from dpbench.report.table import fmt_metric
+
+    try:
+        runs = load_runs([str(sweep_dir)]) if sweep_dir.is_dir() else []
+    except (OSError, ValueError):  # a torn record: the report command says which
+        return []
+    if not runs:
+        return []
+    runs.sort(key=lambda run: (run.private, run.epsilon or 0.0))
+    metric = runs[0].primary_metric
+    rows = [("ε spent", metric.split("/")[-1], "run")]
+    for run in runs:
+        epsilon = f"{run.epsilon:.4g}" if run.private else "∞ (non-private)"
+        rows.append((epsilon, fmt_metric(metric, run.metrics.get(metric)), Path(run.path).name))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return [f"  {a:<{widths[0]}}  {b:>{widths[1]}}  {c}" for a, b, c in rows]

@@ -1,6 +1,7 @@
 """Sweeps check every job before the first starts, and a job that fails at run time does not stop
 the others (dpbench/sweeps.py)."""
 
+import json
 import os
 
 from tests.helpers import FIXTURE_DATA, TINY, run_cli
@@ -51,7 +52,14 @@ def test_running_the_literal_command_again_skips_its_finished_jobs(tmp_path):
     (folder,) = (tmp_path / "multirun").iterdir()
     assert folder.name == sweep_name([*TINY_JOB, "dp.epsilon=1,8"])
     assert sorted(p.parent.name for p in folder.glob("*/results.json")) == ["0", "1"]
-    assert f"report: python -m dpbench.report multirun/{folder.name}" in first.stderr
+    assert f"report: python -m dpbench.report multirun/{folder.name} --plot" in first.stderr
+    # The end of the sweep shows what privacy cost: ε spent against accuracy, by ε.
+    records = [json.loads(p.read_text()) for p in folder.glob("*/results.json")]
+    expected = sorted((r["epsilon"], f"{100 * r['metrics']['eval/accuracy']:.2f}%") for r in records)
+    lines = first.stderr.splitlines()
+    at = lines.index(next(line for line in lines if line.split() == ["ε", "spent", "accuracy", "run"]))
+    shown = [line.split() for line in lines[at + 1 : at + 3]]
+    assert [(float(e), a) for e, a, _ in shown] == [(float(f"{e:.4g}"), a) for e, a in expected]
     again = run("dp.epsilon=1,8")
     assert "sweep: 0 done, 2 skipped (complete already), 0 failed" in again.stderr, again.stderr[-3000:]
     assert [p.name for p in (tmp_path / "multirun").iterdir()] == [folder.name]
