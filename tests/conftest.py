@@ -6,6 +6,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DPBENCH_OFFLINE", "1")  # dpbench.data.schema: TFDS never downloads
+# Tiny models: compiling dominates the suite, and LLVM's -O0 compiles about 40% faster. XLA's HLO passes
+# (what the exactness and sharding tests check) are unchanged; subprocesses inherit it (helpers.fake_devices).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 import sys  # noqa: E402
 

@@ -75,6 +75,12 @@ CLI_ENV = {"JAX_PLATFORMS": "cpu", "WANDB_MODE": "offline", "WANDB_SILENT": "tru
 STDERR_TAIL = 4000  # characters of stderr a failed run shows
 
 
+def fake_devices(count: int) -> str:
+    """``XLA_FLAGS`` for a subprocess with ``count`` fake CPU devices, keeping the test flags
+    (tests/conftest.py)."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
+
+
 def run_cli(
     *args: str | Path, env: dict[str, str] | None = None, timeout: float = 600, check: bool = True
 ) -> subprocess.CompletedProcess[str]:

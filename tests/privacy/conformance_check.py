@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -37,16 +37,25 @@ from tests.helpers import compose_config  # noqa: E402
 CLIP = 1e-4  # every example's gradient is larger: each one contributes exactly C
 SIGMA = 1.5
 PHYSICAL = 8
+# Sequences of 64 tokens: four times the tiny model's sliding window (16), an eighth of the
+# preset's 512, which would only make every cell slower.
+GEMMA = [
+    "model=tiny_gemma3",
+    "dataset=samsum_aclsum",
+    "dataset.max_length=64",
+    "dataset.max_prompt_length=48",
+    "dataset.max_new_tokens=4",
+]
 MODELS = {
     "cnn": ["model=cnn"],
     "cnn_tanh": ["model=cnn_tempered"],
     "encoder_lora": ["model=tiny_encoder", "dataset=sst2_rt", "model.finetune=lora"],
     "encoder_ffa": ["model=tiny_encoder", "dataset=sst2_rt", "dp=ffa"],
     "encoder_full": ["model=tiny_encoder", "dataset=sst2_rt", "model.finetune=full"],
-    "gemma_lora": ["model=tiny_gemma3", "dataset=samsum_aclsum", "model.finetune=lora"],
-    "gemma_full": ["model=tiny_gemma3", "dataset=samsum_aclsum", "model.finetune=full"],
+    "gemma_lora": [*GEMMA, "model.finetune=lora"],
+    "gemma_full": [*GEMMA, "model.finetune=full"],
     # A quantized frozen base (QLoRA): its reference is the same quantized model on one float32 device.
-    "gemma_nf4": ["model=tiny_gemma3", "dataset=samsum_aclsum", "model.frozen_quantization=nf4"],
+    "gemma_nf4": [*GEMMA, "model.frozen_quantization=nf4"],
 }
 MESHES = {"1": (1, 1), "d2": (2, 1), "f2": (1, 2), "d2f2": (2, 2)}
 # Correlated noise needs a run longer than its bands; closed-form strategies keep the build fast.

@@ -27,7 +27,7 @@ from dpbench.train import sharding
 from dpbench.train.checkpoint import Checkpoints
 from dpbench.train.loop import Trainer
 from dpbench.train.preemption import Preempted
-from tests.helpers import TINY, compose_config
+from tests.helpers import TINY, compose_config, fake_devices
 
 STEPS = 12
 PARAMS = {("dense", "kernel"): jnp.zeros((8, 3)), ("dense", "bias"): jnp.zeros((3,))}
@@ -120,7 +120,8 @@ def test_trainer_noise_across_a_checkpoint_equals_the_uninterrupted_stream(kind,
 def test_noise_on_two_fsdp_devices_equals_one_device(run_cli):
     """A subprocess with 2 fake CPU devices: the FSDP-sharded noise state gives the same stream."""
     code = (
-        "import os; os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'\n"
+        "import os\n"
+        f"os.environ['XLA_FLAGS'] = {fake_devices(2)!r}\n"
         "import jax, numpy as np\n"
         "from dpbench.train import sharding\n"
         "from tests.privacy.test_correlated_noise import STRATEGIES, _trainer_noise\n"

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import fake_devices, run_cli
 
 SIGMA, CLIP = 1.1, 0.5
 
 
 @pytest.fixture(scope="module")
 def result():
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {"XLA_FLAGS": fake_devices(4)}
     script = Path(__file__).with_name("data_parallel_check.py")
     return json.loads(run_cli(script, env=env).stdout)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import fake_devices, run_cli
 
 REFERENCE = "gemma:lora:per_example:1:1"
 CNN_REFERENCE = "cnn:replicated:per_example:1:1"
@@ -22,7 +22,7 @@ SCRIPT = Path(__file__).with_name("fsdp_check.py")
 
 
 def run_cases(*cases: str) -> dict:
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {"XLA_FLAGS": fake_devices(8)}
     return json.loads(run_cli(SCRIPT, *cases, env=env, timeout=3000).stdout)
 
 
@@ -179,7 +179,7 @@ def test_bfloat16_and_remat():
 
 GENERATE = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 import jax, numpy as np
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3, greedy_generate
 from dpbench.train import sharding

@@ -106,7 +106,7 @@ def test_memory_mapped_reader_reads_what_was_written(tmp_path):
 SCRIPT = textwrap.dedent(
     """
     import os, sys, json
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     import jax, numpy as np
     from flax.traverse_util import flatten_dict
     from dpbench.models.checkpoints import read_safetensors

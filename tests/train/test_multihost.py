@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from dpbench.privacy.randomness import SECRET_FILE
-from tests.helpers import FIXTURE_DATA, REPO, TINY
+from tests.helpers import FIXTURE_DATA, REPO, TINY, fake_devices
 
 RUN = [
     "dataset=sst2_rt",
@@ -34,7 +34,7 @@ def _env(devices: int) -> dict:
     return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": fake_devices(devices),
         "HYDRA_FULL_ERROR": "1",
     }
 

@@ -85,7 +85,8 @@ def test_cpu_run_warns_when_remat_would_save_nothing(tmp_path, caplog, monkeypat
     from tests.helpers import TINY, compose_config
 
     monkeypatch.setenv("XLA_FLAGS", "")
-    overrides = [*TINY, "model=tiny_gemma3", "dataset=samsum_aclsum", "model.remat=full"]
+    short = ["dataset.max_length=96", "dataset.max_prompt_length=64", "dataset.max_new_tokens=4"]
+    overrides = [*TINY, *short, "model=tiny_gemma3", "dataset=samsum_aclsum", "model.remat=full"]
     with caplog.at_level("WARNING", logger="dpbench"):
         experiment.build(compose_config(overrides, tmp_path))
     assert "model.remat=full saves no memory on XLA:CPU" in caplog.text
