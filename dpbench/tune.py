@@ -258,6 +258,8 @@ def run_tuning(
         )
         _write_private(state_path, {"settings": settings, "K": k, "trials": trials})
     best = max(range(k), key=lambda i: trials[i]["score"]) if k else None
+    if best is not None:
+        trials[best]["test_metrics"] = released_test_metrics(Path(trials[best]["folder"]))
     result = tuning_record(
         cfg,
         count,
@@ -273,6 +275,18 @@ def run_tuning(
     )
     records.write_json_atomic(output_dir / RECORD_FILE, result)
     return result
+
+
+def released_test_metrics(folder: Path) -> dict | None:
+    """The released trial's final model on the test split, when it trained with a validation hold-out
+    (``dataset.validation_examples``): measured once, after the choice, which never read the test split.
+    None when the trial evaluated on the test split already (its eval metrics are the test metrics)."""
+    from dpbench import evaluate
+
+    if not evaluate.run_config(folder)["dataset"].get("validation_examples"):
+        return None
+    log.info("tuning: the released trial on the test split")
+    return evaluate.evaluate_on_test(folder)
 
 
 def tuning_record(
@@ -296,6 +310,8 @@ def tuning_record(
         }
         if cfg.tune.score == "eval":  # the public split's metrics (selection-biased: chosen on them)
             released["eval_metrics"] = best["test_or_eval_metrics"]
+        if best.get("test_metrics") is not None:  # the test split, unread by the choice: unbiased
+            released["test_metrics"] = best["test_metrics"]
     return {
         "kind": "tuning",
         "method": "best of K random trials, K secret (Papernot & Steinke 2022, arXiv:2110.03620)",
@@ -347,6 +363,7 @@ def main(cfg: DictConfig) -> None:
         + (
             f"released: {' '.join(released['overrides']) or '(base config)'} "
             f"score {released['score']:.4f} in {released['run_dir']}"
+            + (f"\ntest split: {released['test_metrics']}" if released.get("test_metrics") else "")
             if released
             else "released: nothing (K = 0)"
         )

@@ -82,9 +82,9 @@ class Run:
         return None if self.method == "none" else self.config["dp"].get("epsilon")
 
     @property
-    def epsilon_with_tuning(self) -> float | None:
-        """The total ε, tuning included, of a trial that ``python -m dpbench.tune`` released (its
-        ``tune.json``, two folders up, names this folder); None for any other run."""
+    def tuning(self) -> dict | None:
+        """The ``tune.json`` of the tuning that released this run (two folders up, naming this
+        folder), or None for any other run."""
         folder = Path(self.path)
         tune_file = folder.parent.parent / "tune.json"
         if not folder.is_dir() or not tune_file.is_file():
@@ -93,7 +93,18 @@ class Run:
         released = tuned.get("released") or {}
         if not released.get("run_dir") or Path(released["run_dir"]).resolve() != folder.resolve():
             return None
-        return tuned.get("epsilon_with_tuning")
+        return tuned
+
+    @property
+    def epsilon_with_tuning(self) -> float | None:
+        """The total ε, tuning included, of a trial that ``python -m dpbench.tune`` released."""
+        return (self.tuning or {}).get("epsilon_with_tuning")
+
+    @property
+    def test_metrics(self) -> dict:
+        """A released trial's metrics on the test split (measured after the choice, which read only
+        the validation split); empty for any other run."""
+        return ((self.tuning or {}).get("released") or {}).get("test_metrics") or {}
 
     @property
     def primary_metric(self) -> str:

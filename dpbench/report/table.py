@@ -2,7 +2,8 @@
 
 A column is a name, a header and a function of a :class:`Run`; ``--columns`` picks them by name.
 Metric columns are named by the metric (``eval/accuracy``); ``baseline:<metric>`` is the
-evaluation before training and ``history:<metric>`` the metric at every evaluation.
+evaluation before training, ``history:<metric>`` the metric at every evaluation and ``test:<metric>``
+a tuning's released trial on the test split.
 """
 
 from __future__ import annotations
@@ -141,6 +142,12 @@ def _metric_column(name: str) -> Column:
             return f"{' / '.join(values)} (steps {', '.join(steps)})" if values else "-"
 
         return (f"{short} during training", cells, cells)
+    if kind == "test":  # a tuning's released trial, on the test split
+        return (
+            f"{short} (test, released)",
+            lambda r: fmt_metric(metric, r.test_metrics.get(metric)),
+            lambda r: r.test_metrics.get(metric),
+        )
     return (short, lambda r: fmt_metric(metric, r.metrics.get(metric)), lambda r: r.metrics.get(metric))
 
 
@@ -157,6 +164,7 @@ def column(name: str) -> Column:
             "eval/<metric>",
             "baseline:eval/<metric>",
             "history:eval/<metric>",
+            "test:eval/<metric>",
             "config:<dotted.setting>",
         ]
     )

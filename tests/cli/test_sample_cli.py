@@ -164,3 +164,27 @@ def test_bad_input_is_one_line_exit_2(gemma_run, tmp_path):
         done = run_cli("-m", "dpbench.sample", *args, check=False)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_evaluate_reproduces_the_runs_own_evaluation_from_its_model(gemma_run):
+    """``python -m dpbench.evaluate``: the saved model/ on the test split gives the run's final metrics
+    (this run held nothing out, so its evaluation split is the test split)."""
+    from dpbench import evaluate
+
+    record = json.loads((gemma_run / "results.json").read_text())
+    metrics = evaluate.evaluate_on_test(gemma_run)
+    assert metrics["split"] == "test"
+    for name in ("eval/rouge1", "eval/rouge2", "eval/rougeL", "eval/examples"):
+        assert metrics[name] == pytest.approx(record["metrics"][name], abs=1e-6), name
+
+
+def test_evaluate_bad_input_is_one_line_exit_2(gemma_run, tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"complete": False, "config": {}}))
+    cases = [
+        (tmp_path / "nothing", f"error: RUN_DIR={tmp_path / 'nothing'} has no results.json"),
+        (tmp_path, f"error: RUN_DIR={tmp_path} holds an unfinished run"),
+    ]
+    for run_dir, message in cases:
+        done = run_cli("-m", "dpbench.evaluate", run_dir, check=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import stat
+from pathlib import Path
 
 import dp_accounting
 import numpy as np
@@ -277,3 +278,23 @@ def test_tuning_releases_the_best_noisy_score_and_accounts_the_total(tmp_path):
     assert "| ε (training) | ε (with tuning) |" in text
     released = [r for r in loaded if r.epsilon_with_tuning is not None]
     assert [r.path for r in released] == [result["released"]["run_dir"]]
+
+    # The released trial, measured once on the test split (unread by the choice): its saved model
+    # scored directly on the test images gives the released test accuracy.
+    from omegaconf import OmegaConf
+
+    from dpbench.data.registry import load_dataset
+    from dpbench.models import saved as saved_lib
+
+    folder = Path(result["released"]["run_dir"])
+    record = json.loads((folder / "results.json").read_text())
+    data_cfg = OmegaConf.create(record["config"]["dataset"])
+    data_cfg.validation_examples = None
+    test_split = load_dataset(data_cfg).eval
+    model = saved_lib.load_model(folder / "model").bundle
+    predicted = np.argmax(np.asarray(model.apply_fn(model.params, test_split)), -1)
+    test = result["released"]["test_metrics"]
+    assert test["split"] == "test" and test["eval/examples"] == len(test_split["label"]) == 16
+    assert test["eval/accuracy"] == pytest.approx(float(np.mean(predicted == test_split["label"])))
+    assert json.loads((tmp_path / tune.RECORD_FILE).read_text())["released"]["test_metrics"] == test
+    assert "accuracy (test, released)" in markdown(loaded, ["method", "test:eval/accuracy"])
