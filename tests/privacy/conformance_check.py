@@ -1,14 +1,22 @@
 """One cell of the conformance matrix per argument, run in a subprocess with 4 fake CPU devices.
 
 ``python tests/privacy/conformance_check.py CELL...`` prints JSON ``{cell: result}``. A cell is
-``model:clipping:mesh:dtype:remat[:noise]`` with ``mesh`` one of ``1``, ``d2``, ``f2``, ``d2f2`` and
-``noise`` one of ``iid`` (DP-SGD, the default), ``bandmf``, ``blt`` (correlated noise). Each cell is
+``model:clipping:mesh:dtype:remat[:noise[:unit]]`` with ``mesh`` one of ``1``, ``d2``, ``f2``, ``d2f2``,
+``noise`` one of ``iid`` (DP-SGD, the default), ``bandmf``, ``blt`` (correlated noise) and ``unit``
+``example`` (the default) or ``user`` (``dp.unit=user``: 16 synthetic users of 2 examples, each user's
+mean gradient clipped to C, a physical batch of 4 users). Each cell is
 built through the product's own path (Hydra config -> ``experiment.build``), so a combination the
 config refuses is reported as ``{"refused": <the one-line message>}``. An accepted cell reports:
 
 - ``sum_error``: ‖S - S_ref‖ / ‖S_ref‖, S = the cell's clipped sum of one physical batch (no noise),
-  S_ref = the 1-device float32 ``per_example`` sum of the same batch and parameters;
-- ``sensitivity``: max over removed examples j of ‖S - S₋ⱼ‖ / C (every example is clipped: C is tiny);
+  S_ref = the 1-device float32 ``per_example`` sum of the same batch and parameters. With users,
+  ‖S - S_ref‖ / (U·C), the size of the U clipped terms: a user whose examples' gradients cancel
+  (opposite labels: ‖ḡ‖ = 0.004 ‖gᵢ‖ on the tiny encoder) is scaled up by C/‖ḡ‖, and so is the float32
+  rounding of their mean, in the reference as in the cell; the terms' sum can then be much smaller
+  than the terms (0.08 C for 4 users there), which would make ‖S_ref‖ measure the cancellation, not
+  the implementation;
+- ``sensitivity``: max over removed units j (examples, or users: all their rows) of ‖S - S₋ⱼ‖ / C
+  (every unit is clipped: C is tiny);
 - ``noise``, per randomness mode: the noise the first two logical steps put on the sum (the trainer's
   finalize on a zero sum, threading the noise state), each step's std / (σC) beside the strategy's
   (the norm of that row of C⁻¹: 1 for i.i.d. noise), and the max difference to the same mechanism's
@@ -65,13 +73,24 @@ NOISES = {
     "blt": ["dp=blt", "dp.buffers=2", "dp.optimize_strategy=false"],
 }
 NOISE_STEPS = 2
+USER_SLOTS = 2  # dp.max_examples_per_user: 2 rows per device on the 4-device mesh hold one user
+UNITS = {
+    "example": [],
+    "user": [
+        "dp.unit=user",
+        "dataset.user_key=synthetic",
+        "dataset.synthetic_users=16",  # the 32 training examples, 2 per user
+        f"dp.max_examples_per_user={USER_SLOTS}",
+    ],
+}
 
 
-def overrides(model, clipping, mesh, dtype, remat, noise="iid", randomness="seeded"):
+def overrides(model, clipping, mesh, dtype, remat, noise="iid", unit="example", randomness="seeded"):
     data, fsdp = MESHES[mesh]
     items = [
         *MODELS[model],
         *NOISES[noise],
+        *UNITS[unit],
         "logger=none",
         "runner.progress_bar=false",
         "runner.steps=4",
@@ -104,9 +123,17 @@ def build(items, out):
     return experiment.build(compose_config(items, out))
 
 
+def unit_size(exp) -> int:
+    return exp.mechanism.units.max_examples_per_user if exp.mechanism.units is not None else 1
+
+
 def one_batch(exp):
-    indices = np.arange(PHYSICAL)
-    ((batch, mask),) = gather_chunks(exp.train_arrays, indices, PHYSICAL)
+    """The first physical batch: examples 0..7, or users 0..3 with their rows user-major."""
+    if exp.mechanism.units is None:
+        ((batch, mask),) = gather_chunks(exp.train_arrays, np.arange(PHYSICAL), PHYSICAL)
+        return batch, mask
+    rows, real = exp.mechanism.units.rows(np.arange(PHYSICAL // unit_size(exp)))
+    ((batch, mask),) = gather_chunks(exp.train_arrays, rows, PHYSICAL, mask=real)
     return batch, mask
 
 
@@ -156,27 +183,32 @@ REFERENCES: dict = {}
 def run_cell(cell: str, workdir: Path) -> dict:
     model, clipping, mesh, dtype, remat, *rest = cell.split(":")
     noise_kind = rest[0] if rest else "iid"
+    unit = rest[1] if len(rest) > 1 else "example"
     out = workdir / cell.replace(":", "_")
     try:
-        exp = build(overrides(model, clipping, mesh, dtype, remat, noise_kind), out)
+        exp = build(overrides(model, clipping, mesh, dtype, remat, noise_kind, unit), out)
     except config_lib.SETTING_ERRORS as error:
         return {"refused": str(error)}
-    if (model, noise_kind) not in REFERENCES:  # one per model and noise: 1 device, float32, per-example
-        REFERENCES[model, noise_kind] = build(
-            overrides(model, "per_example", "1", "float32", "none", noise_kind),
-            workdir / f"{model}_{noise_kind}",
+    key = (model, noise_kind, unit)
+    if key not in REFERENCES:  # one per model, noise and unit: 1 device, float32, per-example
+        REFERENCES[key] = build(
+            overrides(model, "per_example", "1", "float32", "none", noise_kind, unit),
+            workdir / "_".join(key),
         )
-    reference = REFERENCES[model, noise_kind]
+    reference = REFERENCES[key]
     batch, mask = one_batch(exp)
     ref_batch, ref_mask = one_batch(reference)
     assert all(np.array_equal(batch[k], ref_batch[k]) for k in batch)
     total = clipped_sum(exp, batch, mask)
     expected = clipped_sum(reference, ref_batch, ref_mask)
     sensitivities = []
-    for j in range(3):
+    k = unit_size(exp)
+    for j in range(3):  # remove unit j: one example, or all the rows of user j
         without = mask.copy()
-        without[j] = False
+        without[j * k : (j + 1) * k] = False
         sensitivities.append(float(np.linalg.norm(total - clipped_sum(exp, batch, without)) / CLIP))
+    units = len(mask) // k
+    scale = np.linalg.norm(expected) if k == 1 else units * CLIP
     noise = {}
     for mode in ("secret", "seeded"):
         randomness = (
@@ -196,9 +228,10 @@ def run_cell(cell: str, workdir: Path) -> dict:
         }
     return {
         "noise_kind": exp.mechanism.strategy.kind,
+        "unit_size": unit_size(exp),
         "clipping": exp.method.clipping,
         "devices": exp.mesh.size,
-        "sum_error": float(np.linalg.norm(total - expected) / np.linalg.norm(expected)),
+        "sum_error": float(np.linalg.norm(total - expected) / scale),
         "sum_norm_over_c": float(np.linalg.norm(total) / CLIP),
         "sensitivity": max(sensitivities),
         "count": int(mask.sum()),

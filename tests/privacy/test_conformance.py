@@ -1,10 +1,11 @@
-"""The conformance matrix: model x clipping x mesh x dtype x remat x noise x randomness, through the real
-config.
+"""The conformance matrix: model x clipping x mesh x dtype x remat x noise x unit x randomness, through
+the real config.
 
 Every cell the config accepts must give (tests/privacy/conformance_check.py, 4 fake CPU devices):
 - the clipped sum of the 1-device float32 per-example implementation (float32: to 1e-4 relative;
   bfloat16: to 5e-2, the model itself rounds);
 - a remove-one sensitivity <= C (every example clipped, so the bound is tight), up to float32 rounding;
+  with ``dp.unit=user``, removing one user (all their rows: each user's mean gradient is clipped);
 - noise of standard deviation σC on the sum (correlated noise: σC times the norm of the row of C⁻¹,
   over the first two steps), drawn once: the same numbers on every mesh as on one device for the
   same key and mechanism, in both randomness modes.
@@ -48,6 +49,10 @@ def _cells() -> list[str]:
     for model, mesh, noise in itertools.product(MODELS, MESHES, ("bandmf", "blt")):
         if model != "encoder_ffa":  # dp=ffa is a method of its own, with i.i.d. noise
             cells.append(f"{model}:bookkeeping:{mesh}:float32:none:{noise}")
+    # User-level DP (dp.unit=user): every model and clipping, on one device and on data x fsdp.
+    for model, clipping, mesh in itertools.product(MODELS, CLIPPINGS, ("1", "d2f2")):
+        if model != "encoder_ffa":
+            cells.append(f"{model}:{clipping}:{mesh}:float32:none:iid:user")
     return cells
 
 
@@ -66,6 +71,8 @@ FAST = [
     "gemma_nf4:bookkeeping:d2f2:bfloat16:full",  # quantized base, FSDP-gathered codes, remat
     "cnn:bookkeeping:d2f2:float32:none:bandmf",
     "encoder_lora:ghost:f2:float32:none:blt",
+    "cnn:ghost:d2f2:float32:none:iid:user",  # a user's cross terms through the conv patches
+    "encoder_lora:bookkeeping:d2:float32:none:iid:user",
 ]
 
 
@@ -83,7 +90,10 @@ def check_cell(cell: str, result: dict) -> None:
     parts = cell.split(":")
     dtype, noise_kind = parts[3], (parts[5] if len(parts) > 5 else "iid")
     assert result["noise_kind"] == noise_kind, (cell, result)
-    assert result["count"] == 8 and result["sum_norm_over_c"] > 1.0, (cell, result)
+    users = parts[6:] == ["user"]
+    assert result["unit_size"] == (2 if users else 1), (cell, result)
+    # The sum is not small against its terms (users: the error is measured against U·C instead).
+    assert result["count"] == 8 and (users or result["sum_norm_over_c"] > 1.0), (cell, result)
     assert result["sum_error"] <= (1e-4 if dtype == "float32" else 5e-2), (cell, result)
     assert result["sensitivity"] <= 1 + 1e-4, (cell, result)
     for mode, noise in result["noise"].items():
@@ -124,7 +134,7 @@ def test_ghost_in_bfloat16_is_refused_naming_bookkeeping(fast_results):
     assert "bookkeeping" in message and "\n" not in message
 
 
-@pytest.mark.slow  # about 230 cells, two builds each: one model's cells per subprocess (5-15 min)
+@pytest.mark.slow  # about 270 cells, two builds each: one model's cells per subprocess (5-15 min)
 @pytest.mark.parametrize("model", MODELS)
 def test_full_matrix(model):
     cells = [cell for cell in FULL if cell.split(":")[0] == model]
