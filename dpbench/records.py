@@ -68,6 +68,9 @@ class RunRecord:
     dataset_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     samples: list[dict[str, str]] | None = None  # summarisation: a few generated evaluation summaries
     audit: dict[str, Any] | None = None
+    # A trial that python -m dpbench.tune released (its released/results.json): the total ε with the
+    # tuning and how the trials were drawn; ``metrics`` are then the test split's.
+    tuning: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,6 +41,7 @@ log = logging.getLogger("dpbench")
 
 RECORD_FILE = "tune.json"  # the release: publishable
 TRIALS_FILE = "tune_trials.json"  # K, every trial and its score: owner-only, never published
+RELEASED_RECORD = "released/results.json"  # the released trial with its test metrics: publishable
 SCORED_METRICS = ("eval/accuracy", "eval/rougeL")  # means of per-example values in [0, 1]
 
 
@@ -274,7 +275,37 @@ def run_tuning(
         command,
     )
     records.write_json_atomic(output_dir / RECORD_FILE, result)
+    if best is not None and trials[best].get("test_metrics"):
+        released = released_record(Path(trials[best]["folder"]), result)
+        records.write_json_atomic(output_dir / RELEASED_RECORD, released)
     return result
+
+
+def released_record(folder: Path, tuned: dict) -> dict:
+    """The released trial as a publishable run record: its own record with the test split's metrics
+    in place of the validation split's, and without its evaluations during training (validation
+    examples, exact: private like the scores), plus ``tuning`` (the total ε with the tuning)."""
+    record = json.loads((folder / records.RESULTS_FILE).read_text())
+    test = dict(tuned["released"]["test_metrics"])
+    split, source = test.pop("split", "test"), test.pop("data_source", "")
+    record["metrics"] = test
+    record["dataset_info"] = {
+        **record.get("dataset_info", {}),
+        "metrics": f"{split} split ({source}), read once after the choice (python -m dpbench.evaluate)",
+    }
+    record["history"] = []
+    record["baseline_metrics"] = None
+    record["samples"] = None
+    record["tuning"] = {
+        key: tuned[key]
+        for key in ("method", "trial_count", "candidates", "score", "noise_multiplier", "delta")
+    } | {
+        "epsilon_with_tuning": tuned["epsilon_with_tuning"],
+        "target_epsilon": tuned["target_epsilon"],
+        "released_overrides": tuned["released"]["overrides"],
+        "command": tuned["command"],
+    }
+    return record
 
 
 def released_test_metrics(folder: Path) -> dict | None:

@@ -83,8 +83,11 @@ class Run:
 
     @property
     def tuning(self) -> dict | None:
-        """The ``tune.json`` of the tuning that released this run (two folders up, naming this
-        folder), or None for any other run."""
+        """The tuning that released this run: the record's own ``tuning`` (a tuning's publishable
+        ``released/results.json``), else the ``tune.json`` two folders up that names this trial
+        folder; None for any other run."""
+        if self.record.tuning:
+            return self.record.tuning
         folder = Path(self.path)
         tune_file = folder.parent.parent / "tune.json"
         if not folder.is_dir() or not tune_file.is_file():

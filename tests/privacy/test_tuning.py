@@ -298,3 +298,13 @@ def test_tuning_releases_the_best_noisy_score_and_accounts_the_total(tmp_path):
     assert test["eval/accuracy"] == pytest.approx(float(np.mean(predicted == test_split["label"])))
     assert json.loads((tmp_path / tune.RECORD_FILE).read_text())["released"]["test_metrics"] == test
     assert "accuracy (test, released)" in markdown(loaded, ["method", "test:eval/accuracy"])
+
+    # The publishable record of the released trial: the test metrics, no validation evaluations,
+    # the total ε; the report reads it like any run and shows both ε.
+    published = json.loads((tmp_path / tune.RELEASED_RECORD).read_text())
+    assert published["metrics"]["eval/accuracy"] == test["eval/accuracy"] and published["history"] == []
+    assert published["tuning"]["epsilon_with_tuning"] == result["epsilon_with_tuning"]
+    assert published["epsilon"] == result["epsilon_training"]
+    (row,) = load_runs([str(tmp_path / "released")])
+    assert row.epsilon_with_tuning == result["epsilon_with_tuning"]
+    assert "| ε (training) | ε (with tuning) |" in markdown([row])
