@@ -12,7 +12,7 @@ import pytest
 from flax.traverse_util import flatten_dict, unflatten_dict
 from omegaconf import OmegaConf
 
-from dpbench import export
+from dpbench import export, sample
 from dpbench.models import saved
 from dpbench.models.base import LABELS
 from dpbench.models.registry import build_model
@@ -144,6 +144,15 @@ def test_a_pretrained_base_is_named_and_read_again_not_copied(tmp_path):
     assert base["source"].startswith("hf:")
     assert "encoder/embeddings/word_embeddings/embedding" in base["checksums"]
     assert len(base["checksums"]) + len(stored) == len(flatten_dict(loaded.bundle.params))
+    # python -m dpbench.sample on the real weights: the label and probabilities of the model read back.
+    (record,) = sample.run([str(tmp_path), "--prompt", "a fine, moving film", "--no-progress"])
+    ids = np.array([loaded.bundle.tokenizer.encode("a fine, moving film")])
+    logits = loaded.bundle.apply_fn(
+        loaded.bundle.params, {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+    )
+    probs = np.asarray(jax.nn.softmax(logits))[0]
+    np.testing.assert_allclose(record["probabilities"], probs, atol=1e-5)
+    assert record["label"] == int(probs.argmax())
 
     changed = json.loads(json.dumps(config))
     name = sorted(changed["base_params"]["checksums"])[0]
@@ -233,6 +242,19 @@ def test_gemma_270m_peft_and_merged_exports_match_in_transformers(tmp_path):
     assert config["base_model_name_or_path"] == str((tmp_path / "peft" / "base").resolve())
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "merged"))
     assert hf_tok("Hello world")["input_ids"] == tok.encode("Hello world")
+    # python -m dpbench.sample on the real weights, greedy: the tokens transformers generates from the
+    # merged export for the same prompt.
+    prompt = "The capital of France is Paris, and the capital of Germany is"
+    (record,) = sample.run(
+        [str(tmp_path), "--prompt", prompt, "--raw", "--max-new-tokens", "8", "--no-progress"]
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "merged"), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([tok.encode(prompt)]), max_new_tokens=8, do_sample=False)
+    new = [int(t) for t in out[0, len(tok.encode(prompt)) :] if int(t) not in (tok.eos_id, tok.pad_id)]
+    assert record["completion"] == tok.decode(new).strip() and record["completion"]
 
 
 # ---------------------------------------------------------------------------------------------
