@@ -1,4 +1,5 @@
-"""Every preset starts: each ``conf/experiment/*.yaml`` trains 2 logical steps with tiny stand-ins.
+"""Every preset starts: each ``conf/experiment/*.yaml`` trains 2 logical steps with tiny stand-ins,
+writes its record, and the report reads it.
 
 The model and the data are swapped for offline tiny ones (tiny Gemma 3 / tiny encoder / the CNN on
 the fixture data in tests/fixtures, no network, no ../shared), but what decides whether a preset can
@@ -12,7 +13,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from dpbench import experiment
+from dpbench import experiment, report
 from dpbench.privacy.methods import resolve_clipping
 from tests.helpers import EXPERIMENTS, compose_config
 
@@ -89,6 +90,9 @@ def test_preset_starts_and_trains_two_steps(name, tmp_path):
     experiment.train_and_evaluate(exp)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["steps"] == 2 and saved["method"] == expected["method"]
+    assert saved["data_source"] and saved["weights_source"]
+    row = report.table(report.load_runs([str(tmp_path)])).splitlines()[-1]  # the report reads it
+    assert saved["dataset"] in row and saved["method"] in row
     assert OmegaConf.create(saved["config"]).model.get("dtype") == expected["model"].get("dtype")
     if expected["method"] == "none":
         assert saved["epsilon"] is None
