@@ -139,7 +139,11 @@ def make_method(dp_cfg) -> GradientMethod:
     spec = METHODS[dp_cfg.method]
     if not spec.private:
         return GradientMethod(dp_cfg.method, clip_norm=None)
-    clipping = resolve_clipping(dp_cfg.method, dp_cfg.get("clipping", AUTO) or AUTO)
+    users = dp_cfg.get("unit", "example") == "user"
+    setting = dp_cfg.get("clipping", AUTO) or AUTO
+    # User-level: per-example clipping, the one implementation whose user norm is the norm of the
+    # user's summed rows (dpbench.privacy.units.check_settings refuses ghost and book-keeping).
+    clipping = "per_example" if users and setting == AUTO else resolve_clipping(dp_cfg.method, setting)
     return GradientMethod(
         dp_cfg.method,
         clip_norm=float(dp_cfg.clip_norm),
@@ -147,5 +151,5 @@ def make_method(dp_cfg) -> GradientMethod:
         clipping=clipping,
         clip_fn=dp_cfg.get("clip_fn", "fixed"),
         clip_gamma=float(dp_cfg.get("clip_gamma", 0.01)),
-        unit_size=int(dp_cfg.max_examples_per_user) if dp_cfg.get("unit", "example") == "user" else 1,
+        unit_size=int(dp_cfg.max_examples_per_user) if users else 1,
     )
