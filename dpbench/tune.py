@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from dpbench.errors import ConfigError
 from dpbench.privacy import accounting, tuning
 from dpbench.privacy import randomness as randomness_lib
 from dpbench.privacy.methods import METHODS
+from dpbench.train.preemption import Preempted
 
 config_lib.register_configs()
 log = logging.getLogger("dpbench")
@@ -379,14 +381,21 @@ def main(cfg: DictConfig) -> None:
         if not keys:
             log.warning("no grid (hydra.sweeper.params): every trial runs the same settings")
         command = " ".join(["python -m dpbench.tune", *hydra_cfg.overrides.task])
-        result = run_tuning(
-            cfg,
-            jobs,
-            keys,
-            lambda overrides: hydra.compose("config", overrides=overrides),
-            Path(hydra_cfg.runtime.output_dir),
-            command,
-        )
+        try:
+            result = run_tuning(
+                cfg,
+                jobs,
+                keys,
+                lambda overrides: hydra.compose("config", overrides=overrides),
+                Path(hydra_cfg.runtime.output_dir),
+                command,
+            )
+        except Preempted as stop:  # a trial checkpointed: the same command in the same folder resumes
+            resume = command
+            if not any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.task):
+                resume += f" hydra.run.dir={hydra_cfg.runtime.output_dir}"
+            print(f"{stop}\nresume with: {resume}", file=sys.stderr, flush=True)
+            sys.exit(stop.exit_status)
     released = result["released"]
     print(
         f"tuning: σ={result['noise_multiplier']:.4f} per trial, ε (training)={result['epsilon_training']}, "
