@@ -97,13 +97,17 @@ class GradientMethod:
         return clipping_lib.masked_grad_sum(losses_fn, trainable, batch, mask, *args)
 
 
-def resolve_clipping(method: str, clipping: str) -> str:
-    """The implementation a (method, dp.clipping) pair runs; refuses contradictions.
+def resolve_clipping(method: str, clipping: str, unit: str = "example") -> str:
+    """The implementation a (method, dp.clipping, dp.unit) triple runs; refuses contradictions. With
+    users, ``auto`` is per-example clipping, the one whose user norm is the norm of the user's summed
+    rows (``dpbench.privacy.units.check_settings`` refuses ghost and book-keeping there).
 
     >>> resolve_clipping("vanilla", "auto") == FASTEST_EXACT
     True
     >>> resolve_clipping("ghost", "auto")
     'ghost'
+    >>> resolve_clipping("vanilla", "auto", unit="user")
+    'per_example'
     """
     if clipping not in CLIPPING_CHOICES:
         raise ValueError(
@@ -117,7 +121,9 @@ def resolve_clipping(method: str, clipping: str) -> str:
                 f"use dp=vanilla dp.clipping={clipping}, or dp.clipping={spec.required_clipping} / auto"
             )
         return spec.required_clipping
-    return FASTEST_EXACT if clipping == AUTO else clipping
+    if clipping == AUTO:
+        return "per_example" if unit == "user" else FASTEST_EXACT
+    return clipping
 
 
 def check_clipping_dtype(method: str, clipping: str, dtype) -> None:
@@ -139,11 +145,8 @@ def make_method(dp_cfg) -> GradientMethod:
     spec = METHODS[dp_cfg.method]
     if not spec.private:
         return GradientMethod(dp_cfg.method, clip_norm=None)
-    users = dp_cfg.get("unit", "example") == "user"
-    setting = dp_cfg.get("clipping", AUTO) or AUTO
-    # User-level: per-example clipping, the one implementation whose user norm is the norm of the
-    # user's summed rows (dpbench.privacy.units.check_settings refuses ghost and book-keeping).
-    clipping = "per_example" if users and setting == AUTO else resolve_clipping(dp_cfg.method, setting)
+    unit = dp_cfg.get("unit", "example")
+    clipping = resolve_clipping(dp_cfg.method, dp_cfg.get("clipping", AUTO) or AUTO, unit)
     return GradientMethod(
         dp_cfg.method,
         clip_norm=float(dp_cfg.clip_norm),
@@ -151,5 +154,5 @@ def make_method(dp_cfg) -> GradientMethod:
         clipping=clipping,
         clip_fn=dp_cfg.get("clip_fn", "fixed"),
         clip_gamma=float(dp_cfg.get("clip_gamma", 0.01)),
-        unit_size=int(dp_cfg.max_examples_per_user) if users else 1,
+        unit_size=int(dp_cfg.max_examples_per_user) if unit == "user" else 1,
     )
