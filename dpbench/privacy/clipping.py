@@ -290,10 +290,18 @@ class _Tapped:
 
     def norm_route(self, group: list[taps.TapSpec], units: _Units | None = None) -> tuple[str, list]:
         """How the per-example norm of ``group``'s parameter is computed (``ROUTE_*``), and the outer
-        factors it reads (none for a diag tap). The norms below and :func:`norm_routes` both ask this."""
+        factors it reads (none for a diag tap). The norms below and :func:`norm_routes` both ask this.
+
+        Units (user-level DP) always take the materialised route: a unit's norm from the cross
+        terms Σ(aₜ·aₛ)(gₜ·gₛ) between its examples rounds with the size of those terms, and when a
+        user's examples nearly cancel that error, relative to the user's small norm, grows as 1/r²
+        (r = ‖Σᵢ gᵢ‖ / Σᵢ‖gᵢ‖), where the formed gradient's grows as 1/r, as per-example clipping's
+        does (ghost cross terms measured 1.00025 C for a user of the encoder, the formed one 1 + 2e-7)."""
         if group[0].kind == taps.DIAG:
             return ROUTE_DIAG, []
         factors = [self._outer_factors(s, units) for s in group]
+        if units is not None:
+            return ROUTE_MATERIALISED, factors
         if len(group) == 1 and not group[0].ids:
             left, right = factors[0]
             if materialises(left.shape[1], left.shape[2], right.shape[2]):
@@ -302,6 +310,11 @@ class _Tapped:
 
     def _outer_squared_norm(self, group: list[taps.TapSpec], units: _Units | None = None) -> jax.Array:
         route, factors = self.norm_route(group, units)
+        if route == ROUTE_MATERIALISED and len(group) == 1 and group[0].ids:
+            return _segment_squared_norms(*factors[0])
+        if route == ROUTE_MATERIALISED and len(group) > 1:  # a tied parameter: form [U, *shape]
+            formed = sum(self._formed_grads(spec, pair) for spec, pair in zip(group, factors))
+            return jnp.sum(jnp.square(formed.reshape(formed.shape[0], -1)), axis=1)
         if route == ROUTE_MATERIALISED:
             left, right = factors[0]
             grads = jnp.einsum("bti,bto->bio", left, right, precision=EXACT)
@@ -315,6 +328,21 @@ class _Tapped:
                 term = jnp.sum(gram_left * gram_right, axis=(1, 2))
                 total = total + (term if j == k else 2.0 * term)
         return total
+
+    def _formed_grads(self, spec: taps.TapSpec, factors: tuple[jax.Array, jax.Array]) -> jax.Array:
+        """Each row's gradient of ``spec``'s parameter, ``[rows, *param.shape]``, from its factors."""
+        left, right = factors
+        param = self.trainable[spec.path]
+        rows = right.shape[0]
+        if spec.ids:
+            table = jnp.zeros((rows, spec.num_ids, right.shape[-1]), right.dtype)
+            unit = jnp.broadcast_to(jnp.arange(rows)[:, None], left.shape)
+            return table.at[unit, left].add(right).reshape(rows, *param.shape)
+        grads = jnp.einsum("bti,bto->bio", left, right, precision=EXACT)
+        if spec.layout is not None:
+            shape, order = spec.layout
+            grads = jnp.transpose(grads.reshape(rows, *shape), (0, *(1 + i for i in order)))
+        return grads.reshape(rows, *param.shape)
 
     # -- clipped sums ------------------------------------------------------------------------------
 
@@ -372,6 +400,28 @@ def _like_rows_of(batch: dict, tree: dict) -> dict:
     if not axes:
         return tree
     return jax.lax.pcast(tree, tuple(sorted(axes)), to="varying")
+
+
+def _segment_squared_norms(ids: jax.Array, vectors: jax.Array) -> jax.Array:
+    """‖Σₜ onehot(idₜ)⊗vₜ‖² of each row (``ids [B, T]``, ``vectors [B, T, d]``): the positions of a
+    row are sorted by id and each id's vectors summed, so the row's embedding gradient is formed on
+    the ids it uses (``[T, d]``), never on the whole table.
+
+    >>> ids = jnp.array([[2, 0, 2]])
+    >>> vectors = jnp.array([[[1.0, 0.0], [0.0, 3.0], [-1.0, 1.0]]])
+    >>> _segment_squared_norms(ids, vectors).tolist()  # id 2: (0, 1); id 0: (0, 3)
+    [10.0]
+    """
+
+    def one(row_ids, row_vectors):
+        order = jnp.argsort(row_ids)
+        sorted_ids = row_ids[order]
+        starts = jnp.concatenate([jnp.ones((1,), bool), sorted_ids[1:] != sorted_ids[:-1]])
+        segments = jnp.cumsum(starts) - 1
+        sums = jax.ops.segment_sum(row_vectors[order], segments, num_segments=row_ids.shape[0])
+        return jnp.sum(jnp.square(sums))
+
+    return jax.vmap(one)(ids, vectors)
 
 
 def _gram(left_j: jax.Array, ids_j: bool, left_k: jax.Array, ids_k: bool) -> jax.Array:
@@ -590,9 +640,10 @@ def clipped_grad_sum(
     ``unit_size = k > 1`` (user-level DP): the rows are units of ``k`` slots (a user's examples, unit
     after unit, unused slots masked), and what is clipped is each unit's gradient, the mean of its
     examples' gradients; a unit with any non-finite example contributes zero. Removing a unit then
-    moves the sum by at most C. The norms of the units' gradients come from every implementation
-    (ghost norms include the cross terms between a unit's examples); the sum is Σᵢ wᵢ gᵢ with each
-    row weighted by its unit's factor / the unit's number of examples.
+    moves the sum by at most C. Every implementation takes a unit's norm from its formed gradient
+    (ghost and book-keeping: per layer, from the taps; never from cross terms, see
+    ``_Tapped.norm_route``); the sum is Σᵢ wᵢ gᵢ with each row weighted by its unit's factor / the
+    unit's number of examples.
     """
     _check(clipping)
     units = None if unit_size == 1 else _Units(mask, unit_size)

@@ -97,17 +97,13 @@ class GradientMethod:
         return clipping_lib.masked_grad_sum(losses_fn, trainable, batch, mask, *args)
 
 
-def resolve_clipping(method: str, clipping: str, unit: str = "example") -> str:
-    """The implementation a (method, dp.clipping, dp.unit) triple runs; refuses contradictions. With
-    users, ``auto`` is per-example clipping, the one whose user norm is the norm of the user's summed
-    rows (``dpbench.privacy.units.check_settings`` refuses ghost and book-keeping there).
+def resolve_clipping(method: str, clipping: str) -> str:
+    """The implementation a (method, dp.clipping) pair runs; refuses contradictions.
 
     >>> resolve_clipping("vanilla", "auto") == FASTEST_EXACT
     True
     >>> resolve_clipping("ghost", "auto")
     'ghost'
-    >>> resolve_clipping("vanilla", "auto", unit="user")
-    'per_example'
     """
     if clipping not in CLIPPING_CHOICES:
         raise ValueError(
@@ -121,9 +117,7 @@ def resolve_clipping(method: str, clipping: str, unit: str = "example") -> str:
                 f"use dp=vanilla dp.clipping={clipping}, or dp.clipping={spec.required_clipping} / auto"
             )
         return spec.required_clipping
-    if clipping == AUTO:
-        return "per_example" if unit == "user" else FASTEST_EXACT
-    return clipping
+    return FASTEST_EXACT if clipping == AUTO else clipping
 
 
 def check_clipping_dtype(method: str, clipping: str, dtype) -> None:
@@ -145,8 +139,8 @@ def make_method(dp_cfg) -> GradientMethod:
     spec = METHODS[dp_cfg.method]
     if not spec.private:
         return GradientMethod(dp_cfg.method, clip_norm=None)
-    unit = dp_cfg.get("unit", "example")
-    clipping = resolve_clipping(dp_cfg.method, dp_cfg.get("clipping", AUTO) or AUTO, unit)
+    users = dp_cfg.get("unit", "example") == "user"
+    clipping = resolve_clipping(dp_cfg.method, dp_cfg.get("clipping", AUTO) or AUTO)
     return GradientMethod(
         dp_cfg.method,
         clip_norm=float(dp_cfg.clip_norm),
@@ -154,5 +148,5 @@ def make_method(dp_cfg) -> GradientMethod:
         clipping=clipping,
         clip_fn=dp_cfg.get("clip_fn", "fixed"),
         clip_gamma=float(dp_cfg.get("clip_gamma", 0.01)),
-        unit_size=int(dp_cfg.max_examples_per_user) if unit == "user" else 1,
+        unit_size=int(dp_cfg.max_examples_per_user) if users else 1,
     )

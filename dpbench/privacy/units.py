@@ -4,9 +4,9 @@
 contributed: batch selection samples *users* (the sampler, σ, δ and the accountant all count users),
 a sampled user brings up to ``dp.max_examples_per_user`` of their examples (the rest are dropped
 before training, and the log says how many), and the clipping code clips each user's gradient, the
-mean of their examples', to C (``dpbench.privacy.clipping``, ``unit_size``), per example: ghost and
-book-keeping are refused with users (a user's norm from cross terms can round above C). Removing a user then
-moves the clipped sum by at most C, which is what the noise is calibrated to.
+mean of their examples', to C (``dpbench.privacy.clipping``, ``unit_size``; every implementation
+forms each user's gradient to take its norm). Removing a user then moves the clipped sum by at most C,
+which is what the noise is calibrated to.
 
 Rows reach the device user-major, ``k = dp.max_examples_per_user`` slots per user (unused slots
 masked), so a user is never split across physical batches or devices.
@@ -136,15 +136,6 @@ def check_settings(cfg) -> None:
         raise ConfigError(
             f"compute.physical_batch_size={cfg.compute.physical_batch_size} must be a multiple of "
             f"dp.max_examples_per_user={k} (a user's examples never straddle two physical batches)"
-        )
-    clipping = cfg.dp.get("clipping", "auto") or "auto"
-    if clipping in ("ghost", "bookkeeping") or cfg.dp.get("method") == "ghost":
-        raise ConfigError(
-            f"dp.unit=user with dp.clipping={clipping} (dp.method={cfg.dp.get('method')}) is refused: "
-            "ghost and book-keeping take a user's norm from cross terms between the user's examples, "
-            "whose float32 rounding can put a user's clipped gradient above C when those examples' "
-            "gradients cancel "
-            "(measured 1.00025 C); choose dp=vanilla dp.clipping=per_example (or auto)"
         )
     if cfg.dp.adaptive_clip.get("target_quantile") is not None:
         raise ConfigError(

@@ -66,7 +66,7 @@ class Run:
         if clipping == "auto":
             from dpbench.privacy.methods import resolve_clipping
 
-            clipping = resolve_clipping(dp["method"], clipping, dp.get("unit", "example"))
+            clipping = resolve_clipping(dp["method"], clipping)
         return clipping
 
     @property

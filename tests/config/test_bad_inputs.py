@@ -68,19 +68,6 @@ ROWS = [
     ),
     (["dp.unit=user", "dataset.user_key=synthetic", "dataset.synthetic_users=8"], "runner.batch_size"),
     (
-        ["dp.unit=user", "dataset.user_key=synthetic", "dataset.synthetic_users=8", "dp.clipping=ghost"],
-        "dp.unit=user with dp.clipping=ghost",
-    ),
-    (
-        [
-            "dp.unit=user",
-            "dataset.user_key=synthetic",
-            "dataset.synthetic_users=8",
-            "dp.clipping=bookkeeping",
-        ],
-        "choose dp=vanilla dp.clipping=per_example",
-    ),
-    (
         [
             "dp.unit=user",
             "dataset.user_key=synthetic",

@@ -1,10 +1,10 @@
 """User-level clipping (``dp.unit=user``): each user's gradient, the mean of their examples', is
 clipped to C, by every implementation, exactly as a per-user reference computes it by hand.
 
-Rows come user-major with k slots per user (unused slots masked). The fast implementations get a
-user's norm from the cross terms between all of the user's examples (CNN patches, the encoder's
-embedding ids, Gemma's tied embedding), so they are checked against per-example gradients
-averaged per user, then clipped. Removing one user moves the sum by at most C.
+Rows come user-major with k slots per user (unused slots masked). The fast implementations form a
+user's gradient layer by layer from the taps (CNN patches, the encoder's embedding ids, Gemma's tied
+embedding), so they are checked against per-example gradients averaged per user, then clipped.
+Removing one user moves the sum by at most C, also when the user's examples nearly cancel.
 """
 
 from __future__ import annotations
@@ -138,3 +138,30 @@ def test_a_user_with_a_nan_example_contributes_zero(cnn, implementation):
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(got))
     assert_tree_close(got, expected)
     assert float(stats["nonfinite_sum"]) == 2.0  # both real examples of the dropped user
+
+
+@pytest.mark.parametrize("implementation", clipping.CLIPPING_IMPLEMENTATIONS)
+def test_a_user_whose_examples_cancel_moves_the_sum_by_at_most_c(implementation):
+    """Each user holds one sentence twice, with opposite labels, and a small head makes p near 0.5:
+    the two gradients cancel to about 1e-3 of their size. A user's norm taken from the cross terms
+    between its examples rounded to 1.002 C here; the formed gradient's norm stays at float32
+    rounding, as per-example clipping's does."""
+    losses_fn, trainable, frozen, arrays = encoder_problem("full", freeze_a=False)
+    small_head = {p: v * 0.3 if p[0] == "classifier" else v for p, v in trainable.items()}
+    data = {k: v[np.repeat(np.arange(4), 2)] for k, v in arrays.items()}
+    data["label"] = np.tile([0, 1], 4)
+    batch = {k: jnp.asarray(v) for k, v in data.items()}
+    mask, clip, k = np.ones(8, bool), 1e-5, 2
+    fn = jax.jit(
+        functools.partial(clipping.clipped_grad_sum, losses_fn, clipping=implementation, unit_size=k),
+        static_argnums=3,
+    )
+    full, stats = fn(small_head, batch, jnp.asarray(mask), clip, frozen)
+    assert float(stats["clipped_fraction_sum"]) == 4, "every user is clipped, to exactly C"
+    for user in range(4):
+        without = mask.copy()
+        without[user * k : (user + 1) * k] = False
+        rest, _ = fn(small_head, batch, jnp.asarray(without), clip, frozen)
+        diff = [a - b for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(rest))]
+        move = float(jnp.sqrt(sum(jnp.sum(jnp.square(d)) for d in diff)))
+        assert move <= clip * (1 + 1e-4), (user, move / clip)
