@@ -23,6 +23,7 @@ class Anchor:
     delta: float | None = None
     setting: str | None = None
     approx: bool = False
+    beyond_shared_page: bool = False  # read from its source directly, not listed in ../shared/ANCHORS.md
 
 
 def load_anchors(path: str | Path = ANCHORS_FILE) -> list[Anchor]:
