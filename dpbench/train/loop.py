@@ -54,7 +54,7 @@ class RunnerConfig:
     eval_every: int = 500  # logical steps; 0 = only at the end
     eval_before_training: bool = False
     seed: int = 0
-    progress_bar: bool = True
+    progress_bar: bool = True  # false: about 20 log lines "train: step S/N, ε spent E" instead (batch jobs)
     # Checkpoints (<run dir>/checkpoints): every N logical steps; null = about every 10 minutes and at
     # least every 10% of the run; 0 = only before evaluations, at the end and on SIGTERM/SIGINT.
     checkpoint_every: int | None = None
@@ -524,6 +524,8 @@ def train_loop(
     window_steps, window_start = 0, time.perf_counter()
     nonfinite = None  # zeroed examples since the last log, summed on the device (no sync per step)
     epsilon_every = 10 * max(1, num_steps // 500)  # a multiple of the 10-step logging cadence
+    # Without a bar (logs of batch jobs), a progress line about 20 times a run.
+    progress_every = None if progress_bar else 10 * max(1, num_steps // 200)
     while state.step < num_steps:
         step = state.step + 1
         callbacks.check_budget(step)
@@ -548,7 +550,8 @@ def train_loop(
                 **released,
             }
             # ε spent so far, at every evaluation and about 50 times a run (PLD takes up to ~1 s).
-            if is_eval or step == num_steps or step % epsilon_every == 0:
+            progress = progress_every is not None and (step % progress_every == 0 or step == num_steps)
+            if is_eval or step == num_steps or step % epsilon_every == 0 or progress:
                 epsilon = callbacks.epsilon_at(step)
                 if epsilon is not None:
                     record["privacy/epsilon"] = epsilon
@@ -561,6 +564,9 @@ def train_loop(
             if released:
                 postfix["ex_s"] = f"{record['train/examples_per_s']:.0f}"
             bar.set_postfix(postfix)
+            if progress:
+                loss = f", loss {postfix['loss']}" if "loss" in postfix else ""
+                log.info("train: step %d/%d, ε spent %s%s", step, num_steps, postfix["eps"], loss)
             window_steps, window_start = 0, time.perf_counter()
         stop = callbacks.stop_requested()
         callbacks.save(step, is_eval or step == num_steps or stop)

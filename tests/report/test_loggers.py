@@ -42,6 +42,20 @@ def test_the_progress_bar_shows_loss_and_throughput_only_where_released(dp, tmp_
     assert any("eps=" in line for line in bar)
 
 
+@pytest.mark.parametrize("dp", ["vanilla", "none"])
+def test_without_a_bar_the_log_shows_step_epsilon_and_only_released_loss(dp, tmp_path):
+    from tests.helpers import FIXTURE_DATA, TINY, run_cli
+
+    overrides = [*TINY, f"dp={dp}", f"paths.data_root={FIXTURE_DATA}", f"hydra.run.dir={tmp_path}"]
+    done = run_cli("-m", "dpbench", *overrides, timeout=300)
+    lines = [line.split("train: step ")[1] for line in done.stdout.splitlines() if "train: step " in line]
+    assert lines and lines[-1].startswith("2/2, ε spent "), lines
+    spent = lines[-1].split("ε spent ")[1].split(",")[0]
+    assert (spent == "-") == (dp == "none"), lines  # a DP run shows the ε it has spent
+    assert dp == "none" or float(spent) > 0, lines
+    assert ("loss " in lines[-1]) == (dp == "none"), lines  # only where the loss is released
+
+
 def test_an_offline_run_folder_carries_config_summary_group_and_tags(tmp_path, monkeypatch):
     import json
 
