@@ -70,6 +70,23 @@ class Run:
         return clipping
 
     @property
+    def clip_rule(self) -> str | None:
+        """How C was chosen (``dp.clip_fn``, ``dp.adaptive_clip``): ``fixed C=0.1``,
+        ``automatic γ=0.01 C=0.1``, ``adaptive q=0.5 C=0.1→0.73`` (C's end point, a DP release)."""
+        if not self.private:
+            return None
+        dp = self.config["dp"]
+        clip = f"C={dp.get('clip_norm'):g}" if dp.get("clip_norm") is not None else "C=?"
+        adaptive = (self.privacy or {}).get("adaptive_clip")
+        if adaptive:
+            final = adaptive.get("final_clip_norm")
+            end = f"→{final:.3g}" if final is not None else ""
+            return f"adaptive q={adaptive['target_quantile']:g} {clip}{end}"
+        if dp.get("clip_fn", "fixed") == "automatic":
+            return f"automatic γ={dp.get('clip_gamma', 0.01):g} {clip}"
+        return f"fixed {clip}"
+
+    @property
     def randomness(self) -> str | None:
         """``secret`` or ``seeded`` for a DP run; records from before ``dp.randomness`` are ``seeded``
         (their batches and noise followed ``runner.seed``: the claim assumes the seed was secret)."""

@@ -81,6 +81,7 @@ COLUMNS: dict[str, Column] = {
     "model": ("model", lambda r: r.model, lambda r: r.model),
     "method": ("method", lambda r: r.method, lambda r: r.method),
     "clipping": ("clipping", lambda r: r.clipping or "-", lambda r: r.clipping),
+    "clip_rule": ("clip norm C", lambda r: r.clip_rule or "-", lambda r: r.clip_rule),
     "finetune": ("fine-tuned", lambda r: r.finetune or "-", lambda r: r.finetune),
     "rank": ("LoRA rank", lambda r: fmt_number(r.lora_rank), lambda r: r.lora_rank),
     "target_epsilon": ("target ε", lambda r: fmt_number(r.target_epsilon), lambda r: r.target_epsilon),

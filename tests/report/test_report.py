@@ -137,6 +137,30 @@ def test_config_columns_show_any_setting(sweep):
     assert "| vanilla | 2 | 0 | - |" in text and "| none | 8 | 0 | - |" in text
 
 
+def test_the_clip_rule_column_names_how_c_was_chosen(tmp_path):
+    for name, dp in {
+        "fixed": {"clip_norm": 0.1},
+        "automatic": {"clip_norm": 0.1, "clip_fn": "automatic", "clip_gamma": 0.01},
+        "adaptive": {"clip_norm": 0.1},
+    }.items():
+        write_run(tmp_path / name, "vanilla", 1.0, 0.9)
+        path = tmp_path / name / "results.json"
+        record = records.load_record(path)
+        record.config["dp"].update(dp)
+        if name == "adaptive":  # as the runner records it: the settings, and C's end point
+            record.privacy["adaptive_clip"] = {"target_quantile": 0.5, "final_clip_norm": 0.7312}
+        records.write_record(path.parent, record)
+    write_run(tmp_path / "nonprivate", "none", None, 0.95)
+    rows = markdown(load_runs([str(tmp_path)]), ["run", "clip_rule"]).splitlines()[2:]
+    cells = {row.split(" | ")[0].rsplit("/", 1)[-1]: row.split(" | ")[1].rstrip(" |") for row in rows}
+    assert cells == {
+        "adaptive": "adaptive q=0.5 C=0.1→0.731",
+        "automatic": "automatic γ=0.01 C=0.1",
+        "fixed": "fixed C=0.1",
+        "nonprivate": "-",
+    }, rows
+
+
 def test_table_has_a_row_per_run_with_its_numbers(sweep):
     runs = load_runs([str(sweep)])
     assert len(runs) == 9
