@@ -8,12 +8,15 @@ are ``slow`` and skip, naming the folder, when it is absent. tests/conftest.py o
 does not fit (module-level helpers, module-scoped fixtures).
 """
 
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -102,3 +105,22 @@ def run_cli(
     if check:
         assert done.returncode == 0, f"exit status {done.returncode}:\n{done.stderr[-STDERR_TAIL:]}"
     return done
+
+
+def once_per_session(tmp_path_factory, name: str, compute: Callable[[], object]):
+    """``compute()`` (JSON) once for the whole test session, however many xdist workers ask for it.
+
+    A module-scoped fixture is computed again by each worker that runs one of its tests, and again
+    whenever a worker runs another module's test between two of them: the fast conformance subset
+    (8 minutes) ran twice in one ``make test``. The first worker to ask computes and stores the
+    result in the session's shared temporary folder; the others wait for it and read it.
+    """
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this session's, not older ones
+    path = shared / f"once-{name}.json"
+    with FileLock(f"{path}.lock"):
+        if path.is_file():
+            return json.loads(path.read_text())
+        value = compute()
+        path.write_text(json.dumps(value))
+        return value

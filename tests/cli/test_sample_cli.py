@@ -4,6 +4,7 @@ decoding (temperature, top-k, top-p), on a tiny Gemma 3 SAMSum run and a tiny en
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,10 @@ from dpbench.data import text
 from dpbench.models import saved
 from dpbench.models.gemma3 import Sampling, greedy_generate
 from dpbench.models.gemma3.generate import filter_logits
-from tests.helpers import TINY, compose_config, run_cli
+from tests.helpers import TINY, compose_config, once_per_session, run_cli
+
+# One worker runs this module: its tests share one expensive session fixture (once_per_session).
+pytestmark = pytest.mark.xdist_group("sample_gemma_run")
 
 GEMMA = [
     "dataset=samsum_aclsum",
@@ -27,11 +31,14 @@ GEMMA = [
 DIALOGUES = ["A: lunch at noon?\nB: sure, see you there", "A: hi", "B: the train is late again"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gemma_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("gemma_run")
-    experiment.run(compose_config([*TINY, *GEMMA, "compute.eval_batch_size=2"], output_dir=run_dir))
-    return run_dir
+    def train() -> str:
+        run_dir = tmp_path_factory.mktemp("gemma_run")
+        experiment.run(compose_config([*TINY, *GEMMA, "compute.eval_batch_size=2"], output_dir=run_dir))
+        return str(run_dir)
+
+    return Path(once_per_session(tmp_path_factory, "sample_gemma_run", train))
 
 
 def test_a_run_leaves_its_model_and_a_card_without_secrets(gemma_run):

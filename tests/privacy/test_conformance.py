@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import once_per_session, run_cli
 
 SCRIPT = Path(__file__).with_name("conformance_check.py")
 MODELS = (
@@ -116,9 +116,9 @@ def _expected_refusal(cell: str) -> bool:
     return clipping == "ghost" and dtype == "bfloat16"
 
 
-@pytest.fixture(scope="module")
-def fast_results():
-    return run_cells(FAST)
+@pytest.fixture(scope="session")
+def fast_results(tmp_path_factory):
+    return once_per_session(tmp_path_factory, "conformance_fast", lambda: run_cells(FAST))
 
 
 # The fast cells share one subprocess (a module fixture): one xdist worker runs them all

@@ -7,16 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import fake_devices, run_cli
+from tests.helpers import fake_devices, once_per_session, run_cli
+
+# One worker runs this module: its tests share one expensive session fixture (once_per_session).
+pytestmark = pytest.mark.xdist_group("data_parallel")
 
 SIGMA, CLIP = 1.1, 0.5
 
 
-@pytest.fixture(scope="module")
-def result():
+@pytest.fixture(scope="session")
+def result(tmp_path_factory):
     env = {"XLA_FLAGS": fake_devices(4)}
     script = Path(__file__).with_name("data_parallel_check.py")
-    return json.loads(run_cli(script, env=env).stdout)
+    run = lambda: json.loads(run_cli(script, env=env).stdout)  # noqa: E731
+    return once_per_session(tmp_path_factory, "data_parallel", run)
 
 
 @pytest.mark.parametrize("four", ["4", "4_ghost", "4_bookkeeping"])

@@ -13,7 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import fake_devices, run_cli
+from tests.helpers import fake_devices, once_per_session, run_cli
+
+# One worker runs this module: its tests share one expensive session fixture (once_per_session).
+pytestmark = pytest.mark.xdist_group("fsdp")
 
 REFERENCE = "gemma:lora:per_example:1:1"
 CNN_REFERENCE = "cnn:replicated:per_example:1:1"
@@ -39,9 +42,10 @@ def assert_same(reference: dict, other: dict, sum_tol=(1e-4, 1e-7), param_tol=(1
         np.testing.assert_allclose(b, a, rtol=param_tol[0], atol=param_tol[1])
 
 
-@pytest.fixture(scope="module")
-def gemma_fsdp():
-    return run_cases(REFERENCE, "gemma:lora:per_example:2:4", "gemma:lora:bookkeeping:1:4")
+@pytest.fixture(scope="session")
+def gemma_fsdp(tmp_path_factory):
+    cases = (REFERENCE, "gemma:lora:per_example:2:4", "gemma:lora:bookkeeping:1:4")
+    return once_per_session(tmp_path_factory, "fsdp_gemma", lambda: run_cases(*cases))
 
 
 def test_gemma_lora_on_data2_fsdp4_equals_one_device(gemma_fsdp):
@@ -64,17 +68,18 @@ def test_frozen_weights_are_sharded_over_fsdp_and_lora_replicated(gemma_fsdp):
     assert one["frozen_bytes_per_device"] == one["frozen_bytes"]
 
 
-@pytest.fixture(scope="module")
-def cnn_fsdp():
+@pytest.fixture(scope="session")
+def cnn_fsdp(tmp_path_factory):
     # One subprocess (~30 s on 2 busy cores): 1-device reference, fsdp=2 (replicated weights),
     # data=2 x fsdp=2 with weights, Adam moments and gradient sums sharded, and one neighbour check.
-    return run_cases(
+    cases = (
         CNN_REFERENCE,
         "cnn:replicated:per_example:1:2",
         "cnn:full:per_example:2:2",
         "cnn:full:bookkeeping:2:2",
         "sensitivity:cnn:full:per_example:2:2",
     )
+    return once_per_session(tmp_path_factory, "fsdp_cnn", lambda: run_cases(*cases))
 
 
 @pytest.mark.parametrize(
@@ -183,6 +188,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import jax, numpy as np
 from dpbench.models.gemma3 import Gemma3ModelConfig, build_gemma3, greedy_generate
 from dpbench.train import sharding
+
 
 cfg = Gemma3ModelConfig(preset="tiny", random_init=True, tokenizer="bytes", lora_rank=4, lora_alpha=8)
 rng = np.random.default_rng(0)
