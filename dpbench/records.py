@@ -16,6 +16,8 @@ Schema history:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -108,10 +110,27 @@ def flatten(values: Any, sep: str = ".", prefix: str = "") -> dict:
     return flat
 
 
+# The command of a job run from inside another command (a trial of ``python -m dpbench.tune``), whose
+# Hydra overrides are the outer command's, not the job's.
+_JOB_COMMAND: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_command", default=None)
+
+
+@contextlib.contextmanager
+def job_command(command: str):
+    """Record ``command`` as what reruns the jobs run inside this block (:func:`command_line`)."""
+    token = _JOB_COMMAND.set(command)
+    try:
+        yield
+    finally:
+        _JOB_COMMAND.reset(token)
+
+
 def command_line() -> str:
     """``python -m dpbench`` with this job's Hydra overrides (what reruns it, sweep or not)."""
     from hydra.core.hydra_config import HydraConfig
 
+    if _JOB_COMMAND.get() is not None:
+        return _JOB_COMMAND.get()
     if not HydraConfig.initialized():  # built from a composed config (tests, notebooks)
         return "python -m dpbench (config composed in Python, no command line)"
     overrides = HydraConfig.get().overrides.task

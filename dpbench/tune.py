@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -235,8 +236,11 @@ def run_tuning(
         folder = trials_dir / trial_folder_name(secret, index)
         job = jobs[chosen[index]]
         log.info("tuning: trial %s (%s)", folder.name, " ".join(_swept(job, swept_keys)) or "the base config")
-        trial_cfg = compose(_trial_overrides(job, sigma, folder))
-        record = experiment.run(trial_cfg)
+        overrides = _trial_overrides(job, sigma, folder)
+        trial_cfg = compose(overrides)
+        # What reruns this trial alone (the tune command's overrides are not the trial's).
+        with records.job_command(" ".join(["python -m dpbench", *map(shlex.quote, overrides)])):
+            record = experiment.run(trial_cfg)
         planned = repr(events_at(sigma)[chosen[index]])
         if record["privacy"]["mechanism"]["dp_event"] != planned:
             raise RuntimeError(
@@ -298,6 +302,8 @@ def released_record(folder: Path, tuned: dict) -> dict:
     record["history"] = []
     record["baseline_metrics"] = None
     record["samples"] = None
+    # Published, the released model is reproduced by the whole tuning, not by its trial alone.
+    record["reproducibility"] = {**record["reproducibility"], "command": tuned["command"]}
     record["tuning"] = {
         key: tuned[key]
         for key in ("method", "trial_count", "candidates", "score", "noise_multiplier", "delta")

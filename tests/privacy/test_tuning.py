@@ -241,7 +241,12 @@ def test_tuning_releases_the_best_noisy_score_and_accounts_the_total(tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("tune_config", overrides=[*base, *TUNE_OVERRIDES, f"paths.output_dir={tmp_path}"])
         result = tune.run_tuning(
-            cfg, jobs, ["optimizer.learning_rate"], lambda o: compose("config", overrides=o), tmp_path
+            cfg,
+            jobs,
+            ["optimizer.learning_rate"],
+            lambda o: compose("config", overrides=o),
+            tmp_path,
+            command="python -m dpbench.tune +sweep=this_test",
         )
     private = json.loads((tmp_path / tune.TRIALS_FILE).read_text())
     assert stat.S_IMODE((tmp_path / tune.TRIALS_FILE).stat().st_mode) == 0o600
@@ -259,6 +264,11 @@ def test_tuning_releases_the_best_noisy_score_and_accounts_the_total(tmp_path):
         correct = record["metrics"]["eval/accuracy"] * record["metrics"]["eval/examples"]
         scores.append((correct + 2.0 * noise[index]) / record["metrics"]["eval/examples"])
         assert record["noise_multiplier"] == result["noise_multiplier"]
+        # A trial's record names what reruns it alone, not the tune command it ran inside.
+        command = record["reproducibility"]["command"]
+        assert command.startswith("python -m dpbench ") and "tune" not in command.split()[2:], command
+        assert f"dp.noise_multiplier={result['noise_multiplier']!r}" in command, command
+        assert f"optimizer.learning_rate={[0.1, 1][chosen[index]]}" in command, command
         assert record["epsilon"] == pytest.approx(result["epsilon_training"])
     best = int(np.argmax(scores))
     assert result["released"]["score"] == pytest.approx(scores[best])
@@ -305,6 +315,8 @@ def test_tuning_releases_the_best_noisy_score_and_accounts_the_total(tmp_path):
     assert published["metrics"]["eval/accuracy"] == test["eval/accuracy"] and published["history"] == []
     assert published["tuning"]["epsilon_with_tuning"] == result["epsilon_with_tuning"]
     assert published["epsilon"] == result["epsilon_training"]
+    # Published, the model is reproduced by the whole tuning (its trial alone would skip the choice).
+    assert published["reproducibility"]["command"] == "python -m dpbench.tune +sweep=this_test"
     (row,) = load_runs([str(tmp_path / "released")])
     assert row.epsilon_with_tuning == result["epsilon_with_tuning"]
     assert "| ε (training) | ε (with tuning) |" in markdown([row])
