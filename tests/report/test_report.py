@@ -19,7 +19,8 @@ from dpbench.report.table import column
 from tests.helpers import REPO
 
 RESULTS = REPO / "results"
-RECORDS = sorted((RESULTS / "runs").rglob("*.json"))
+# Run records; a tuning's tune.json beside its released record is the tuning's own summary.
+RECORDS = sorted(p for p in (RESULTS / "runs").rglob("*.json") if p.name != "tune.json")
 ANCHORS_MD = REPO.parent / "shared" / "ANCHORS.md"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -219,7 +220,10 @@ def test_update_regenerates_blocks_and_keeps_the_rest(sweep, tmp_path):
 def test_committed_records_recompute_their_epsilon(path):
     run = load_runs([str(path)])[0]
     assert run.config["dp"]["method"] == run.method and run.metrics
-    assert run.reproducibility["command"].startswith("python -m dpbench ")
+    # A released tuning trial is reproduced by the tuning command (python -m dpbench.tune).
+    tuned = run.epsilon_with_tuning is not None
+    command = "python -m dpbench.tune " if tuned else "python -m dpbench "
+    assert run.reproducibility["command"].startswith(command)
     if run.method == "none":
         assert run.epsilon is None
         return
@@ -231,6 +235,9 @@ def test_committed_records_recompute_their_epsilon(path):
     )
     # A BLT's sensitivity comes from its recorded coefficients, rounded to 6 digits.
     assert epsilon == pytest.approx(run.epsilon, rel=1e-4 if noise and noise["kind"] == "blt" else 1e-6)
+    if tuned:  # its σ was calibrated for the total with the tuning, which must meet the target
+        assert run.epsilon < run.epsilon_with_tuning <= run.record.tuning["target_epsilon"] * (1 + 1e-3)
+        return
     assert run.epsilon <= dp["epsilon"] * (1 + 1e-3)
 
 
