@@ -386,7 +386,7 @@ def main(cfg: DictConfig) -> None:
         jobs, keys = candidates_from_hydra(hydra_cfg)
         if not keys:
             log.warning("no grid (hydra.sweeper.params): every trial runs the same settings")
-        command = " ".join(["python -m dpbench.tune", *hydra_cfg.overrides.task])
+        command = " ".join(["python -m dpbench.tune", *map(shlex.quote, hydra_cfg.overrides.task)])
         try:
             result = run_tuning(
                 cfg,
@@ -397,9 +397,8 @@ def main(cfg: DictConfig) -> None:
                 command,
             )
         except Preempted as stop:  # a trial checkpointed: the same command in the same folder resumes
-            resume = command
-            if not any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.task):
-                resume += f" hydra.run.dir={hydra_cfg.runtime.output_dir}"
+            # hydra.run.dir is a Hydra override, never among the task's: name the folder always.
+            resume = f"{command} hydra.run.dir={shlex.quote(hydra_cfg.runtime.output_dir)}"
             print(f"{stop}\nresume with: {resume}", file=sys.stderr, flush=True)
             sys.exit(stop.exit_status)
     released = result["released"]
