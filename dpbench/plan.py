@@ -240,14 +240,12 @@ def measure(cfg: DictConfig, exp, steps: int) -> list[tuple[str, str]]:
     """Build the real run (weights, data) on this machine's devices, take one logical step to compile,
     then ``steps`` more while a thread samples the resident set: the step's transient memory is the peak
     above the resident set before it (freed blocks returned with malloc_trim). CPU only (Linux)."""
-    import ctypes
     import threading
 
     import jax
 
+    from dpbench.train import heap
     from dpbench.train.loop import gather_chunks
-
-    libc = ctypes.CDLL("libc.so.6")
 
     def step(index: int) -> None:
         indices = exp.mechanism.sampler.batch_indices(index)
@@ -258,7 +256,7 @@ def measure(cfg: DictConfig, exp, steps: int) -> list[tuple[str, str]]:
     start = time.perf_counter()
     step(0)
     first = time.perf_counter() - start
-    libc.malloc_trim(0)
+    heap.release_freed()
     before = _rss()
     peak, done = [before], threading.Event()
 

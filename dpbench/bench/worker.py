@@ -16,7 +16,6 @@ and ``--plan-only`` measures nothing: ``dpbench.plan``'s memory estimate of each
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import gc
 import json
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from dpbench.bench import workloads
 from dpbench.bench.variants import BY_ID, Variant
+from dpbench.train import heap
 
 
 def rss_mb() -> float:
@@ -51,8 +51,8 @@ def restart_peak_rss() -> None:
     The process peak includes one-off costs of the warm-up step (XLA compiling the step function
     can take hundreds of MB); the peak over the timed steps is the memory training itself holds.
     """
+    heap.release_freed()
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass

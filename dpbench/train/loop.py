@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec
 from dpbench.errors import ConfigError, check_choice
 from dpbench.models.base import gathering_at_use
 from dpbench.schema import schema
-from dpbench.train import sharding
+from dpbench.train import heap, sharding
 
 if TYPE_CHECKING:  # train never imports privacy at run time: privacy hands the method and noise in
     from dpbench.privacy.methods import GradientMethod
@@ -170,6 +170,7 @@ class Trainer:
         self.update = jax.jit(self._update, donate_argnums=(0, 1, 2))
         self.noise_shardings = None
         self._acc_shapes = None
+        self._compiled = False  # whether a logical step has run (compiled both step functions)
 
     def init(self, trainable: dict) -> TrainState:
         # A fresh copy: the update donates its buffers, and the caller may still hold ``trainable``.
@@ -349,15 +350,24 @@ class Trainer:
         """Run one logical batch given as (host batch, mask) chunks; returns summed statistics."""
         acc = None
         clip_norm = None if state.clip_state is None else state.clip_state["clip_norm"]
+        first = not self._compiled  # this step compiles: hand the compilers' memory back after each
         for batch, mask in chunks:
             batch = sharding.put_batch(batch, self.mesh)
             mask = sharding.put_rows(mask, self.mesh)
             if acc is None:
                 acc = self.zero_accumulator(state.trainable, frozen, batch, mask)
             acc = self.accumulate(acc, state.trainable, frozen, batch, mask, clip_norm)
+            if first:
+                heap.release_freed()
+        if first:
+            jax.block_until_ready(acc)  # the accumulation's buffers are freed before update compiles
+            heap.release_freed()
         state.trainable, state.opt_state, state.noise_state, stats, state.clip_state = self.update(
             state.trainable, state.opt_state, state.noise_state, acc, state.clip_state
         )
+        if first:
+            heap.release_freed()
+            self._compiled = True
         state.step += 1
         return stats
 
