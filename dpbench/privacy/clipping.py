@@ -10,7 +10,8 @@ the clipped sum Σᵢ cᵢ gᵢ with cᵢ = min(1, C/‖gᵢ‖). Three exact im
   materialising per-example gradients; the clipped sum is then the gradient of Σᵢ cᵢ Lᵢ (a second
   backward pass over the same forward).
 - ``bookkeeping``: the same norms, and the clipped sum contracted from the same stored inputs and
-  output-gradients: one backward pass (Bu et al., ICML 2023).
+  output-gradients: one backward pass (Bu et al., ICML 2023). Where the norm formed the per-example
+  gradients Gᵢ (the materialised route below), the sum is Σᵢ cᵢ Gᵢ over them.
 
 In ``ghost`` and ``bookkeeping`` each tapped parameter takes whichever of the ghost norm (cost
 ∝ T²(d₁+d₂)) and the materialised per-example gradient (∝ T·d₁·d₂) is cheaper for its shapes (the
@@ -217,6 +218,11 @@ class _Tapped:
             )
             (self.cotangents,) = vjp(jnp.ones_like(self.losses))
         self.specs = recorders[-1].specs
+        # Per-example gradients [B, d₁, d₂] that the norms formed (the materialised route, per
+        # example): book-keeping sums them, Σᵢ wᵢ Gᵢ, instead of contracting the factors again (a
+        # second B·T·d₁·d₂ matmul). Holding one costs at most its factors, which it replaces: the
+        # route is taken when T(d₁ + d₂) >= d₁d₂.
+        self.formed: dict[tuple, jax.Array] = {}
         self.groups: dict[tuple, list[taps.TapSpec]] = collections.defaultdict(list)
         for spec in self.specs:
             self.groups[spec.path].append(spec)
@@ -319,6 +325,8 @@ class _Tapped:
         if route == ROUTE_MATERIALISED:
             left, right = factors[0]
             grads = jnp.einsum("bti,bto->bio", left, right, precision=EXACT)
+            if units is None:  # book-keeping's sum reads them (one contraction instead of two)
+                self.formed[group[0].path] = grads
             return jnp.sum(jnp.square(grads), axis=(1, 2))
         total = 0.0
         for j, (left_j, right_j) in enumerate(factors):
@@ -356,7 +364,11 @@ class _Tapped:
                 per_example = [jnp.where(_rows(keep, d), d, 0) for d in map(self._diag_grads, group)]
                 total = sum(jnp.einsum("b,bd->d", weights, d, precision=EXACT) for d in per_example)
             else:
-                total = sum(self._outer_sum(s, weights, keep, param) for s in group)
+                if path in self.formed:  # Σᵢ wᵢ Gᵢ over the per-example gradients the norms formed
+                    kept = jnp.where(_rows(keep, self.formed[path]), self.formed[path], 0)
+                    total = jnp.einsum("b,bio->io", weights, kept, precision=EXACT)
+                else:
+                    total = sum(self._outer_sum(s, weights, keep, param) for s in group)
                 layout = group[0].layout
                 if layout is not None:
                     total = jnp.transpose(total.reshape(layout[0]), layout[1])
