@@ -67,7 +67,9 @@ def settings_of(runs: list[Run]) -> dict[int, tuple]:
     flats = {id(run): _flat(run.config) for run in runs}
     common = set.intersection(*(set(flat) for flat in flats.values())) if flats else set()
     keys = sorted(k for k in common if not k.startswith(NOT_A_SETTING))
-    return {ident: tuple((k, flat[k]) for k in keys) for ident, flat in flats.items()}
+    # How C was chosen, read as records of any age give it (older ones lack dp.clip_fn: fixed C).
+    clip = {id(run): ("clip_setting", str(run.clip_setting)) for run in runs}
+    return {ident: (*((k, flat[k]) for k in keys), clip[ident]) for ident, flat in flats.items()}
 
 
 def series_labels(runs: list[Run]) -> dict[tuple, str]:
@@ -84,15 +86,19 @@ def series_labels(runs: list[Run]) -> dict[tuple, str]:
         k
         for k in differing
         if not k.startswith(
-            ("dp.", "accountant.", "model.lora_rank", "dataset.", "model.", "runner.steps", "runner.epochs")
+            ("dp.", "accountant.", "model.", "dataset.", "runner.steps", "runner.epochs", "clip_setting")
         )
     ]
     # The dataset and model go into the title when every run shares them (common_title).
     one_dataset = len({run.dataset for run in runs}) == 1
     one_model = len({run.model for run in runs}) == 1
+    # How C was chosen is a dp.* setting, named when the series differ in it (results/clipping.md).
+    clip_differs = len({run.clip_setting for run in settings.values()}) > 1
     labels = {}
     for key, run in settings.items():
-        extra = ", ".join(f"{k.split('.')[-1]}={flats[key].get(k, '-')}" for k in shown[:3])
+        extra = ", ".join(f"{_setting_name(k)}={flats[key].get(k, '-')}" for k in shown[:3])
+        if clip_differs:
+            extra = ", ".join(filter(None, [run.clip_setting or "non-private", extra]))
         method = "non-private" if run.method == "none" else run.method
         named = [] if one_dataset else [run.dataset]
         named += [] if one_model else [run.model.removeprefix("pkg:")]
@@ -100,6 +106,16 @@ def series_labels(runs: list[Run]) -> dict[tuple, str]:
         base += f" r{run.lora_rank}" if run.lora_rank else ""
         labels[key] = f"{base} ({run_scope(run)}" + (f", {extra})" if extra else ")")
     return labels
+
+
+def _setting_name(key: str) -> str:
+    """A config key's last part, or the group's name for a ``<group>.name`` key.
+
+    >>> _setting_name("optimizer.learning_rate"), _setting_name("optimizer.name")
+    ('learning_rate', 'optimizer')
+    """
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
 
 def data_subset(run: Run) -> str:

@@ -75,13 +75,21 @@ class Run:
         ``automatic γ=0.01 C=0.1``, ``adaptive q=0.5 C=0.1→0.73`` (C's end point, a DP release)."""
         if not self.private:
             return None
+        adaptive = (self.privacy or {}).get("adaptive_clip")
+        if adaptive and adaptive.get("final_clip_norm") is not None:
+            return f"{self.clip_setting}→{adaptive['final_clip_norm']:.3g}"
+        return self.clip_setting
+
+    @property
+    def clip_setting(self) -> str | None:
+        """:attr:`clip_rule` without adaptive C's end point: the setting, not its outcome."""
+        if not self.private:
+            return None
         dp = self.config["dp"]
         clip = f"C={dp.get('clip_norm'):g}" if dp.get("clip_norm") is not None else "C=?"
         adaptive = (self.privacy or {}).get("adaptive_clip")
         if adaptive:
-            final = adaptive.get("final_clip_norm")
-            end = f"→{final:.3g}" if final is not None else ""
-            return f"adaptive q={adaptive['target_quantile']:g} {clip}{end}"
+            return f"adaptive q={adaptive['target_quantile']:g} {clip}"
         if dp.get("clip_fn", "fixed") == "automatic":
             return f"automatic γ={dp.get('clip_gamma', 0.01):g} {clip}"
         return f"fixed {clip}"

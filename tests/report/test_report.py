@@ -162,6 +162,21 @@ def test_the_clip_rule_column_names_how_c_was_chosen(tmp_path):
     }, rows
 
 
+def test_plot_series_name_how_c_was_chosen_where_runs_differ_in_it(tmp_path):
+    from dpbench.report.plots import series_labels
+
+    for name, dp in {"fixed": {}, "automatic": {"clip_fn": "automatic", "clip_gamma": 0.01}}.items():
+        write_run(tmp_path / name, "vanilla", 1.0, 0.9)
+        path = tmp_path / name / "results.json"
+        record = records.load_record(path)
+        record.config["dp"].update({"clip_norm": 0.1, **dp})
+        records.write_record(path.parent, record)
+    labels = sorted(series_labels(load_runs([str(tmp_path)])).values())
+    assert len(labels) == 2 and "automatic γ=0.01 C=0.1" in labels[0] and "fixed C=0.1" in labels[1], labels
+    alone = series_labels(load_runs([str(tmp_path / "fixed")]))
+    assert "C=" not in next(iter(alone.values()))  # one way of choosing C: nothing to tell apart
+
+
 def test_table_has_a_row_per_run_with_its_numbers(sweep):
     runs = load_runs([str(sweep)])
     assert len(runs) == 9
