@@ -29,6 +29,7 @@ from dpbench.models import remat
 from dpbench.models.base import ModelBundle
 from dpbench.models.registry import build_model
 from dpbench.privacy import accounting, clipping, release
+from dpbench.privacy import noise as noise_lib
 from dpbench.privacy import units as units_lib
 from dpbench.privacy.mechanism import Mechanism, plan_mechanism
 from dpbench.privacy.methods import GradientMethod, make_method
@@ -152,7 +153,7 @@ def build(cfg: DictConfig) -> Experiment:
         method,
         make_optimizer(cfg.optimizer, mechanism.gradient_noise_variance),
         mesh,
-        noise=mechanism.noise_transform(randomness.noise_key()),
+        noise=mechanism.noise_transform(randomness.noise_key(), noise_lib.chunk_elements_for(mesh)),
         expected_batch_size=mechanism.expected_batch_size,
         param_rules=rules,
         gathered_at_use=bundle.gathered_at_use,

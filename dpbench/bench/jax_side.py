@@ -244,7 +244,9 @@ def dpbench_step(
             if noise_kind == "bandmf"
             else noise_lib.Strategy("iid")
         )
-        noise = strategy.transform(NOISE_MULTIPLIER * method.clip_norm, jax.random.PRNGKey(0))
+        noise = strategy.transform(
+            NOISE_MULTIPLIER * method.clip_norm, jax.random.PRNGKey(0), noise_lib.chunk_elements_for(mesh)
+        )
     trainer = Trainer(model.losses_fn, method, make_optimizer(workload), mesh, noise, workload.batch_size)
     state = trainer.init(model.trainable)
     noise_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state.noise_state))

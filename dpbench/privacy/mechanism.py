@@ -247,13 +247,14 @@ class Mechanism:
         """The accounting event of the first ``steps`` logical steps (default: the whole run)."""
         return self.sampler.dp_event(self.noise_multiplier, self.steps if steps is None else steps)
 
-    def noise_transform(self, key):
-        """The noise transform of this run (``dpbench.privacy.noise``), keyed by the privacy randomness."""
+    def noise_transform(self, key, chunk_elements: int | None = None):
+        """The noise transform of this run (``dpbench.privacy.noise``), keyed by the privacy randomness;
+        ``chunk_elements``: draw large unsharded leaves in chunks (the same noise, less memory)."""
         if not self.private:
             return None
         if self.adaptive is not None:  # per unit of C: the trainer scales it by each step's C
-            return self.strategy.transform(self.gradient_noise_multiplier, key)
-        return self.strategy.transform(self.noise_multiplier * self.clip_norm, key)
+            return self.strategy.transform(self.gradient_noise_multiplier, key, chunk_elements)
+        return self.strategy.transform(self.noise_multiplier * self.clip_norm, key, chunk_elements)
 
     @property
     def gradient_noise_multiplier(self) -> float | None:

@@ -48,15 +48,103 @@ class NoiseTransform(NamedTuple):
     update: Callable[[PyTree, PyTree], tuple[PyTree, PyTree]]
 
 
-def add_iid_gaussian(tree: PyTree, key: jax.Array, stddev: float | jax.Array) -> PyTree:
-    """``tree + N(0, stddev^2)`` independently on every coordinate (one key per leaf)."""
+# Unsharded float32 leaves are drawn as one stream, this many elements per loop iteration: the same
+# normals as ``jax.random.normal`` per leaf, but XLA:CPU compiles its threefry (a rolled loop whose
+# state is four uint32 arrays of the draw's size) once per draw. Drawn leaf by leaf, MiniLM's 100
+# leaves kept ~220 MB of compiled code with the update, and each draw held ~4x its leaf in
+# temporaries; streamed, 30 MB and one chunk. 16K elements was the fastest chunk on a CPU.
+NOISE_CHUNK_ELEMENTS = 1 << 14
+
+
+def chunk_elements_for(mesh: jax.sharding.Mesh) -> int | None:
+    """:data:`NOISE_CHUNK_ELEMENTS` where every trainable leaf is whole on each device (no ``fsdp``
+    axis longer than 1), else None (an fsdp-sharded leaf's draw is already split across devices, and
+    a loop over a concatenation of sharded leaves would gather them)."""
+    return NOISE_CHUNK_ELEMENTS if dict(mesh.shape).get("fsdp", 1) == 1 else None
+
+
+def _normal_f32(key1: jax.Array, key2: jax.Array, counter: jax.Array) -> jax.Array:
+    """``jax.random.normal``'s float32 values at flat positions ``counter`` (uint32) of keys
+    ``(key1, key2)`` (scalars, or one per position).
+
+    JAX's partitionable threefry (``jax_threefry_partitionable``, the default) hashes each element's
+    flat index as the counter pair (high, low word) and xors the two outputs; ``normal`` maps those
+    32 bits to a uniform in (-1, 1) through the mantissa and takes √2·erfinv. The same operations
+    give the same bits (tests/privacy/test_noise_chunks.py checks it).
+    """
+    from jax.extend.random import threefry2x32_p
+
+    key1, key2 = (jnp.broadcast_to(k, counter.shape) for k in (key1, key2))
+    bits1, bits2 = threefry2x32_p.bind(key1, key2, jnp.zeros_like(counter), counter)
+    bits = bits1 ^ bits2
+    one = np.array(1.0, np.float32)
+    float_bits = jax.lax.shift_right_logical(bits, jnp.uint32(32 - 23)) | jnp.uint32(one.view(np.uint32))
+    floats = jax.lax.bitcast_convert_type(float_bits, jnp.float32) - one
+    low = np.nextafter(np.float32(-1.0), np.float32(0.0), dtype=np.float32)
+    uniform = jax.lax.max(low, floats * (one - low) + low)
+    return np.float32(np.sqrt(2)) * jax.lax.erf_inv(uniform)
+
+
+def _streamable(x: jax.Array, key: jax.Array) -> bool:
+    return x.dtype == jnp.float32 and key.dtype == jnp.uint32 and key.shape == (2,)
+
+
+def _normals_as_one_stream(sizes: list[int], keys: list, chunk: int) -> tuple[jax.Array, np.ndarray]:
+    """``jax.random.normal(keys[i], (sizes[i],), float32)`` for every i (raw uint32 keys), drawn
+    into one buffer ``chunk`` elements per iteration of one loop: one compiled hash for every leaf,
+    and one chunk's hash state live. Returns the buffer and where each draw starts in it.
+
+    Each draw starts a chunk (the rest of its last chunk is drawn and dropped), so a chunk has one
+    key, and counters that continue its draw's.
+    """
+    chunks = [-(-size // chunk) for size in sizes]
+    starts = chunk * np.cumsum([0, *chunks])[:-1]
+    draw_of_chunk = jnp.asarray(np.repeat(np.arange(len(sizes), dtype=np.int32), chunks))
+    draw_starts = jnp.asarray(starts, jnp.uint32)
+    key_table = jnp.stack(keys)
+
+    def draw_chunk(index, normals):
+        offset = index * chunk
+        draw = draw_of_chunk[index]
+        key = key_table[draw]
+        counter = (offset.astype(jnp.uint32) - draw_starts[draw]) + jax.lax.iota(jnp.uint32, chunk)
+        return jax.lax.dynamic_update_slice(normals, _normal_f32(key[0], key[1], counter), (offset,))
+
+    normals = jnp.empty(chunk * sum(chunks), jnp.float32)
+    return jax.lax.fori_loop(0, sum(chunks), draw_chunk, normals), starts
+
+
+def add_iid_gaussian(
+    tree: PyTree, key: jax.Array, stddev: float | jax.Array, chunk_elements: int | None = None
+) -> PyTree:
+    """``tree + N(0, stddev^2)`` independently on every coordinate (one key per leaf).
+
+    ``chunk_elements``: draw the float32 leaves as one stream, that many elements at a time (the
+    same normals, less memory and less compiled code; the sum may round its last bit differently,
+    as XLA may fold ``stddev`` into √2 in a fused draw). Only for leaves that are not sharded.
+    """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [x + stddev * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    keys = list(jax.random.split(key, len(leaves)))
+    streamed = []
+    if chunk_elements is not None and jax.config.jax_threefry_partitionable:
+        streamed = [i for i, (x, k) in enumerate(zip(leaves, keys)) if _streamable(x, k)]
+        if sum(leaves[i].size for i in streamed) + chunk_elements >= 2**32:
+            streamed = []  # counters are uint32
+    noisy = [
+        None if i in streamed else x + stddev * jax.random.normal(k, x.shape, x.dtype)
+        for i, (x, k) in enumerate(zip(leaves, keys))
+    ]
+    if streamed:
+        normals, starts = _normals_as_one_stream(
+            [leaves[i].size for i in streamed], [keys[i] for i in streamed], chunk_elements
+        )
+        for i, start in zip(streamed, starts):
+            x = leaves[i]
+            noisy[i] = x + stddev * normals[start : start + x.size].reshape(x.shape)
     return jax.tree_util.tree_unflatten(treedef, noisy)
 
 
-def iid_gaussian(stddev: float, key: jax.Array) -> NoiseTransform:
+def iid_gaussian(stddev: float, key: jax.Array, chunk_elements: int | None = None) -> NoiseTransform:
     """Independent Gaussian noise; state ``{"key", "step"}``; step ``s`` uses ``fold_in(key, s)``.
 
     >>> transform = iid_gaussian(2.0, jax.random.PRNGKey(0))
@@ -71,7 +159,8 @@ def iid_gaussian(stddev: float, key: jax.Array) -> NoiseTransform:
         return {"key": jnp.asarray(key), "step": jnp.zeros((), jnp.int32)}
 
     def update(grad_sum, state):
-        noised = add_iid_gaussian(grad_sum, jax.random.fold_in(state["key"], state["step"]), stddev)
+        step_key = jax.random.fold_in(state["key"], state["step"])
+        noised = add_iid_gaussian(grad_sum, step_key, stddev, chunk_elements)
         return noised, {"key": state["key"], "step": state["step"] + 1}
 
     return NoiseTransform(init, update)
@@ -156,9 +245,10 @@ class Strategy:
             )
         return cls("iid", steps)
 
-    def transform(self, stddev: float, key: jax.Array) -> NoiseTransform:
+    def transform(self, stddev: float, key: jax.Array, chunk_elements: int | None = None) -> NoiseTransform:
+        """The noise transform; ``chunk_elements`` (i.i.d. noise on unsharded leaves): draw in chunks."""
         if self.kind == "iid":
-            return iid_gaussian(stddev, key)
+            return iid_gaussian(stddev, key, chunk_elements)
         return correlated_gaussian(self.noising_matrix(), stddev, key)
 
     def noising_matrix(self):
