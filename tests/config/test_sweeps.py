@@ -29,9 +29,12 @@ def test_there_are_sweeps_for_every_task():
 
 
 def setting(cfg, key: str):
-    """The composed value an override ``key=...`` set; for the ``dp`` group, the option's method."""
+    """The composed value an override ``key=...`` set; for the ``dp`` and ``optimizer`` groups, the
+    option's own name (each conf/dp option sets ``method``, each conf/optimizer option ``name``)."""
     if key == "dp":
-        return cfg.dp.method  # each conf/dp option sets method to its own name
+        return cfg.dp.method
+    if key == "optimizer":
+        return cfg.optimizer.name
     node = cfg
     for part in key.split("."):
         node = node[part]
