@@ -53,7 +53,7 @@ class Experiment:
 
     cfg: DictConfig
     dataset: Dataset
-    model: ModelBundle
+    model: ModelBundle  # its functions, labels and tokenizer; params None (the state and frozen hold them)
     task: Task
     method: GradientMethod
     mechanism: Mechanism
@@ -164,6 +164,13 @@ def build(cfg: DictConfig) -> Experiment:
     logger = loggers.for_run(
         cfg, config_dict, output_dir, dataset.name, distributed.is_main(), method.private
     )
+    state = trainer.init(trainable)
+    frozen = sharding.put_sharded(frozen, mesh, rules)
+    # From here the trainer holds the trainable parameters (its own copy: its updates donate their
+    # buffers) and the experiment the placed frozen ones. The bundle drops its tree, which would
+    # otherwise keep a second copy of the weights for the whole run (86 MB for MiniLM fine-tuned whole).
+    bundle.params = None
+    del trainable
     return Experiment(
         cfg=cfg,
         dataset=dataset,
@@ -174,8 +181,8 @@ def build(cfg: DictConfig) -> Experiment:
         trainer=trainer,
         logger=logger,
         mesh=mesh,
-        state=trainer.init(trainable),
-        frozen=sharding.put_sharded(frozen, mesh, rules),
+        state=state,
+        frozen=frozen,
         train_arrays=train_arrays,
         eval_arrays=eval_arrays,
         preparation=preparation,

@@ -30,6 +30,29 @@ def test_build_wires_every_part_from_the_config(tiny_dp_run):
     assert exp.trainer.expected_batch_size == 16
 
 
+def test_build_holds_the_weights_once(tmp_path):
+    """After build the trainer's state holds the trainable parameters and ``exp.frozen`` the rest;
+    the bundle's own tree is dropped, so no second copy of any weight stays alive."""
+    import gc
+
+    import jax
+    import numpy as np
+
+    def alive(shape, dtype) -> int:
+        gc.collect()
+        return sum(1 for x in jax.live_arrays() if x.shape == shape and x.dtype == dtype)
+
+    cfg = compose_config([*TINY, "model=tiny_encoder", "model.finetune=full", "dataset=sst2_rt"], tmp_path)
+    embedding = (259, 32)  # tiny_encoder's word embedding, trained (full fine-tuning)
+    before = alive(embedding, np.float32)
+    exp = experiment.build(cfg)
+    assert exp.model.params is None
+    held = jax.tree_util.tree_leaves((exp.state.trainable, exp.state.opt_state, exp.frozen))
+    expected = sum(1 for x in held if x.shape == embedding)
+    assert expected >= 1
+    assert alive(embedding, np.float32) - before == expected
+
+
 def test_record_is_typed_versioned_and_complete(tiny_dp_run):
     _, record, out = tiny_dp_run
     assert isinstance(record, records.RunRecord)
