@@ -249,6 +249,8 @@ def dpbench_step(
         )
     trainer = Trainer(model.losses_fn, method, make_optimizer(workload), mesh, noise, workload.batch_size)
     state = trainer.init(model.trainable)
+    num_trainable = model.num_trainable
+    model.bundle.params = model.trainable = None  # as experiment.build: the trainer's copy only
     noise_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(state.noise_state))
     chunks = gather_chunks(model.batch, np.arange(workload.batch_size), workload.physical_batch_size)
 
@@ -257,7 +259,7 @@ def dpbench_step(
         jax.block_until_ready(state.trainable)
 
     return step, {
-        "trainable_params": model.num_trainable,
+        "trainable_params": num_trainable,
         "method": method.name,
         "noise_state_bytes": noise_bytes,
     }
