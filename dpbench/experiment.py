@@ -209,7 +209,11 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
     resumed_at = [*saved_meta.get("resumed_at", []), *([start] if start else [])]
     history = records.History(distributed.side_path(exp.output_dir / records.HISTORY_FILE), resume_step=start)
     policy = release.ReleasePolicy(exp.private, cfg.runner.release_nonprivate_stats)
-    clock = hooks.TrainClock(float(saved_meta.get("train_seconds", 0.0)))
+    clock = hooks.TrainClock(
+        float(saved_meta.get("train_seconds", 0.0)),
+        float(saved_meta.get("wall_seconds", 0.0)),
+        exp.start_time,
+    )
 
     evaluate = hooks.Evaluation(exp, history, hooks.privacy_spent(exp.tracker, mechanism.delta))
     checkpointing = hooks.Checkpointing(
@@ -255,7 +259,7 @@ def train_and_evaluate(exp: Experiment, stop_after: int | None = None) -> record
             exp.logger.finish()
             raise Preempted(signals.requested, stop.step, mechanism.steps, str(exp.output_dir)) from None
     checkpoints.close()
-    return finish(exp, history, policy, clock.seconds(), resumed_at)
+    return finish(exp, history, policy, clock, resumed_at)
 
 
 def run(cfg: DictConfig, stop_after: int | None = None) -> dict:

@@ -63,8 +63,8 @@ class RunRecord:
     baseline_metrics: dict[str, Any] | None = None  # evaluation before training, if asked for
     resumed_at: list[int] = dataclasses.field(default_factory=list)  # steps this run resumed from
     final_params_sha256: str | None = None  # of the trainable parameters: equal runs, equal digests
-    train_seconds: float | None = None
-    wall_seconds: float | None = None
+    train_seconds: float | None = None  # the training loop's, over every session (to its last checkpoint)
+    wall_seconds: float | None = None  # the whole job's, over every session the same way
     devices: int | None = None
     data_preparation: dict[str, Any] = dataclasses.field(default_factory=dict)
     dataset_info: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -22,14 +22,22 @@ log = logging.getLogger("dpbench")
 
 
 class TrainClock:
-    """Training seconds, counting those of the sessions before a resume."""
+    """Training and wall seconds, counting those of the sessions before a resume (up to their last
+    checkpoint: work lost after it is not counted). Wall time runs from ``wall_start``, the job's
+    start, so it includes building, evaluating and writing the record."""
 
-    def __init__(self, seconds_before: float = 0.0):
-        self.seconds_before = seconds_before
+    def __init__(
+        self, seconds_before: float = 0.0, wall_before: float = 0.0, wall_start: float | None = None
+    ):
+        self.seconds_before, self.wall_before = seconds_before, wall_before
         self.start = time.perf_counter()
+        self.wall_start = self.start if wall_start is None else wall_start
 
     def seconds(self) -> float:
         return self.seconds_before + time.perf_counter() - self.start
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.wall_start
 
 
 class Evaluation:
@@ -110,7 +118,11 @@ class Checkpointing:
 
     def __call__(self, step: int, required: bool) -> None:
         if (required or self.cadence.due(step)) and self.last_step != step:
-            meta = {**self.meta, "train_seconds": self.clock.seconds()}
+            meta = {
+                **self.meta,
+                "train_seconds": self.clock.seconds(),
+                "wall_seconds": self.clock.wall_seconds(),
+            }
             self.checkpoints.save(step, self.state.trainable, self.state.saved_state, meta)
             self.cadence.saved()
             self.last_step = step

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 
 import jax
 import numpy as np
@@ -35,7 +34,7 @@ def finish(
     exp,  # a dpbench.experiment.Experiment (not imported: it imports this module)
     history: records.History,
     policy: release.ReleasePolicy,
-    train_seconds: float,
+    clock,  # a dpbench.job.hooks.TrainClock: training and wall seconds over every session
     resumed_at: list[int],
 ) -> records.RunRecord:
     """The privacy claim, the audit, and the complete record (written atomically)."""
@@ -85,7 +84,7 @@ def finish(
         baseline_metrics=_metrics(baseline) if baseline else None,
         resumed_at=resumed_at,
         final_params_sha256=final_sha256,
-        train_seconds=train_seconds,
+        train_seconds=clock.seconds(),
         devices=exp.mesh.size,
         data_preparation=preparation,
         dataset_info=dataset_info,
@@ -94,7 +93,7 @@ def finish(
         **claim,
     )
     model_dir = save_final_model(exp, record)  # before results.json: a complete record has its model
-    record.wall_seconds = time.perf_counter() - exp.start_time
+    record.wall_seconds = clock.wall_seconds()
     path = records.write_record(distributed.side_path(exp.output_dir / records.RESULTS_FILE).parent, record)
     # W&B gets the same privacy claim (and audit) as results.json, for reviewers of a dashboard.
     values = record.to_dict()

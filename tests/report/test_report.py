@@ -366,3 +366,23 @@ def test_rank_ticks_are_plain_numbers_and_styles_never_repeat(sweep, tmp_path, m
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["2", "8", "16"]
     pairs = [(style["color"], style["marker"]) for style in plots.styles(25)]
     assert len(set(pairs)) == 25 and len({color for color, _ in pairs[:20]}) == 20
+
+
+def test_wall_time_of_a_resumed_run_is_the_whole_runs():
+    """Since wall time carries across resumes, a record's is the whole job's; an older resumed record
+    holds only its last session's, so its training time (every session's) shows as a lower bound."""
+    import dataclasses
+
+    from dpbench.report.runs import read_run
+
+    old = read_run(REPO / "results/runs/clipping_sst2/adaptive_q=0.5_seed1.json")
+    assert old.resumed_at and old.wall_seconds < old.train_seconds  # written before the carry-over
+    header, cell, raw = column("wall")
+    assert header == "wall time"
+    assert cell(old) == f"≥ {old.train_seconds / 60:.1f} min" and raw(old) == old.train_seconds
+    carried = dataclasses.replace(
+        old, record=dataclasses.replace(old.record, wall_seconds=1.5 * old.train_seconds)
+    )
+    assert cell(carried) == f"{1.5 * old.train_seconds / 60:.1f} min"
+    fresh = dataclasses.replace(old, record=dataclasses.replace(old.record, resumed_at=[], wall_seconds=60.0))
+    assert cell(fresh) == "1.0 min"

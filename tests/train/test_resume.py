@@ -59,6 +59,27 @@ def test_a_resumed_run_is_bit_identical_across_evaluations(uninterrupted, tmp_pa
     )
 
 
+def test_a_resumed_record_counts_the_time_of_every_session(tmp_path, monkeypatch):
+    """train_seconds and wall_seconds carry on from the checkpoint's, so a table of a resumed run
+    shows what the whole run cost, not its last session."""
+    cfg = compose_config(JOB, tmp_path)
+    with pytest.raises(Preempted):
+        experiment.run(cfg, stop_after=3)
+    saved = Checkpoints(tmp_path, keep=2).read_meta(3)
+    assert saved["wall_seconds"] >= saved["train_seconds"] > 0
+    read_meta = Checkpoints.read_meta  # as if the first session had taken 1000 s, 500 of them training
+    monkeypatch.setattr(
+        Checkpoints,
+        "read_meta",
+        lambda self, step: {**read_meta(self, step), "wall_seconds": 1e3, "train_seconds": 5e2},
+    )
+    resumed = experiment.run(cfg)
+    assert resumed["resumed_at"] == [3]
+    assert (
+        1e3 < resumed["wall_seconds"] < 1e3 + 600 and 5e2 < resumed["train_seconds"] < resumed["wall_seconds"]
+    )
+
+
 def test_a_complete_run_is_skipped(uninterrupted, monkeypatch):
     _, out = uninterrupted
     before = (out / "results.json").read_text()
