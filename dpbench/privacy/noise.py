@@ -57,10 +57,12 @@ NOISE_CHUNK_ELEMENTS = 1 << 14
 
 
 def chunk_elements_for(mesh: jax.sharding.Mesh) -> int | None:
-    """:data:`NOISE_CHUNK_ELEMENTS` where every trainable leaf is whole on each device (no ``fsdp``
-    axis longer than 1), else None (an fsdp-sharded leaf's draw is already split across devices, and
-    a loop over a concatenation of sharded leaves would gather them)."""
-    return NOISE_CHUNK_ELEMENTS if dict(mesh.shape).get("fsdp", 1) == 1 else None
+    """:data:`NOISE_CHUNK_ELEMENTS` on CPU devices where every trainable leaf is whole on each device
+    (no ``fsdp`` axis longer than 1), else None: an fsdp-sharded leaf's draw is already split across
+    devices (and a loop over sharded leaves would gather them), and accelerators lower threefry as
+    one kernel per draw, which thousands of small loop iterations would only slow down."""
+    on_cpu = np.asarray(mesh.devices).flat[0].platform == "cpu"
+    return NOISE_CHUNK_ELEMENTS if on_cpu and dict(mesh.shape).get("fsdp", 1) == 1 else None
 
 
 def _normal_f32(key1: jax.Array, key2: jax.Array, counter: jax.Array) -> jax.Array:

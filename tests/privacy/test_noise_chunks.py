@@ -77,9 +77,16 @@ def test_the_stream_cuts_temporaries_and_compiled_code():
     assert loops[0] >= 41 and loops[1] < 5, loops  # one rolled hash per leaf against one stream
 
 
-def test_streams_only_where_no_fsdp_axis_splits_the_leaves():
+def test_streams_only_on_cpus_where_no_fsdp_axis_splits_the_leaves():
     assert noise.chunk_elements_for(sharding.make_mesh(1)) == noise.NOISE_CHUNK_ELEMENTS
-    assert noise.chunk_elements_for(types.SimpleNamespace(shape={"data": 1, "fsdp": 2})) is None
+
+    def mesh(platform, fsdp):
+        devices = np.array([types.SimpleNamespace(platform=platform)] * fsdp).reshape(1, fsdp)
+        return types.SimpleNamespace(devices=devices, shape={"data": 1, "fsdp": fsdp})
+
+    assert noise.chunk_elements_for(mesh("cpu", 1)) == noise.NOISE_CHUNK_ELEMENTS
+    assert noise.chunk_elements_for(mesh("cpu", 2)) is None
+    assert noise.chunk_elements_for(mesh("gpu", 1)) is None
 
 
 def test_a_private_step_with_streamed_noise_trains_as_with_whole_draws():
