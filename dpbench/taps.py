@@ -5,7 +5,7 @@ A layer computes its output ``y`` from a trainable parameter ``p`` and then hand
 assembled from what the layer saw:
 
 - ``outer``: the per-example gradient of ``p`` is ``sum_t left_t ⊗ right_t`` (a matrix, then
-  reshaped/transposed to ``p``'s shape by ``layout``). One of the two factors is a value the
+  reshaped to ``p``'s shape). One of the two factors is a value the
   layer had (its input, or integer ids standing for one-hot rows), the other is ``dL/dy``: Dense
   (``x``, dy), Conv through patches (patches, dy), Embedding lookup (ids, dy), an embedding tied
   as the output head (dy, h), each LoRA factor.
@@ -48,9 +48,9 @@ class Tap:
 
     ``value`` is an array whose first axis is the example; ``ids=True`` says it holds integer
     ids of one-hot rows of width ``num_ids`` (embedding lookups). For ``outer`` taps
-    ``cotangent_first`` puts ``dL/dy`` on the left (the tied output head: grad = dyᵀ h).
-    ``layout`` maps the ``[d_left, d_right]`` matrix to the parameter: ``(shape, permutation)``
-    for a reshape then transpose (convolution kernels), or None when it already has that shape.
+    ``cotangent_first`` puts ``dL/dy`` on the left (the tied output head: grad = dyᵀ h). The
+    ``[d_left, d_right]`` matrix is the parameter reshaped: a convolution's patches come in its
+    kernel's (kh, kw, C) row order (``dpbench.models.layers.conv_patches``).
     """
 
     path: Path
@@ -59,7 +59,6 @@ class Tap:
     ids: bool = False
     num_ids: int = 0
     cotangent_first: bool = False
-    layout: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +73,6 @@ class TapSpec:
     num_ids: int
     cotangent_first: bool
     has_value: bool
-    layout: tuple[tuple[int, ...], tuple[int, ...]] | None
 
 
 class Recorder:
@@ -117,7 +115,6 @@ class Recorder:
                     num_ids=tap.num_ids,
                     cotangent_first=tap.cotangent_first,
                     has_value=tap.value is not None,
-                    layout=tap.layout,
                 )
             )
             if tap.value is not None:

@@ -227,7 +227,7 @@ class _Tapped:
         for spec in self.specs:
             self.groups[spec.path].append(spec)
         for path, group in self.groups.items():
-            if len({s.kind for s in group}) > 1 or len({s.layout for s in group}) > 1:
+            if len({s.kind for s in group}) > 1:
                 raise ValueError(f"parameter {'/'.join(path)} is tapped in incompatible ways: {group}")
         self.untapped = sorted(p for p in trainable if p not in self.groups)
         if self.untapped:
@@ -348,9 +348,6 @@ class _Tapped:
             unit = jnp.broadcast_to(jnp.arange(rows)[:, None], left.shape)
             return table.at[unit, left].add(right).reshape(rows, *param.shape)
         grads = jnp.einsum("bti,bto->bio", left, right, precision=EXACT)
-        if spec.layout is not None:
-            shape, order = spec.layout
-            grads = jnp.transpose(grads.reshape(rows, *shape), (0, *(1 + i for i in order)))
         return grads.reshape(rows, *param.shape)
 
     # -- clipped sums ------------------------------------------------------------------------------
@@ -369,9 +366,6 @@ class _Tapped:
                     total = jnp.einsum("b,bio->io", weights, kept, precision=EXACT)
                 else:
                     total = sum(self._outer_sum(s, weights, keep, param) for s in group)
-                layout = group[0].layout
-                if layout is not None:
-                    total = jnp.transpose(total.reshape(layout[0]), layout[1])
             # Not cast to the parameter's dtype: a bfloat16 sum would round each example's share.
             grads[path] = total.reshape(param.shape)
         if self.untapped_grads:
