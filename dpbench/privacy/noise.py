@@ -91,6 +91,12 @@ def _streamable(x: jax.Array, key: jax.Array) -> bool:
     return x.dtype == jnp.float32 and key.dtype == jnp.uint32 and key.shape == (2,)
 
 
+def _stream_fits(sizes: list[int], chunk: int) -> bool:
+    """Whether the stream's buffer (each draw padded to whole chunks) stays below 2³¹ elements: the
+    loop's offsets are int32, and an overflow would reuse counters, i.e. repeat noise."""
+    return chunk * sum(-(-size // chunk) for size in sizes) < 2**31
+
+
 def _normals_as_one_stream(sizes: list[int], keys: list, chunk: int) -> tuple[jax.Array, np.ndarray]:
     """``jax.random.normal(keys[i], (sizes[i],), float32)`` for every i (raw uint32 keys), drawn
     into one buffer ``chunk`` elements per iteration of one loop: one compiled hash for every leaf,
@@ -130,8 +136,8 @@ def add_iid_gaussian(
     streamed = []
     if chunk_elements is not None and jax.config.jax_threefry_partitionable:
         streamed = [i for i, (x, k) in enumerate(zip(leaves, keys)) if _streamable(x, k)]
-        if sum(leaves[i].size for i in streamed) + chunk_elements >= 2**32:
-            streamed = []  # counters are uint32
+        if not _stream_fits([leaves[i].size for i in streamed], chunk_elements):
+            streamed = []
     noisy = [
         None if i in streamed else x + stddev * jax.random.normal(k, x.shape, x.dtype)
         for i, (x, k) in enumerate(zip(leaves, keys))

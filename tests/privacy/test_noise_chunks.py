@@ -61,6 +61,13 @@ def test_only_raw_keys_and_float32_leaves_are_streamed():
     assert not noise._streamable(jnp.zeros(3, jnp.float32), jax.random.key(0))  # typed key
 
 
+def test_the_stream_is_used_only_while_its_int32_offsets_cannot_overflow():
+    assert noise._stream_fits([2**31 - 2**14], 2**14)
+    assert not noise._stream_fits([2**31], 2**14)
+    # padding counts: 2**17 one-element draws take a whole 2**14 chunk each
+    assert not noise._stream_fits([1] * 2**17, 2**14)
+
+
 def test_the_stream_cuts_temporaries_and_compiled_code():
     """XLA:CPU's rolled threefry holds ~4 uint32 arrays of a draw's size, and is compiled per draw."""
     tree = [jax.ShapeDtypeStruct((4096, 1024), jnp.float32)] + [jax.ShapeDtypeStruct((64,), jnp.float32)] * 40
