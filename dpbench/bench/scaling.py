@@ -11,8 +11,9 @@ gradient); it writes the raw numbers (``bench_scaling.json``) and a plot of the 
 
 Every cell (shape x variant) runs in its own worker process (``dpbench.bench.worker``, through
 ``accelerator.run_group``): one compiling warm-up step, then timed steps and their median; the peak
-RSS is that process's own. Rounds are interleaved (every cell once per round, the order rotated by
-one process each round); a cell's number is the median over rounds, as ``make bench``. The 1-minute
+RSS is that process's own. Rounds are interleaved (every cell once per round); round r starts at the
+r-th shape and measures each shape's variants from the r-th, so no variant is always first after a
+change of shape (``round_order``); a cell's number is the median over rounds, as ``make bench``. The 1-minute
 load average before and after each process is kept, and a cell measured while other jobs held the
 cores is flagged (``harness.machine_busy``).
 
@@ -94,6 +95,27 @@ def child_env(quick: bool) -> dict:
     return env
 
 
+def round_order(chosen: list, variants: list, r: int) -> list[tuple]:
+    """The (shape, variant) cells of round ``r``: the shapes from the r-th on, and within each shape
+    the variants from the r-th on, so over ``len(variants)`` rounds each variant is measured once in
+    each position after a change of shape (the first process of a shape may run in a colder machine).
+
+    >>> [f"{s}{v}" for s, v in round_order(["A", "B"], ["n", "p", "g"], 1)]
+    ['Bp', 'Bg', 'Bn', 'Ap', 'Ag', 'An']
+    """
+    shape_start, variant_start = r % len(chosen), r % len(variants)
+    rotated_shapes = chosen[shape_start:] + chosen[:shape_start]
+    rotated_variants = variants[variant_start:] + variants[:variant_start]
+    return [(s, v) for s in rotated_shapes for v in rotated_variants]
+
+
+def _by_shape(cells: list[tuple]) -> list[list[tuple]]:
+    groups: dict = {}
+    for shape, variant in cells:
+        groups.setdefault(shape, []).append((shape, variant))
+    return list(groups.values())
+
+
 def run_cells(
     chosen: list[Shape], rounds: int, quick: bool, steps, log_dir: Path, timeout: float, echo
 ) -> dict[Shape, list[harness.Measurement]]:
@@ -103,16 +125,13 @@ def run_cells(
         # not in a real run, where it would take compilation out of later rounds' peak RSS only
         env.setdefault("JAX_COMPILATION_CACHE_DIR", str(log_dir / "jax_cache"))
     variants = [BY_ID[i] for i in VARIANT_IDS]
-    # A process per cell (so its peak RSS is that cell's); with --quick, a process per shape.
-    groups = (
-        [[(s, v)] for s in chosen for v in variants]
-        if not quick
-        else [[(s, v) for v in variants] for s in chosen]
-    )
     measured: dict[Shape, list[harness.Measurement]] = {s: [] for s in chosen}
     for r in range(rounds):
         round_dir = log_dir / f"round{r}"
-        for group in groups[r % len(groups) :] + groups[: r % len(groups)]:
+        ordered = round_order(chosen, variants, r)
+        # A process per cell (so its peak RSS is that cell's); with --quick, a process per shape.
+        groups = [[cell] for cell in ordered] if not quick else _by_shape(ordered)
+        for group in groups:
             shape = group[0][0]
             cells = [accelerator.Cell(workload_at(shape, quick), v) for _, v in group]
             process_dir = round_dir / shape.name  # the worker's log and JSON, named by its variants

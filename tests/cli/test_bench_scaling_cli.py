@@ -126,3 +126,22 @@ def test_quick_run_of_both_fine_tuning_modes(tmp_path):
     raw = json.loads((tmp_path / "bench_scaling.json").read_text())
     check_tables((tmp_path / "bench_scaling.md").read_text(), raw, ["lora", "full"], scaling.QUICK_GRID)
     assert set(raw["routes"]) == {"lora", "full"} and "error" not in raw["routes"]["full"]
+
+
+def test_rounds_rotate_the_variants_within_each_shape():
+    """Over as many rounds as variants, each variant is measured once in every position after a change
+    of shape, every round measures every cell once, and a shape's cells stay together."""
+    grid = scaling.FULL_GRID
+    chosen = scaling.shapes(["lora", "full"], grid)
+    variants = [scaling.BY_ID[i] for i in scaling.VARIANT_IDS]
+    positions = {(s, v.id): set() for s in chosen for v in variants}
+    every_cell = sorted((s.name, v.id) for s in chosen for v in variants)
+    for r in range(len(variants)):
+        order = scaling.round_order(chosen, variants, r)
+        assert sorted((s.name, v.id) for s, v in order) == every_cell
+        shapes_in_order = [s for s, _ in order]
+        runs = [s for i, s in enumerate(shapes_in_order) if i == 0 or s != shapes_in_order[i - 1]]
+        assert len(runs) == len(chosen)  # contiguous per shape
+        for i, (s, v) in enumerate(order):
+            positions[(s, v.id)].add(i % len(variants))
+    assert all(p == set(range(len(variants))) for p in positions.values())
