@@ -109,13 +109,6 @@ def round_order(chosen: list, variants: list, r: int) -> list[tuple]:
     return [(s, v) for s in rotated_shapes for v in rotated_variants]
 
 
-def _by_shape(cells: list[tuple]) -> list[list[tuple]]:
-    groups: dict = {}
-    for shape, variant in cells:
-        groups.setdefault(shape, []).append((shape, variant))
-    return list(groups.values())
-
-
 def run_cells(
     chosen: list[Shape], rounds: int, quick: bool, steps, log_dir: Path, timeout: float, echo
 ) -> dict[Shape, list[harness.Measurement]]:
@@ -130,7 +123,8 @@ def run_cells(
         round_dir = log_dir / f"round{r}"
         ordered = round_order(chosen, variants, r)
         # A process per cell (so its peak RSS is that cell's); with --quick, a process per shape.
-        groups = [[cell] for cell in ordered] if not quick else _by_shape(ordered)
+        per_process = len(variants) if quick else 1  # round_order keeps a shape's cells together
+        groups = [ordered[i : i + per_process] for i in range(0, len(ordered), per_process)]
         for group in groups:
             shape = group[0][0]
             cells = [accelerator.Cell(workload_at(shape, quick), v) for _, v in group]
