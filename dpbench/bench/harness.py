@@ -338,10 +338,20 @@ def _with_cpu(wall: str, cpu_value: float | None, bound: float) -> str:
     return wall if cpu_value is None else f"{wall}; CPU time: {_verdict(cpu_value, bound)}"
 
 
+def dp_sgd_rows(rows: list[Row]) -> list[Row]:
+    """dpbench's measured DP-SGD rows: i.i.d. noise only. The targets are the DP-SGD step's; a
+    correlated-noise row (``dpbench-bandmf``) is another mechanism, compared in its own row."""
+    return [
+        r
+        for r in rows
+        if r.variant.framework == "dpbench" and r.variant.private and r.variant.noise == "iid" and r.seconds
+    ]
+
+
 def best_dp(rows: list[Row]) -> Row | None:
-    """dpbench's fastest DP variant: by CPU time when every DP row has it (other jobs on the cores
+    """dpbench's fastest DP-SGD variant: by CPU time when every DP row has it (other jobs on the cores
     distort wall time far more), else by wall time."""
-    dp = [r for r in rows if r.variant.framework == "dpbench" and r.variant.private and r.seconds]
+    dp = dp_sgd_rows(rows)
     if not dp:
         return None
     if all(r.cpu_seconds for r in dp):
@@ -356,7 +366,7 @@ def evaluate_targets(key: str, rows: list[Row]) -> list[tuple[str, str, str]]:
     none = by_id.get("dpbench-none")
     if best is None or not none or not none.seconds:
         return [("all", "no dpbench DP and non-private measurement", "not measured")]
-    dp = [r for r in rows if r.variant.framework == "dpbench" and r.variant.private and r.seconds]
+    dp = dp_sgd_rows(rows)
     name = f"`{best.variant.clipping}`"
     cpu = f"; CPU time {best.cpu_ratio:.2f}x" if best.cpu_ratio is not None else ""
     out = []
