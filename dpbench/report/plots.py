@@ -226,6 +226,54 @@ def ordered_legend(ax, **kwargs) -> None:
     ax.legend([handles[i] for i in order], [names[i] for i in order], **kwargs)
 
 
+def merge_per_epsilon(series: dict[tuple, list[Run]]) -> tuple[dict[tuple, list[Run]], dict[tuple, str]]:
+    """Series of one method that differ only in ``dp.*`` settings: one line when each ε has one value
+    (a setting chosen per ε, as BandMF's bands in results/mechanisms.md), else one line per value, named.
+    Returns the series and what to add to the label of each one that needs it.
+
+    >>> from types import SimpleNamespace as NS
+    >>> run = lambda eps: NS(target_epsilon=eps, epsilon=eps)
+    >>> a = (("dp.bands", "4"), ("dp.method", "bandmf"))
+    >>> b = (("dp.bands", "16"), ("dp.method", "bandmf"))
+    >>> merged, named = merge_per_epsilon({a: [run(1.0)], b: [run(8.0)]})
+    >>> len(merged), named[a]
+    (1, ', bands per ε: 4 / 16')
+    >>> c = (("dp.bands", "8"), ("dp.method", "bandmf"))     # 8 and 16 bands both at ε = 8: two settings
+    >>> merged, named = merge_per_epsilon({a: [run(1.0)], b: [run(8.0)], c: [run(8.0)]})
+    >>> len(merged), sorted(named.values())
+    (3, [', bands=16', ', bands=4', ', bands=8'])
+    """
+
+    def targets(runs: list[Run]) -> set[float]:
+        return {run.target_epsilon or round(run.epsilon, 3) for run in runs}
+
+    groups: dict[tuple, list[tuple]] = defaultdict(list)
+    for key in series:
+        groups[tuple((k, v) for k, v in key if not k.startswith("dp.") or k == "dp.method")].append(key)
+    merged: dict[tuple, list[Run]] = {}
+    named: dict[tuple, str] = {}
+    for keys in groups.values():
+        if len(keys) == 1:
+            merged[keys[0]] = series[keys[0]]
+            continue
+        keys.sort(key=lambda key: min(targets(series[key])))
+        names = set().union(*(dict(key) for key in keys))
+        differ = sorted(k for k in names if len({dict(key).get(k) for key in keys}) > 1)
+        sets = [targets(series[key]) for key in keys]
+        if sum(map(len, sets)) == len(set().union(*sets)):  # no ε has two values: chosen per ε
+            merged[keys[0]] = [run for key in keys for run in series[key]]
+            parts = [
+                f"{_setting_name(k)} per ε: " + " / ".join(dict(key).get(k, "-") for key in keys)
+                for k in differ
+            ]
+            named[keys[0]] = ", " + ", ".join(parts)
+        else:
+            for key in keys:
+                merged[key] = series[key]
+                named[key] = ", " + ", ".join(f"{_setting_name(k)}={dict(key).get(k, '-')}" for k in differ)
+    return merged, named
+
+
 def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: str) -> Path | None:
     """Metric against ε spent: one line per setting (dataset, model, method, rank, steps, data), the
     mean over seeds with ± one standard deviation where several ran; non-private runs as dashed
@@ -245,6 +293,8 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
             (series if run.private else nonprivate if run.method == "none" else {}).setdefault(
                 of[id(run)], []
             ).append(run)
+    series, named = merge_per_epsilon(series)
+    labels.update({key: labels[key].removesuffix(")") + named[key] + ")" for key in named})
     ordered = sorted(series, key=labels.get) + sorted(nonprivate, key=labels.get)
     style = dict(zip(ordered, styles(len(ordered))))
     epsilons = []
@@ -321,7 +371,7 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
     ordered_legend(ax, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: hides nothing
     path = out / f"epsilon_utility_{family}.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # the legend outside the axes, uncut
     plt.close(fig)
     return path
 
@@ -447,8 +497,9 @@ def epsilon_curve(run: Run) -> list[tuple[int, float]]:
 
 
 def training_curves(runs: list[Run], out: Path, family: str) -> Path | None:
-    """Loss, metric and ε against step for each run (train loss from history.jsonl when present)."""
-    with_history = [r for r in runs if r.history or r.train_history]
+    """Loss, metric and ε against step for each run (train loss from history.jsonl when present); None
+    when no run has a curve (records of runs that evaluated only at the end, with no history.jsonl)."""
+    with_history = [r for r in runs if len(r.history) > 1 or r.train_history]
     if not with_history:
         return None
     metric = with_history[0].primary_metric

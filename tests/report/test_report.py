@@ -344,6 +344,53 @@ def test_epsilon_plot_averages_seeds_names_steps_and_data_and_flags_published(tm
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "ε spent (log scale)"  # 1 to 8
 
 
+def test_a_setting_chosen_per_epsilon_is_one_line_that_names_it(tmp_path, monkeypatch):
+    """BandMF with its bands chosen per ε (results/mechanisms.md) is one curve, not one point per band
+    count under the same label; a setting that two series share an ε in keeps them apart."""
+    from dpbench.report import plots
+
+    def write_mechanism_run(path, method, epsilon, accuracy, bands, seed=0):
+        write_run(path, method, epsilon, accuracy, seed=seed)
+        record = records.load_record(path / "results.json")
+        sampler = "cyclic_poisson" if method == "bandmf" else "poisson"
+        record.config["dp"].update(bands=bands, sampler=sampler)  # every dp config has bands (default 4)
+        records.write_record(path, record)
+
+    root = tmp_path / "mechanisms"
+    for seed in (0, 1):
+        for epsilon, bands in ((1.0, 4), (8.0, 16)):
+            write_mechanism_run(root / f"vanilla_{epsilon}_{seed}", "vanilla", epsilon, 0.7, 4, seed)
+            accuracy = 0.72 + epsilon / 100 + seed / 100
+            write_mechanism_run(root / f"bandmf_{epsilon}_{seed}", "bandmf", epsilon, accuracy, bands, seed)
+    fig = drawn(monkeypatch, plots.epsilon_utility, load_runs([str(root)]), [], tmp_path, "sst2")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    assert len(labels) == 2, labels
+    bandmf_label = "bandmf r8 (20 steps, n=640, bands per ε: 4 / 16): mean ± sd of 2 seeds"
+    bandmf = dict(zip(labels, handles))[bandmf_label]
+    np.testing.assert_allclose(np.asarray(bandmf.lines[0].get_ydata(), dtype=float), [73.5, 80.5])
+    # 8 bands at ε = 8 as well: two band counts at one ε are settings of their own, each named.
+    write_mechanism_run(root / "bandmf_8_bands8", "bandmf", 8.0, 0.5, 8)
+    fig = drawn(monkeypatch, plots.epsilon_utility, load_runs([str(root)]), [], tmp_path, "sst2")
+    labels = [label.split(":")[0] for label in fig.axes[0].get_legend_handles_labels()[1]]
+    assert sorted(labels) == [f"bandmf r8 (20 steps, n=640, bands={bands})" for bands in (16, 4, 8)] + [
+        "vanilla r8 (20 steps, n=640)"
+    ], labels
+
+
+def test_no_training_curves_from_records_evaluated_only_at_the_end(tmp_path):
+    from dpbench.report import plots
+
+    write_run(tmp_path / "final_only", "vanilla", 1.0, 0.9)
+    (tmp_path / "final_only" / records.HISTORY_FILE).unlink()  # committed records carry no history.jsonl
+    record = records.load_record(tmp_path / "final_only" / "results.json")
+    record.history = record.history[-1:]  # runner.eval_every=0: the test split read once, at the end
+    records.write_record(tmp_path / "final_only", record)
+    runs = load_runs([str(tmp_path / "final_only")])
+    assert plots.training_curves(runs, tmp_path, "sst2") is None
+    write_run(tmp_path / "curve", "vanilla", 1.0, 0.9)
+    assert plots.training_curves(load_runs([str(tmp_path)]), tmp_path, "sst2").exists()
+
+
 def test_a_narrow_epsilon_range_is_linear_and_curves_have_no_offset(tmp_path, monkeypatch):
     from dpbench.report import plots
 
