@@ -226,6 +226,11 @@ def ordered_legend(ax, **kwargs) -> None:
     ax.legend([handles[i] for i in order], [names[i] for i in order], **kwargs)
 
 
+def target_of(run: Run) -> float:
+    """The ε a run aimed at (its spent ε, rounded, when it had no target): what a point on a curve is."""
+    return run.target_epsilon or round(run.epsilon, 3)
+
+
 def merge_per_epsilon(series: dict[tuple, list[Run]]) -> tuple[dict[tuple, list[Run]], dict[tuple, str]]:
     """Series of one method that differ only in ``dp.*`` settings: one line when each ε has one value
     (a setting chosen per ε, as BandMF's bands in results/mechanisms.md), else one line per value, named.
@@ -245,7 +250,7 @@ def merge_per_epsilon(series: dict[tuple, list[Run]]) -> tuple[dict[tuple, list[
     """
 
     def targets(runs: list[Run]) -> set[float]:
-        return {run.target_epsilon or round(run.epsilon, 3) for run in runs}
+        return {target_of(run) for run in runs}
 
     groups: dict[tuple, list[tuple]] = defaultdict(list)
     for key in series:
@@ -301,7 +306,7 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
     for key in sorted(series, key=labels.get):
         by_target: dict[float, list[Run]] = defaultdict(list)
         for run in series[key]:
-            by_target[run.target_epsilon or round(run.epsilon, 3)].append(run)
+            by_target[target_of(run)].append(run)
         xs, ys, errors = [], [], []
         for target in sorted(by_target):
             members = by_target[target]
