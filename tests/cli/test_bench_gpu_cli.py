@@ -65,7 +65,9 @@ def test_quick_cpu_run_has_every_variant_row_with_numbers_from_the_measurements(
         )  # no device count on a CPU
         assert cell["measured_over_plan"] is None  # compared only against a device's own count
         assert cell["measurement"]["load_before"] >= 0 and cell["measurement"]["load_after"] >= 0
-        row = next(r for (w, label), r in rows.items() if w == "gemma3_1b" and cell_label(variant) in label)
+        matching = [r for (w, label), r in rows.items() if w == "gemma3_1b" and cell_label(variant) in label]
+        assert len(matching) == 1, (variant, matching)  # one row per variant, none read for another's
+        row = matching[0]
         tokens, step, ratio = float(row[2].replace(",", "")), float(row[3]), float(row[4].rstrip("x"))
         assert math.isfinite(tokens) and tokens == pytest.approx(cell["tokens_per_second"], abs=0.5)
         assert step == pytest.approx(seconds, abs=5e-4) and ratio == pytest.approx(
@@ -87,10 +89,9 @@ def test_quick_cpu_run_has_every_variant_row_with_numbers_from_the_measurements(
 
 
 def cell_label(variant_id: str) -> str:
-    """A piece of the variant's label that names it alone."""
-    return {"torch-nonprivate": "non-private", "dpbench-none": "dp=none"}.get(
-        variant_id, variant_id.split("-")[1]
-    )
+    """A piece of the variant's label that names it alone ("ghost" would match dpbench and Opacus)."""
+    special = {"torch-nonprivate": "PyTorch", "dpbench-none": "dp=none", "opacus-ghost": "Opacus"}
+    return special.get(variant_id, "dp.clipping=" + variant_id.split("-")[1])
 
 
 def _cell(variant: str, seconds: float | None, load: tuple[float, float], device_bytes=None, plan_total=None):
