@@ -12,10 +12,10 @@ ANCHORS_FILE = Path(__file__).resolve().parents[2] / "results" / "anchors.yaml"
 
 @dataclasses.dataclass(frozen=True)
 class Anchor:
-    task: str  # dataset family: mnist | sst2 | samsum
+    task: str  # dataset family: mnist | sst2 | samsum | cifar10 (published only)
     label: str  # who published it, e.g. "dp-lora FFA"
     model: str
-    method: str  # none | vanilla | ffa | untuned | bookkeeping
+    method: str  # none | vanilla | ffa | untuned | bookkeeping | multi_epoch_mf
     epsilon: float | None  # None: non-private (or untuned)
     metrics: dict
     source: str

@@ -273,7 +273,7 @@ def test_committed_tables_match_their_records(tmp_path, monkeypatch):
 
 def test_anchors_are_well_formed():
     anchors = load_anchors()
-    assert {a.task for a in anchors} == {"mnist", "sst2", "samsum"}
+    assert {a.task for a in anchors} == {"mnist", "sst2", "samsum", "cifar10"}
     for anchor in anchors:
         assert anchor.source and anchor.metrics
         assert all(re.fullmatch(r"eval/(accuracy|rouge1|rouge2|rougeL)", m) for m in anchor.metrics)
