@@ -2,6 +2,7 @@
 
     python -m dpbench.report multirun/mnist_epsilon --plot      # report.md, runs.csv, *.png in that folder
     python -m dpbench.report results/runs/sst2 --columns method,epsilon,eval/accuracy
+    python -m dpbench.report results/runs/mechanisms_sst2 --seeds   # mean ± sd over seeds per setting
     python -m dpbench.report --update results/*.md              # regenerate every committed table
 
 DIR is a run or sweep folder (every results.json below it, with history.jsonl when present) or a
@@ -51,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
         help=f"comma-separated table columns: {', '.join(COLUMNS)}, eval/<metric>, baseline:eval/<metric>, "
         "history:eval/<metric> (default: a standard set)",
     )
+    p.add_argument(
+        "--seeds",
+        action="store_true",
+        help="one row per setting: runs that differ only in runner.seed, metrics as mean ± sd over seeds",
+    )
     p.add_argument("--grid", action="store_true", help="print the method x rank grid instead of the table")
     p.add_argument("--published", metavar="TASK", help="print the published points for TASK (anchors.yaml)")
     p.add_argument(
@@ -98,14 +104,14 @@ def run_report(args: argparse.Namespace, write_files: bool) -> str:
             raise SystemExit("--grid needs runs with at least two LoRA ranks")
         text = grid
     else:
-        text = markdown(runs, columns)
+        text = markdown(runs, columns, seeds=args.seeds)
     if not (write_files or args.plot):
         return text
     out = Path(args.out or default_out(args.roots))
     out.mkdir(parents=True, exist_ok=True)
     written = plots.all_plots(runs, load_anchors(), out) if args.plot else []
     if write_files:
-        sections = [f"# Report of {', '.join(args.roots)}", "", markdown(runs, columns)]
+        sections = [f"# Report of {', '.join(args.roots)}", "", markdown(runs, columns, seeds=args.seeds)]
         grid = rank_grid(runs)
         if grid:
             sections += ["", "## Method x LoRA rank", "", grid]

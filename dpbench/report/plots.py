@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from dpbench.report.anchors import Anchor  # noqa: E402
-from dpbench.report.runs import Run  # noqa: E402
+from dpbench.report.runs import INCIDENTAL, Run, flat_config  # noqa: E402
 
 METRIC_LABELS = {
     "eval/accuracy": "accuracy on the eval split (%)",
@@ -30,41 +30,21 @@ def _scale(metric: str) -> float:
     return 100.0 if metric.endswith("accuracy") else 1.0
 
 
-# Settings that do not define a series: the swept privacy level, seeds, and where or how fast it ran.
+# Settings that do not define a series: the swept privacy level, seeds, and what never changes a result.
 NOT_A_SETTING = (
     "dp.epsilon",
     "dp.noise_multiplier",
     "runner.seed",
-    "runner.progress_bar",
-    "paths.",
-    "logger.",
-)
-NOT_A_SETTING += (
-    "compute.",
     "runner.eval_every",
     "dp.clipping",
-    "runner.checkpoint",
-    "runner.keep_checkpoints",
-    "dataset.data_root",  # where the same data lives
-    "dataset.data_dir",
-    "dataset.download",
+    *INCIDENTAL,
 )
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, str]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = str(value)
-    return flat
 
 
 def settings_of(runs: list[Run]) -> dict[int, tuple]:
     """What each run's curve holds fixed (by ``id(run)``): its config except NOT_A_SETTING (dp.* stays:
     method, clip, δ), over the keys every run has (records from older code lack newer settings)."""
-    flats = {id(run): _flat(run.config) for run in runs}
+    flats = {id(run): flat_config(run.config) for run in runs}
     common = set.intersection(*(set(flat) for flat in flats.values())) if flats else set()
     keys = sorted(k for k in common if not k.startswith(NOT_A_SETTING))
     # How C was chosen, read as records of any age give it (older ones lack dp.clip_fn: fixed C).

@@ -16,6 +16,35 @@ from dpbench import records
 # The metric a task is judged by (also Hydra's sweep objective in dpbench.__main__).
 PRIMARY_METRIC = {"classification": "eval/accuracy", "summarization": "eval/rougeL"}
 
+# Settings that say where or how a run ran, never what it measured: runs differing only in these are
+# the same experiment.
+INCIDENTAL = (
+    "runner.progress_bar",
+    "paths.",
+    "logger.",
+    "compute.",
+    "runner.checkpoint",
+    "runner.keep_checkpoints",
+    "dataset.data_root",  # where the same data lives
+    "dataset.data_dir",
+    "dataset.download",
+)
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict[str, str]:
+    """A nested config as dotted keys and string values.
+
+    >>> flat_config({"dp": {"epsilon": 1.0, "method": "vanilla"}, "runner": {"seed": 0}})
+    {'dp.epsilon': '1.0', 'dp.method': 'vanilla', 'runner.seed': '0'}
+    """
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = str(value)
+    return flat
+
 
 @dataclasses.dataclass
 class Run:

@@ -4,15 +4,20 @@ A column is a name, a header and a function of a :class:`Run`; ``--columns`` pic
 Metric columns are named by the metric (``eval/accuracy``); ``baseline:<metric>`` is the
 evaluation before training, ``history:<metric>`` the metric at every evaluation and ``test:<metric>``
 a tuning's released trial on the test split.
+
+With ``seeds``, runs that differ only in ``runner.seed`` share a row: each metric is their mean ± the
+sample standard deviation, with the per-seed values in seed order, so a committed multi-seed table is
+regenerated from its records like any other.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import statistics
 from collections.abc import Callable
 
-from dpbench.report.runs import Run
+from dpbench.report.runs import INCIDENTAL, Run, flat_config
 
 METRICS = ("eval/accuracy", "eval/rouge1", "eval/rouge2", "eval/rougeL")
 
@@ -206,13 +211,89 @@ def default_columns(runs: list[Run]) -> list[str]:
     return [*first, *baseline, *metrics, "wall", "run"]
 
 
-def markdown(runs: list[Run], names: list[str] | None = None) -> str:
-    """One row per run."""
-    columns = [column(name) for name in (names or default_columns(runs))]
+def markdown(runs: list[Run], names: list[str] | None = None, seeds: bool = False) -> str:
+    """One row per run; with ``seeds``, one row per setting, metrics as mean ± sd over its seeds."""
+    names = names or default_columns(runs)
+    columns = [column(name) for name in names]
     lines = ["| " + " | ".join(header for header, _, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for run in runs:
-        lines.append("| " + " | ".join(cell(run) for _, cell, _ in columns) + " |")
+    if not seeds:
+        for run in runs:
+            lines.append("| " + " | ".join(cell(run) for _, cell, _ in columns) + " |")
+        return "\n".join(lines)
+    lines[0] = (
+        "| " + " | ".join(_seed_header(name, header) for name, (header, _, _) in zip(names, columns)) + " |"
+    )
+    for group in seed_groups(runs, names):
+        lines.append("| " + " | ".join(_seed_cell(name, group) for name in names) + " |")
     return "\n".join(lines)
+
+
+SEED = "config:runner.seed"
+
+
+def _averaged(name: str) -> bool:
+    """Columns that summarise a group of seeds rather than name the setting it shares."""
+    return name in ("wall", "run", SEED) or name.rpartition(":")[2].startswith("eval/")
+
+
+def seed_groups(runs: list[Run], names: list[str]) -> list[list[Run]]:
+    """Runs grouped by everything but their seed: the whole config (over the keys every run has, less
+    INCIDENTAL settings) and the shown cells, in the order the runs come; each group in seed order."""
+    for name in names:
+        if name.startswith("history:"):
+            raise ValueError(f"report column {name!r} cannot be averaged over seeds; drop it or --seeds")
+    flats = [flat_config(run.config) for run in runs]
+    common = set.intersection(*map(set, flats)) if flats else set()
+    keys = sorted(k for k in common if k != "runner.seed" and not k.startswith(INCIDENTAL))
+    shown = [column(name)[1] for name in names if not _averaged(name)]
+    groups: dict[tuple, list[Run]] = {}
+    for run, flat in zip(runs, flats):
+        key = (*(flat[k] for k in keys), *(cell(run) for cell in shown))
+        groups.setdefault(key, []).append(run)
+    return [sorted(group, key=lambda r: r.config["runner"].get("seed") or 0) for group in groups.values()]
+
+
+def _seed_header(name: str, header: str) -> str:
+    if name == "wall":
+        return "wall time (mean)"
+    if name == "run":
+        return "runs"
+    return "seeds" if name == SEED else header
+
+
+def _seed_cell(name: str, group: list[Run]) -> str:
+    """A column's cell for a group of runs: a metric's mean ± sd (per-seed values), the seeds, the mean
+    wall time, the runs; any other column is the same for the whole group (it is part of the key)."""
+    _, cell, value = column(name)
+    if name == SEED:
+        return ", ".join(cell(run) for run in group)
+    if name == "run":
+        return ", ".join(run.path for run in group)
+    if name == "wall":
+        walls = [_wall(run)[1] for run in group]
+        return "-" if None in walls else fmt_minutes(statistics.mean(walls))
+    if not _averaged(name) or len(group) == 1:
+        return cell(group[0])
+    values = [value(run) for run in group]
+    if None in values:
+        return " / ".join(cell(run) for run in group)
+    return mean_sd(name.rpartition(":")[2], values)
+
+
+def mean_sd(metric: str, values: list[float]) -> str:
+    """Mean ± sample standard deviation, then each value; accuracy in points.
+
+    >>> mean_sd("eval/accuracy", [0.7752, 0.7890, 0.7661])
+    '77.68% ± 1.15 (77.52 / 78.90 / 76.61)'
+    >>> mean_sd("eval/rougeL", [0.41, 0.43])
+    '0.420 ± 0.014 (0.410 / 0.430)'
+    """
+    scale, unit = (100, "%") if metric.endswith("accuracy") else (1, "")
+    digits = 2 if unit else 3
+    scaled = [scale * v for v in values]
+    each = " / ".join(f"{v:.{digits}f}" for v in scaled)
+    mean, sd = statistics.mean(scaled), statistics.stdev(scaled)
+    return f"{mean:.{digits}f}{unit} ± {sd:.{digits}f} ({each})"
 
 
 def table(runs: list[Run]) -> str:

@@ -33,6 +33,7 @@ def write_run(
     rank: int = 8,
     finetune: str = "lora",
     seed: int = 0,
+    batch_size: int = 64,
 ) -> None:
     """A results.json and history.jsonl as a real classification run writes them (dpbench.records)."""
     model = {
@@ -46,7 +47,7 @@ def write_run(
         "model": model,
         "dp": {"method": method, "epsilon": epsilon, "sampler": "poisson"},
         "accountant": {"name": "rdp", "value_discretization_interval": 1e-4, "orders": None},
-        "runner": {"batch_size": 64, "seed": seed, "steps": 20},
+        "runner": {"batch_size": batch_size, "seed": seed, "steps": 20},
     }
     record = records.RunRecord(
         dataset="SST-2 (RT stand-in)",
@@ -188,6 +189,36 @@ def test_table_has_a_row_per_run_with_its_numbers(sweep):
     assert len(lines) == 2 + 9
     with pytest.raises(ValueError, match="unknown report column 'accuracy'; choose from dataset, model"):
         column("accuracy")
+
+
+def test_seeds_share_a_row_with_mean_sd_and_nothing_else_is_merged(tmp_path):
+    root = tmp_path / "seeds"
+    for seed, accuracy in ((2, 0.7661), (0, 0.7752), (1, 0.7890)):
+        write_run(root / f"a{seed}", "vanilla", 1.0, accuracy, seed=seed)
+        # Same shown cells, but a setting the table does not show differs: its own row.
+        write_run(root / f"b{seed}", "vanilla", 1.0, 0.5 + seed / 100, seed=seed, batch_size=128)
+    write_run(root / "c", "vanilla", 8.0, 0.81)  # one seed: the value alone
+    runs = load_runs([str(root)])
+    names = ["method", "target_epsilon", "config:runner.seed", "eval/accuracy", "wall"]
+    lines = markdown(runs, names, seeds=True).splitlines()
+    assert lines[0] == "| method | target ε | seeds | accuracy | wall time (mean) |"
+    assert "| vanilla | 1 | 0, 1, 2 | 77.68% ± 1.15 (77.52 / 78.90 / 76.61) | 1.5 min |" in lines
+    assert "| vanilla | 1 | 0, 1, 2 | 51.00% ± 1.00 (50.00 / 51.00 / 52.00) | 1.5 min |" in lines
+    assert "| vanilla | 8 | 0 | 81.00% | 1.5 min |" in lines
+    assert len(lines) == 2 + 3
+    assert len(markdown(runs, names).splitlines()) == 2 + 7  # without seeds: a row per run
+    with pytest.raises(ValueError, match="'history:eval/accuracy' cannot be averaged over seeds"):
+        markdown(runs, ["method", "history:eval/accuracy"], seeds=True)
+
+
+def test_seeds_table_regenerates_from_a_report_block(tmp_path):
+    root = tmp_path / "seeds"
+    for seed in (0, 1):
+        write_run(root / str(seed), "vanilla", 1.0, 0.7 + seed / 10, seed=seed)
+    page = tmp_path / "page.md"
+    page.write_text(f"<!-- report: {root} --seeds --columns method,eval/accuracy -->\n<!-- /report -->\n")
+    update([str(page)])
+    assert "| vanilla | 75.00% ± 7.07 (70.00 / 80.00) |" in page.read_text()
 
 
 def test_rank_grid_is_method_by_rank_per_epsilon(sweep):
