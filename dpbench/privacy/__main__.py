@@ -79,6 +79,7 @@ def plan_rows(cfg: DictConfig, dataset=None, num_examples: int | None = None) ->
         ("σ (noise multiplier)", f"{sigma:.6f} {source}"),
         ("noise std on the sum σC", f"{sigma * cfg.dp.clip_norm:.6g}"),
         ("noise", _noise_row(mechanism.strategy.describe())),
+        ("noise std on the mean gradient", _noise_std_row(mechanism)),
         ("accounting event", repr(mechanism.dp_event())),
         ("ε", f"{epsilon:.6f}"),
         ("accountant", accountant),
@@ -110,6 +111,15 @@ def _noise_row(description: dict) -> str:
         f"{k}={[round(x, 4) for x in v] if isinstance(v, list) else v}" for k, v in details.items()
     )
     return f"{kind}: correlated across steps ({shown})"
+
+
+def _noise_std_row(mechanism) -> str:
+    """The noise per step and in the model's running sum of updates, comparable across mechanisms."""
+    std = mechanism.noise_std()
+    return (
+        f"per step {std['per_step']:.4g}, in the running sum {std['running_sum']:.4g} "
+        f"(RMS over steps; {std['running_sum_last']:.4g} at the last step)"
+    )
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:

@@ -276,6 +276,25 @@ class Strategy:
         )
         return builder.build_inverse()
 
+    def noise_variances(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per step t, the variance (per coordinate, unit-variance Z) of the noise added at step t and of
+        the noise in the running sum of the first t noised gradients: the row norms² of C⁻¹ and of
+        A C⁻¹, A the prefix-sum matrix, on the same streamed ``C⁻¹`` the training adds (jax_privacy's
+        ``row_norms_squared``). The running sum is the papers' error measure: i.i.d. noise gives t,
+        correlated noise less at the same σ, by adding more at each step and cancelling it later.
+
+        >>> [v.tolist() for v in Strategy("iid", 3).noise_variances(3)]
+        [[1.0, 1.0, 1.0], [1.0, 2.0, 3.0]]
+        """
+        from jax_privacy.matrix_factorization import streaming_matrix
+
+        noising = self.noising_matrix()
+        running_sum = streaming_matrix.prefix_sum() @ noising
+        return (
+            np.asarray(noising.row_norms_squared(steps), np.float64),
+            np.asarray(running_sum.row_norms_squared(steps), np.float64),
+        )
+
     def toeplitz_coefficients(self, n: int) -> np.ndarray:
         """The first column of ``C`` (n entries; float64), as the sensitivity sees it."""
         if self.kind == "iid":

@@ -1,5 +1,7 @@
 """``python -m dpbench.privacy``: the privacy plan of a run, from the same config, without training."""
 
+import re
+
 import pytest
 
 from dpbench.privacy import accounting
@@ -65,3 +67,10 @@ def test_n_without_any_data(tmp_path):
     )
     assert plan["training examples n"] == str(MNIST_TRAIN)
     assert float(plan["σ (noise multiplier)"].split()[0]) == pytest.approx(1.337, abs=2e-3)
+    # i.i.d. noise: σC/B at each step, √steps times that in the running sum at the last step.
+    per_step = float(plan["σ (noise multiplier)"].split()[0]) * 0.1 / 256  # clip norm 0.1, batch 256
+    numbers = re.findall(r"[0-9.]+(?:e-?[0-9]+)?", plan["noise std on the mean gradient"])
+    step, running_rms, last = (float(x) for x in numbers)
+    assert step == pytest.approx(per_step, rel=1e-3)
+    assert last == pytest.approx(per_step * 5000**0.5, rel=1e-3)
+    assert running_rms == pytest.approx(per_step * (5001 / 2) ** 0.5, rel=1e-3)  # RMS of √t over t ≤ 5000

@@ -21,6 +21,7 @@ from dpbench import config as config_lib
 from dpbench import experiment
 from dpbench.privacy import accounting, noise
 from dpbench.privacy.batch_selection import BallsInBinsSampler, CyclicPoissonSampler
+from dpbench.privacy.mechanism import Mechanism
 from dpbench.privacy.methods import GradientMethod
 from dpbench.privacy.randomness import SECRET_FILE
 from dpbench.train import sharding
@@ -59,26 +60,52 @@ def test_the_noise_stream_is_jax_privacys_for_the_same_key(kind):
     np.testing.assert_array_equal(ours, theirs)
 
 
+def _materialised(strategy) -> np.ndarray:
+    """The strategy C as a dense matrix, materialised by jax_privacy."""
+    if strategy.kind == "bandmf":
+        coefs = jnp.asarray(np.asarray(strategy.coefficients, np.float32))
+        return np.asarray(banded.ColumnNormalizedBanded.from_banded_toeplitz(STEPS, coefs).materialize())
+    buf_decay, output_scale = strategy.coefficients
+    with jax.enable_x64():
+        blt = buffered_toeplitz.BufferedToeplitz.build(buf_decay, output_scale)
+        return np.asarray(blt.materialize(STEPS))
+
+
 @pytest.mark.parametrize("kind", sorted(STRATEGIES))
 def test_the_strategy_times_the_stream_is_iid_gaussian_with_std_sigma_c(kind):
     """Noise = C⁻¹Z: multiplying the stream by C (materialised by jax_privacy) gives Z, i.i.d. σC."""
     strategy = STRATEGIES[kind]()
     params = {("w",): jnp.zeros((4000,))}
     stream, _ = _stream(strategy.transform(0.3, jax.random.PRNGKey(1)), STEPS, params)
-    if kind == "bandmf":
-        coefs = jnp.asarray(np.asarray(strategy.coefficients, np.float32))
-        c = np.asarray(banded.ColumnNormalizedBanded.from_banded_toeplitz(STEPS, coefs).materialize())
-    else:
-        buf_decay, output_scale = strategy.coefficients
-        with jax.enable_x64():
-            blt = buffered_toeplitz.BufferedToeplitz.build(buf_decay, output_scale)
-            c = np.asarray(blt.materialize(STEPS))
-    z = c @ stream.astype(np.float64)
+    z = _materialised(strategy) @ stream.astype(np.float64)
     assert np.std(z) == pytest.approx(0.3, rel=0.02)
     correlation = np.corrcoef(z)
     assert np.max(np.abs(correlation - np.eye(STEPS))) < 0.06  # independent steps
     # ... while the stream itself is correlated across steps (that is the mechanism).
     assert np.max(np.abs(np.corrcoef(stream) - np.eye(STEPS))) > 0.1
+
+
+@pytest.mark.parametrize("kind", sorted(STRATEGIES))
+def test_noise_variances_are_the_row_norms_of_the_inverse_strategy_and_its_running_sum(kind):
+    strategy = STRATEGIES[kind]()
+    inverse = np.linalg.inv(_materialised(strategy).astype(np.float64))
+    per_step, running_sum = strategy.noise_variances(STEPS)
+    np.testing.assert_allclose(per_step, (inverse**2).sum(axis=1), rtol=1e-4)
+    np.testing.assert_allclose(running_sum, (np.cumsum(inverse, axis=0) ** 2).sum(axis=1), rtol=1e-4)
+    if kind == "bandmf":  # optimised for the running sum at DP-SGD's sensitivity: less noise there
+        assert running_sum.mean() < np.arange(1, STEPS + 1).mean()
+        assert per_step.mean() > 1
+
+
+def test_mechanism_noise_std_is_sigma_c_over_b_times_the_strategys_row_norms():
+    sampler = CyclicPoissonSampler(1200, expected_batch_size=100, cycle_length=3, seed=0)
+    strategy = STRATEGIES["bandmf"]()
+    mechanism = Mechanism(sampler, STEPS, noise_multiplier=2.0, delta=1e-5, clip_norm=0.5, strategy=strategy)
+    per_step, running_sum = strategy.noise_variances(STEPS)
+    std = mechanism.noise_std()
+    assert std["per_step"] == pytest.approx(0.01 * np.sqrt(per_step.mean()))
+    assert std["running_sum"] == pytest.approx(0.01 * np.sqrt(running_sum.mean()))
+    assert std["running_sum_last"] == pytest.approx(0.01 * np.sqrt(running_sum[-1]))
 
 
 def _trainer_noise(strategy, mesh, sigma_c, steps, checkpoint_dir=None, stop=None):
