@@ -16,7 +16,6 @@ import logging
 import math
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 
 from dpbench.errors import ConfigError, as_config_error, check_choice
@@ -245,17 +244,10 @@ class Mechanism:
         return (self.noise_multiplier * self.clip_norm / self.expected_batch_size) ** 2
 
     def noise_std(self) -> dict[str, float]:
-        """The noise std per coordinate of the averaged gradient (σC/B times the strategy's row norms):
-        RMS over steps of the noise added at each step (what Adam's second moment sees) and of the noise
-        in the running sum of updates so far (what plain SGD's parameters carry; BandMF and BLT lower it
-        at a given σ by adding more per step), and the running sum's at the last step."""
-        per_step, running_sum = self.strategy.noise_variances(self.steps)
-        scale = self.gradient_noise_multiplier * self.clip_norm / self.expected_batch_size
-        return {
-            "per_step": scale * float(np.sqrt(per_step.mean())),
-            "running_sum": scale * float(np.sqrt(running_sum.mean())),
-            "running_sum_last": scale * float(np.sqrt(running_sum[-1])),
-        }
+        """The noise std per coordinate of the averaged gradient, per step and in the running sum of
+        updates (``dpbench.privacy.noise.noise_std``)."""
+        std_on_sum = self.gradient_noise_multiplier * self.clip_norm
+        return noise_lib.noise_std(self.strategy, self.steps, std_on_sum, self.expected_batch_size)
 
     def dp_event(self, steps: int | None = None):
         """The accounting event of the first ``steps`` logical steps (default: the whole run)."""

@@ -336,6 +336,25 @@ class Strategy:
         return float(value)
 
 
+def noise_std(strategy: Strategy, steps: int, std_on_sum: float, batch: float) -> dict[str, float]:
+    """The noise std per coordinate of the averaged gradient (``std_on_sum`` = σC over the expected
+    ``batch``, times the strategy's row norms): RMS over ``steps`` of the noise added at each step (what
+    Adam's second moment sees) and of the noise in the running sum of updates so far (what plain SGD's
+    parameters carry; BandMF and BLT lower it at a given σ by adding more per step), and the running
+    sum's at the last step.
+
+    >>> {k: round(v, 3) for k, v in noise_std(Strategy("iid", 4), 4, std_on_sum=2.0, batch=10).items()}
+    {'per_step': 0.2, 'running_sum': 0.316, 'running_sum_last': 0.4}
+    """
+    per_step, running_sum = strategy.noise_variances(steps)
+    scale = std_on_sum / batch
+    return {
+        "per_step": scale * float(np.sqrt(per_step.mean())),
+        "running_sum": scale * float(np.sqrt(running_sum.mean())),
+        "running_sum_last": scale * float(np.sqrt(running_sum[-1])),
+    }
+
+
 def bandmf(steps: int, bands: int, optimize: bool) -> Strategy:
     """A ``bands``-banded Toeplitz strategy for ``steps`` steps: optimised for the mean error of the
     prefix sums (jax_privacy ``toeplitz.optimize_banded_toeplitz``), or Fichtenberger et al.'s

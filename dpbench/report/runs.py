@@ -7,6 +7,7 @@ Reports read runs only through :func:`read_run`: a :class:`Run` is a ``dpbench.r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,29 @@ class Run:
         if not self.private:
             return None
         return (self.privacy or {}).get("randomness", "seeded")
+
+    @functools.cached_property
+    def noise_std(self) -> dict[str, float] | None:
+        """The noise std per coordinate of the averaged gradient, per step and in the running sum of
+        updates (``dpbench.privacy.noise.noise_std``), from the recorded σC, expected batch, steps and
+        strategy; None for non-private runs, records without those fields, and adaptive C (whose C, and
+        so the noise, changes every step)."""
+        privacy = self.privacy or {}
+        mechanism = privacy.get("mechanism") or {}
+        sampler = mechanism.get("sampler") or {}
+        batch = sampler.get("expected_batch_size") or sampler.get("batch_size")
+        if (
+            not self.private
+            or privacy.get("adaptive_clip")
+            or not batch
+            or "noise_std_on_sum" not in mechanism
+        ):
+            return None
+        from dpbench.privacy import noise
+
+        steps = mechanism["logical_steps"]
+        strategy = noise.Strategy.from_description(privacy.get("noise"), steps)
+        return noise.noise_std(strategy, steps, mechanism["noise_std_on_sum"], batch)
 
     @property
     def target_epsilon(self) -> float | None:

@@ -89,6 +89,11 @@ def _wall(run: Run) -> tuple[str, float | None]:
     return fmt_minutes(wall), wall
 
 
+def _noise(run: Run, which: str) -> float | None:
+    """One of ``Run.noise_std``'s numbers (RMS over steps), or None where a record cannot give it."""
+    return run.noise_std and run.noise_std[which]
+
+
 # name -> (header, Markdown cell, raw value for the CSV)
 Column = tuple[str, Callable[[Run], str], Callable[[Run], object]]
 COLUMNS: dict[str, Column] = {
@@ -113,6 +118,17 @@ COLUMNS: dict[str, Column] = {
     "delta": ("δ", lambda r: fmt_number(r.delta, 3), lambda r: r.delta),
     "sigma": ("σ", lambda r: fmt_number(r.noise_multiplier), lambda r: r.noise_multiplier),
     "steps": ("steps", lambda r: str(r.steps), lambda r: r.steps),
+    # Noise std per coordinate of the mean gradient: what mechanisms of different σ compare on.
+    "noise_step": (
+        "noise per step",
+        lambda r: fmt_number(_noise(r, "per_step")),
+        lambda r: _noise(r, "per_step"),
+    ),
+    "noise_sum": (
+        "noise in the running sum",
+        lambda r: fmt_number(_noise(r, "running_sum")),
+        lambda r: _noise(r, "running_sum"),
+    ),
     "n": ("train examples", lambda r: str(r.train_examples), lambda r: r.train_examples),
     "wall": ("wall time", lambda r: _wall(r)[0], lambda r: _wall(r)[1]),
     "audit_epsilon": (

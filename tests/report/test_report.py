@@ -1,13 +1,16 @@
 """python -m dpbench.report: tables, CSV and plots from run folders; committed records and tables."""
 
 import csv
+import dataclasses
 import io
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import yaml
+from jax_privacy.matrix_factorization import buffered_toeplitz
 
 from dpbench import records
 from dpbench.privacy.accounting import AccountantConfig, compute_epsilon
@@ -219,6 +222,32 @@ def test_seeds_table_regenerates_from_a_report_block(tmp_path):
     page.write_text(f"<!-- report: {root} --seeds --columns method,eval/accuracy -->\n<!-- /report -->\n")
     update([str(page)])
     assert "| vanilla | 75.00% ± 7.07 (70.00 / 80.00) |" in page.read_text()
+
+
+def test_noise_columns_recompute_the_noise_std_from_the_record():
+    runs = {Path(r.path).stem: r for r in load_runs([str(RESULTS / "runs" / "mechanisms_sst2")])}
+    iid, blt = runs["vanilla_eps1_seed0"], runs["blt_eps1_seed0"]
+    per_step = iid.privacy["mechanism"]["noise_std_on_sum"] / 256  # expected batch 256
+    assert iid.noise_std["per_step"] == pytest.approx(per_step, rel=1e-6)
+    assert iid.noise_std["running_sum"] == pytest.approx(
+        per_step * np.sqrt(np.arange(1, 109).mean()), rel=1e-6
+    )
+    # BLT: the dense inverse of the strategy jax-privacy materialises, scaled by σC / B.
+    noise = blt.privacy["noise"]
+    with jax.enable_x64():
+        strategy = buffered_toeplitz.BufferedToeplitz.build(noise["buf_decay"], noise["output_scale"])
+        inverse = np.linalg.inv(np.asarray(strategy.materialize(blt.steps)))
+    scale = blt.privacy["mechanism"]["noise_std_on_sum"] / (9200 / 35)  # 35 bins of the 9,200 sentences
+    running_sum = (np.cumsum(inverse, axis=0) ** 2).sum(axis=1)
+    assert blt.noise_std["per_step"] == pytest.approx(
+        scale * np.sqrt((inverse**2).sum(axis=1).mean()), rel=1e-4
+    )
+    assert blt.noise_std["running_sum"] == pytest.approx(scale * np.sqrt(running_sum.mean()), rel=1e-4)
+    text = markdown([iid, blt], ["method", "noise_step", "noise_sum"])
+    assert f"| vanilla | {per_step:.4g} |" in text and "| blt | 0.04557 | 0.06499 |" in text
+    nonprivate = load_runs([str(RESULTS / "runs" / "mechanisms_sst2")])[0]
+    nonprivate.record = dataclasses.replace(nonprivate.record, method="none", epsilon=None)
+    assert nonprivate.noise_std is None
 
 
 def test_rank_grid_is_method_by_rank_per_epsilon(sweep):
