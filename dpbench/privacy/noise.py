@@ -279,21 +279,49 @@ class Strategy:
     def noise_variances(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
         """Per step t, the variance (per coordinate, unit-variance Z) of the noise added at step t and of
         the noise in the running sum of the first t noised gradients: the row norms² of C⁻¹ and of
-        A C⁻¹, A the prefix-sum matrix, on the same streamed ``C⁻¹`` the training adds (jax_privacy's
-        ``row_norms_squared``). The running sum is the papers' error measure: i.i.d. noise gives t,
-        correlated noise less at the same σ, by adding more at each step and cancelling it later.
+        A C⁻¹, A the prefix-sum matrix. The running sum is the papers' error measure: i.i.d. noise gives
+        t, correlated noise less at the same σ, by adding more at each step and cancelling it later.
+        Host-side NumPy in O(steps² · bands) (reports compute it for every record); the tests check it
+        against jax_privacy's ``row_norms_squared`` of the streamed ``C⁻¹`` the training adds.
 
         >>> [v.tolist() for v in Strategy("iid", 3).noise_variances(3)]
         [[1.0, 1.0, 1.0], [1.0, 2.0, 3.0]]
-        """
-        from jax_privacy.matrix_factorization import streaming_matrix
 
-        noising = self.noising_matrix()
-        running_sum = streaming_matrix.prefix_sum() @ noising
-        return (
-            np.asarray(noising.row_norms_squared(steps), np.float64),
-            np.asarray(running_sum.row_norms_squared(steps), np.float64),
-        )
+        Two bands (1, -1), columns normalised to (1, -1)/√2 but the last to 1: the rows of C⁻¹ are
+        √2·e0, √2·(e0 + e1) and e0 + e1 + e2.
+
+        >>> strategy = Strategy("bandmf", 3, 2, coefficients=(1.0, -1.0))
+        >>> [np.round(v, 3).tolist() for v in strategy.noise_variances(3)]
+        [[2.0, 4.0, 3.0], [2.0, 10.0, 21.485]]
+        """
+        if self.kind == "iid":
+            return np.ones(steps), np.arange(1.0, steps + 1)
+        if self.kind == "blt":  # C is lower-triangular Toeplitz, and so is C⁻¹: its first column is d
+            c = self.toeplitz_coefficients(steps)
+            d = np.zeros(steps)
+            d[0] = 1 / c[0]
+            for k in range(1, steps):
+                d[k] = -np.dot(c[1 : k + 1], d[k - 1 :: -1]) / c[0]
+            return np.cumsum(d**2), np.cumsum(np.cumsum(d) ** 2)
+        # BandMF: C banded and column-normalised; rows of C⁻¹ by forward substitution, keeping the last
+        # bands - 1 of them and the running sum of all.
+        coefs = np.asarray(self.coefficients, np.float64)
+        bands = len(coefs)
+        column_norms = np.sqrt(np.cumsum(coefs**2))  # column j holds coefs[: min(bands, steps - j)]
+        norm = column_norms[np.minimum(bands, steps - np.arange(steps)) - 1]
+        rows: list[np.ndarray] = []
+        running = np.zeros(steps)
+        per_step, running_sum = np.zeros(steps), np.zeros(steps)
+        for t in range(steps):
+            row = np.zeros(steps)
+            row[t] = 1.0
+            for k in range(1, min(bands, t + 1)):
+                row -= (coefs[k] / norm[t - k]) * rows[-k]
+            row /= coefs[0] / norm[t]
+            rows = [*rows[-(bands - 2) :], row] if bands > 1 else []
+            running += row
+            per_step[t], running_sum[t] = row @ row, running @ running
+        return per_step, running_sum
 
     def toeplitz_coefficients(self, n: int) -> np.ndarray:
         """The first column of ``C`` (n entries; float64), as the sensitivity sees it."""

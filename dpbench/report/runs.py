@@ -138,16 +138,13 @@ class Run:
         updates (``dpbench.privacy.noise.noise_std``), from the recorded σC, expected batch, steps and
         strategy; None for non-private runs, records without those fields, and adaptive C (whose C, and
         so the noise, changes every step)."""
+        if not self.private:  # a non-private record's mechanism is a sentence
+            return None
         privacy = self.privacy or {}
         mechanism = privacy.get("mechanism") or {}
         sampler = mechanism.get("sampler") or {}
         batch = sampler.get("expected_batch_size") or sampler.get("batch_size")
-        if (
-            not self.private
-            or privacy.get("adaptive_clip")
-            or not batch
-            or "noise_std_on_sum" not in mechanism
-        ):
+        if privacy.get("adaptive_clip") or not batch or "noise_std_on_sum" not in mechanism:
             return None
         from dpbench.privacy import noise
 

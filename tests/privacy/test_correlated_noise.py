@@ -15,7 +15,7 @@ import optax
 import pytest
 from jax_privacy import noise_addition
 from jax_privacy.accounting import accountants, analysis
-from jax_privacy.matrix_factorization import banded, buffered_toeplitz
+from jax_privacy.matrix_factorization import banded, buffered_toeplitz, streaming_matrix
 
 from dpbench import config as config_lib
 from dpbench import experiment
@@ -92,6 +92,13 @@ def test_noise_variances_are_the_row_norms_of_the_inverse_strategy_and_its_runni
     per_step, running_sum = strategy.noise_variances(STEPS)
     np.testing.assert_allclose(per_step, (inverse**2).sum(axis=1), rtol=1e-4)
     np.testing.assert_allclose(running_sum, (np.cumsum(inverse, axis=0) ** 2).sum(axis=1), rtol=1e-4)
+    # ... and jax_privacy's row norms of the streamed C⁻¹ the training adds (float32), for i.i.d. too.
+    for each in (strategy, noise.Strategy("iid", STEPS)):
+        streamed = each.noising_matrix()
+        running = streaming_matrix.prefix_sum() @ streamed
+        ours = each.noise_variances(STEPS)
+        np.testing.assert_allclose(ours[0], streamed.row_norms_squared(STEPS), rtol=1e-4)
+        np.testing.assert_allclose(ours[1], running.row_norms_squared(STEPS), rtol=1e-4)
     if kind == "bandmf":  # optimised for the running sum at DP-SGD's sensitivity: less noise there
         assert running_sum.mean() < np.arange(1, STEPS + 1).mean()
         assert per_step.mean() > 1
