@@ -116,10 +116,12 @@ def _noise_row(description: dict) -> str:
 def _noise_std_row(mechanism) -> str:
     """The noise per step and in the model's running sum of updates, comparable across mechanisms."""
     std = mechanism.noise_std()
-    return (
+    text = (
         f"per step {std['per_step']:.4g}, in the running sum {std['running_sum']:.4g} "
         f"(RMS over steps; {std['running_sum_last']:.4g} at the last step)"
     )
+    # Adaptive clipping scales the noise with each step's C; the plan knows only the first.
+    return text + (", at the initial C" if mechanism.adaptive is not None else "")
 
 
 def format_table(rows: list[tuple[str, str]]) -> str:

@@ -74,3 +74,13 @@ def test_n_without_any_data(tmp_path):
     assert step == pytest.approx(per_step, rel=1e-3)
     assert last == pytest.approx(per_step * 5000**0.5, rel=1e-3)
     assert running_rms == pytest.approx(per_step * (5001 / 2) ** 0.5, rel=1e-3)  # RMS of √t over t ≤ 5000
+
+
+def test_adaptive_clipping_states_its_noise_at_the_initial_c(tmp_path):
+    plan = _plan(
+        tmp_path,
+        "+experiment=mnist_cnn",
+        f"+plan.num_examples={MNIST_TRAIN}",
+        "dp.adaptive_clip.target_quantile=0.5",
+    )
+    assert plan["noise std on the mean gradient"].endswith(", at the initial C")
