@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from dpbench.report.anchors import Anchor  # noqa: E402
-from dpbench.report.runs import INCIDENTAL, Run, flat_config  # noqa: E402
+from dpbench.report.runs import INCIDENTAL, Run, settings  # noqa: E402
 
 METRIC_LABELS = {
     "eval/accuracy": "accuracy on the eval split (%)",
@@ -44,12 +44,10 @@ NOT_A_SETTING = (
 def settings_of(runs: list[Run]) -> dict[int, tuple]:
     """What each run's curve holds fixed (by ``id(run)``): its config except NOT_A_SETTING (dp.* stays:
     method, clip, δ), over the keys every run has (records from older code lack newer settings)."""
-    flats = {id(run): flat_config(run.config) for run in runs}
-    common = set.intersection(*(set(flat) for flat in flats.values())) if flats else set()
-    keys = sorted(k for k in common if not k.startswith(NOT_A_SETTING))
+    fixed = settings(runs, NOT_A_SETTING)
     # How C was chosen, read as records of any age give it (older ones lack dp.clip_fn: fixed C).
     clip = {id(run): ("clip_setting", str(run.clip_setting)) for run in runs}
-    return {ident: (*((k, flat[k]) for k in keys), clip[ident]) for ident, flat in flats.items()}
+    return {ident: (*pairs, clip[ident]) for ident, pairs in fixed.items()}
 
 
 def series_labels(runs: list[Run]) -> dict[tuple, str]:

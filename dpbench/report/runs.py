@@ -47,6 +47,15 @@ def flat_config(tree: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def settings(runs: list, ignore: tuple[str, ...]) -> dict[int, tuple]:
+    """Each run's settings (by ``id(run)``) as (key, value) pairs: its flat config less keys starting
+    with ``ignore``, over the keys every run has (records from older code lack newer settings)."""
+    flats = {id(run): flat_config(run.config) for run in runs}
+    common = set.intersection(*(set(flat) for flat in flats.values())) if flats else set()
+    keys = sorted(k for k in common if not k.startswith(ignore))
+    return {ident: tuple((k, flat[k]) for k in keys) for ident, flat in flats.items()}
+
+
 @dataclasses.dataclass
 class Run:
     """One run as reports see it: the record's fields (``run.metrics``, ``run.epsilon``, ...) and more."""

@@ -17,7 +17,7 @@ import io
 import statistics
 from collections.abc import Callable
 
-from dpbench.report.runs import INCIDENTAL, Run, flat_config
+from dpbench.report.runs import INCIDENTAL, Run, settings
 
 METRICS = ("eval/accuracy", "eval/rouge1", "eval/rouge2", "eval/rougeL")
 
@@ -258,13 +258,11 @@ def seed_groups(runs: list[Run], names: list[str]) -> list[list[Run]]:
     for name in names:
         if name.startswith("history:"):
             raise ValueError(f"report column {name!r} cannot be averaged over seeds; drop it or --seeds")
-    flats = [flat_config(run.config) for run in runs]
-    common = set.intersection(*map(set, flats)) if flats else set()
-    keys = sorted(k for k in common if k != "runner.seed" and not k.startswith(INCIDENTAL))
+    fixed = settings(runs, ("runner.seed", *INCIDENTAL))
     shown = [column(name)[1] for name in names if not _averaged(name)]
     groups: dict[tuple, list[Run]] = {}
-    for run, flat in zip(runs, flats):
-        key = (*(flat[k] for k in keys), *(cell(run) for cell in shown))
+    for run in runs:
+        key = (fixed[id(run)], *(cell(run) for cell in shown))
         groups.setdefault(key, []).append(run)
     return [sorted(group, key=lambda r: r.config["runner"].get("seed") or 0) for group in groups.values()]
 
