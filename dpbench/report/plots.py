@@ -50,8 +50,11 @@ def settings_of(runs: list[Run]) -> dict[int, tuple]:
     return {ident: (*pairs, clip[ident]) for ident, pairs in fixed.items()}
 
 
-def series_labels(runs: list[Run]) -> dict[tuple, str]:
-    """A legend label per setting: dataset, model, method, rank, then the settings that tell series apart."""
+def series_labels(
+    runs: list[Run], per_epsilon: dict[tuple, dict[str, str]] | None = None
+) -> dict[tuple, str]:
+    """A legend label per setting: dataset, model, method, rank, then the settings that tell series apart;
+    ``per_epsilon`` (from merge_per_epsilon) gives a series' own text for a setting it chose per ε."""
     of = settings_of(runs)
     settings = {of[id(run)]: run for run in runs}
     flats = {key: dict(key) for key in settings}
@@ -74,7 +77,9 @@ def series_labels(runs: list[Run]) -> dict[tuple, str]:
     clip_differs = len({run.clip_setting for run in settings.values()}) > 1
     labels = {}
     for key, run in settings.items():
-        extra = ", ".join(f"{_setting_name(k)}={flats[key].get(k, '-')}" for k in shown[:3])
+        texts = (per_epsilon or {}).get(key, {})
+        parts = [texts.get(k, f"{_setting_name(k)}={flats[key].get(k, '-')}") for k in shown[:3]]
+        extra = ", ".join(parts + [text for k, text in texts.items() if k not in shown[:3]])
         if clip_differs:
             extra = ", ".join(filter(None, [run.clip_setting or "non-private", extra]))
         method = "non-private" if run.method == "none" else run.method
@@ -209,10 +214,17 @@ def target_of(run: Run) -> float:
     return run.target_epsilon or round(run.epsilon, 3)
 
 
-def merge_per_epsilon(series: dict[tuple, list[Run]]) -> tuple[dict[tuple, list[Run]], dict[tuple, str]]:
-    """Series of one method that differ only in ``dp.*`` settings: one line when each ε has one value
-    (a setting chosen per ε, as BandMF's bands in results/mechanisms.md), else one line per value, named.
-    Returns the series and what to add to the label of each one that needs it.
+# Settings a protocol may choose per ε: the mechanism's own (BandMF's bands) and the learning rate tuned
+# at each ε (results/mechanisms.md). One method's series that differ only in these may be one curve.
+CHOSEN_PER_EPSILON = ("dp.", "optimizer.learning_rate")
+
+
+def merge_per_epsilon(
+    series: dict[tuple, list[Run]],
+) -> tuple[dict[tuple, list[Run]], dict[tuple, dict[str, str]]]:
+    """Series of one method that differ only in settings CHOSEN_PER_EPSILON: one line when each ε has one
+    value (a setting chosen per ε, as BandMF's bands in results/mechanisms.md), else one line per value,
+    named. Returns the series and, for each one that needs it, the label text of each such setting.
 
     >>> from types import SimpleNamespace as NS
     >>> run = lambda eps: NS(target_epsilon=eps, epsilon=eps)
@@ -220,11 +232,16 @@ def merge_per_epsilon(series: dict[tuple, list[Run]]) -> tuple[dict[tuple, list[
     >>> b = (("dp.bands", "16"), ("dp.method", "bandmf"))
     >>> merged, named = merge_per_epsilon({a: [run(1.0)], b: [run(8.0)]})
     >>> len(merged), named[a]
-    (1, ', bands per ε: 4 / 16')
+    (1, {'dp.bands': 'bands per ε: 4 / 16'})
     >>> c = (("dp.bands", "8"), ("dp.method", "bandmf"))     # 8 and 16 bands both at ε = 8: two settings
     >>> merged, named = merge_per_epsilon({a: [run(1.0)], b: [run(8.0)], c: [run(8.0)]})
-    >>> len(merged), sorted(named.values())
-    (3, [', bands=16', ', bands=4', ', bands=8'])
+    >>> len(merged), sorted(text for texts in named.values() for text in texts.values())
+    (3, ['bands=16', 'bands=4', 'bands=8'])
+    >>> d = (("dp.method", "blt"), ("optimizer.learning_rate", "0.02"))  # the rate chosen per ε too
+    >>> e = (("dp.method", "blt"), ("optimizer.learning_rate", "0.01"))
+    >>> merged, named = merge_per_epsilon({d: [run(1.0)], e: [run(8.0)]})
+    >>> len(merged), named[d]
+    (1, {'optimizer.learning_rate': 'learning_rate per ε: 0.02 / 0.01'})
     """
 
     def targets(runs: list[Run]) -> set[float]:
@@ -232,9 +249,11 @@ def merge_per_epsilon(series: dict[tuple, list[Run]]) -> tuple[dict[tuple, list[
 
     groups: dict[tuple, list[tuple]] = defaultdict(list)
     for key in series:
-        groups[tuple((k, v) for k, v in key if not k.startswith("dp.") or k == "dp.method")].append(key)
+        groups[
+            tuple((k, v) for k, v in key if not k.startswith(CHOSEN_PER_EPSILON) or k == "dp.method")
+        ].append(key)
     merged: dict[tuple, list[Run]] = {}
-    named: dict[tuple, str] = {}
+    named: dict[tuple, dict[str, str]] = {}
     for keys in groups.values():
         if len(keys) == 1:
             merged[keys[0]] = series[keys[0]]
@@ -245,15 +264,14 @@ def merge_per_epsilon(series: dict[tuple, list[Run]]) -> tuple[dict[tuple, list[
         sets = [targets(series[key]) for key in keys]
         if sum(map(len, sets)) == len(set().union(*sets)):  # no ε has two values: chosen per ε
             merged[keys[0]] = [run for key in keys for run in series[key]]
-            parts = [
-                f"{_setting_name(k)} per ε: " + " / ".join(dict(key).get(k, "-") for key in keys)
+            named[keys[0]] = {
+                k: f"{_setting_name(k)} per ε: " + " / ".join(dict(key).get(k, "-") for key in keys)
                 for k in differ
-            ]
-            named[keys[0]] = ", " + ", ".join(parts)
+            }
         else:
             for key in keys:
                 merged[key] = series[key]
-                named[key] = ", " + ", ".join(f"{_setting_name(k)}={dict(key).get(k, '-')}" for k in differ)
+                named[key] = {k: f"{_setting_name(k)}={dict(key).get(k, '-')}" for k in differ}
     return merged, named
 
 
@@ -268,7 +286,7 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
     metric = private[0].primary_metric
     scale = _scale(metric)
     fig, ax = plt.subplots(figsize=(11, 4.8))
-    labels, of = series_labels(runs), settings_of(runs)
+    of = settings_of(runs)
     series: dict[tuple, list[Run]] = defaultdict(list)
     nonprivate: dict[tuple, list[Run]] = defaultdict(list)
     for run in runs:
@@ -277,7 +295,7 @@ def epsilon_utility(runs: list[Run], anchors: list[Anchor], out: Path, family: s
                 of[id(run)], []
             ).append(run)
     series, named = merge_per_epsilon(series)
-    labels.update({key: labels[key].removesuffix(")") + named[key] + ")" for key in named})
+    labels = series_labels(runs, named)
     ordered = sorted(series, key=labels.get) + sorted(nonprivate, key=labels.get)
     style = dict(zip(ordered, styles(len(ordered))))
     epsilons = []

@@ -438,6 +438,32 @@ def test_a_setting_chosen_per_epsilon_is_one_line_that_names_it(tmp_path, monkey
     ], labels
 
 
+def test_a_learning_rate_tuned_per_epsilon_is_one_line_that_names_it(tmp_path, monkeypatch):
+    """BLT on the SST-2 stand-in runs at the rate chosen at each ε (0.02 at ε = 1, 0.01 at ε = 8): one
+    curve saying so, not two one-point curves; a rate shared by every ε stays a plain setting."""
+    from dpbench.report import plots
+
+    def write_tuned_run(path, method, epsilon, rate, seed):
+        write_run(path, method, epsilon, 0.7 + epsilon / 100, seed=seed)
+        record = records.load_record(path / "results.json")
+        record.config["optimizer"] = {"name": "adamw", "learning_rate": rate}
+        records.write_record(path, record)
+
+    root = tmp_path / "tuned"
+    for seed in (0, 1):
+        for epsilon, rate in ((1.0, 0.02), (8.0, 0.01)):
+            write_tuned_run(root / f"blt_{epsilon}_{seed}", "blt", epsilon, rate, seed)
+            write_tuned_run(root / f"vanilla_{epsilon}_{seed}", "vanilla", epsilon, 0.005, seed)
+    fig = drawn(monkeypatch, plots.epsilon_utility, load_runs([str(root)]), [], tmp_path, "sst2")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    assert sorted(labels) == [
+        "blt r8 (20 steps, n=640, learning_rate per ε: 0.02 / 0.01): mean ± sd of 2 seeds",
+        "vanilla r8 (20 steps, n=640, learning_rate=0.005): mean ± sd of 2 seeds",
+    ], labels
+    blt = dict(zip(labels, handles))[sorted(labels)[0]]
+    np.testing.assert_allclose(np.asarray(blt.lines[0].get_ydata(), dtype=float), [71.0, 78.0])
+
+
 def test_no_training_curves_from_records_evaluated_only_at_the_end(tmp_path):
     from dpbench.report import plots
 
