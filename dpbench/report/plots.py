@@ -232,16 +232,16 @@ def merge_per_epsilon(
     >>> b = (("dp.bands", "16"), ("dp.method", "bandmf"))
     >>> merged, named = merge_per_epsilon({a: [run(1.0)], b: [run(8.0)]})
     >>> len(merged), named[a]
-    (1, {'dp.bands': 'bands per ε: 4 / 16'})
+    (1, {'dp.bands': 'bands 4 (ε=1) / 16 (ε=8)'})
     >>> c = (("dp.bands", "8"), ("dp.method", "bandmf"))     # 8 and 16 bands both at ε = 8: two settings
     >>> merged, named = merge_per_epsilon({a: [run(1.0)], b: [run(8.0)], c: [run(8.0)]})
     >>> len(merged), sorted(text for texts in named.values() for text in texts.values())
     (3, ['bands=16', 'bands=4', 'bands=8'])
     >>> d = (("dp.method", "blt"), ("optimizer.learning_rate", "0.02"))  # the rate chosen per ε too
     >>> e = (("dp.method", "blt"), ("optimizer.learning_rate", "0.01"))
-    >>> merged, named = merge_per_epsilon({d: [run(1.0)], e: [run(8.0)]})
+    >>> merged, named = merge_per_epsilon({d: [run(1.0)], e: [run(2.0), run(8.0)]})
     >>> len(merged), named[d]
-    (1, {'optimizer.learning_rate': 'learning_rate per ε: 0.02 / 0.01'})
+    (1, {'optimizer.learning_rate': 'learning_rate 0.02 (ε=1) / 0.01 (ε=2, 8)'})
     """
 
     def targets(runs: list[Run]) -> set[float]:
@@ -264,8 +264,14 @@ def merge_per_epsilon(
         sets = [targets(series[key]) for key in keys]
         if sum(map(len, sets)) == len(set().union(*sets)):  # no ε has two values: chosen per ε
             merged[keys[0]] = [run for key in keys for run in series[key]]
+            # each value with the ε it serves: one curve's points may share a value (BLT's rate 0.5 at
+            # ε = 1, 1 at ε = 2 and 8), so a bare list of values would not say which point has which
             named[keys[0]] = {
-                k: f"{_setting_name(k)} per ε: " + " / ".join(dict(key).get(k, "-") for key in keys)
+                k: f"{_setting_name(k)} "
+                + " / ".join(
+                    f"{dict(key).get(k, '-')} (ε={', '.join(f'{t:g}' for t in sorted(targets(series[key])))})"
+                    for key in keys
+                )
                 for k in differ
             }
         else:

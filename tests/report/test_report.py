@@ -426,7 +426,7 @@ def test_a_setting_chosen_per_epsilon_is_one_line_that_names_it(tmp_path, monkey
     fig = drawn(monkeypatch, plots.epsilon_utility, load_runs([str(root)]), [], tmp_path, "sst2")
     handles, labels = fig.axes[0].get_legend_handles_labels()
     assert len(labels) == 2, labels
-    bandmf_label = "bandmf r8 (20 steps, n=640, bands per ε: 4 / 16): mean ± sd of 2 seeds"
+    bandmf_label = "bandmf r8 (20 steps, n=640, bands 4 (ε=1) / 16 (ε=8)): mean ± sd of 2 seeds"
     bandmf = dict(zip(labels, handles))[bandmf_label]
     np.testing.assert_allclose(np.asarray(bandmf.lines[0].get_ydata(), dtype=float), [73.5, 80.5])
     # 8 bands at ε = 8 as well: two band counts at one ε are settings of their own, each named.
@@ -439,8 +439,9 @@ def test_a_setting_chosen_per_epsilon_is_one_line_that_names_it(tmp_path, monkey
 
 
 def test_a_learning_rate_tuned_per_epsilon_is_one_line_that_names_it(tmp_path, monkeypatch):
-    """BLT on the SST-2 stand-in runs at the rate chosen at each ε (0.02 at ε = 1, 0.01 at ε = 8): one
-    curve saying so, not two one-point curves; a rate shared by every ε stays a plain setting."""
+    """BLT runs at the rate chosen at each ε (here 0.02 at ε = 1, 0.01 at ε = 2 and 8, as BLT's 0.5 and 1
+    on MNIST): one curve naming which ε has which rate, not two curves; a rate shared by every ε stays a
+    plain setting."""
     from dpbench.report import plots
 
     def write_tuned_run(path, method, epsilon, rate, seed):
@@ -451,17 +452,17 @@ def test_a_learning_rate_tuned_per_epsilon_is_one_line_that_names_it(tmp_path, m
 
     root = tmp_path / "tuned"
     for seed in (0, 1):
-        for epsilon, rate in ((1.0, 0.02), (8.0, 0.01)):
+        for epsilon, rate in ((1.0, 0.02), (2.0, 0.01), (8.0, 0.01)):
             write_tuned_run(root / f"blt_{epsilon}_{seed}", "blt", epsilon, rate, seed)
             write_tuned_run(root / f"vanilla_{epsilon}_{seed}", "vanilla", epsilon, 0.005, seed)
     fig = drawn(monkeypatch, plots.epsilon_utility, load_runs([str(root)]), [], tmp_path, "sst2")
     handles, labels = fig.axes[0].get_legend_handles_labels()
     assert sorted(labels) == [
-        "blt r8 (20 steps, n=640, learning_rate per ε: 0.02 / 0.01): mean ± sd of 2 seeds",
+        "blt r8 (20 steps, n=640, learning_rate 0.02 (ε=1) / 0.01 (ε=2, 8)): mean ± sd of 2 seeds",
         "vanilla r8 (20 steps, n=640, learning_rate=0.005): mean ± sd of 2 seeds",
     ], labels
     blt = dict(zip(labels, handles))[sorted(labels)[0]]
-    np.testing.assert_allclose(np.asarray(blt.lines[0].get_ydata(), dtype=float), [71.0, 78.0])
+    np.testing.assert_allclose(np.asarray(blt.lines[0].get_ydata(), dtype=float), [71.0, 72.0, 78.0])
 
 
 def test_no_training_curves_from_records_evaluated_only_at_the_end(tmp_path):
