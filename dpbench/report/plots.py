@@ -269,8 +269,8 @@ def merge_per_epsilon(
             named[keys[0]] = {
                 k: f"{_setting_name(k)} "
                 + " / ".join(
-                    f"{dict(key).get(k, '-')} (ε={', '.join(f'{t:g}' for t in sorted(targets(series[key])))})"
-                    for key in keys
+                    f"{dict(key).get(k, '-')} (ε={', '.join(f'{t:g}' for t in sorted(eps))})"
+                    for key, eps in zip(keys, sets)
                 )
                 for k in differ
             }
