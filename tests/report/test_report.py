@@ -332,6 +332,19 @@ def test_committed_tables_match_their_records(tmp_path, monkeypatch):
     assert blocks >= 4
 
 
+def test_every_committed_record_is_shown_by_a_results_page():
+    # A page edit that drops a report block leaves its records committed but shown nowhere.
+    from dpbench.report.__main__ import BLOCK
+
+    shown = set()
+    for page in RESULTS.glob("*.md"):
+        for block in BLOCK.finditer(page.read_text()):
+            shown.update(Path(arg) for arg in block["args"].split() if arg.startswith("results/"))
+    records = [path.relative_to(REPO) for path in RECORDS]
+    unshown = sorted(r for r in records if not any(r == s or s in r.parents for s in shown))
+    assert len(records) >= 100 and not unshown, unshown
+
+
 def test_anchors_are_well_formed():
     anchors = load_anchors()
     assert {a.task for a in anchors} == {"mnist", "sst2", "samsum", "cifar10"}
