@@ -15,7 +15,7 @@ from dpbench import records
 from dpbench.privacy.accounting import AccountantConfig, compute_epsilon
 from dpbench.privacy.batch_selection import sampler_of_record
 from dpbench.report import load_runs, markdown, rank_grid
-from dpbench.report.__main__ import main, update
+from dpbench.report.__main__ import BLOCK, main, update
 from dpbench.report.anchors import load_anchors
 from dpbench.report.table import column, csv_text
 from tests.helpers import REPO
@@ -334,8 +334,6 @@ def test_committed_tables_match_their_records(tmp_path, monkeypatch):
 
 def test_every_committed_record_is_shown_by_a_results_page():
     # A page edit that drops a report block leaves its records committed but shown nowhere.
-    from dpbench.report.__main__ import BLOCK
-
     shown = set()
     for page in RESULTS.glob("*.md"):
         for block in BLOCK.finditer(page.read_text()):
